@@ -1,0 +1,383 @@
+"""Activation functions studied in the four source documents, behind one registry.
+
+Every activation is an nn.Module that accepts a tensor of any shape; "per channel" means dimension 1
+(NCHW feature maps or NC features).  Models never instantiate these classes directly: they call a
+*factory* ``act(num_channels) -> nn.Module`` made by :func:`make_factory`, so ``--act`` swaps every
+nonlinearity of a network and ``--act-scope`` decides how parameters are shared:
+
+* ``network``: one instance (one set of parameters) shared by every layer -- what Dai et al. 2021 did
+  for PReLU / PSiLU / PSoftplus / PSSiLU (1-2 parameters in the whole network);
+* ``layer``:   one instance per layer, scalar parameters;
+* ``channel``: one instance per layer with one parameter (set) per channel -- what KAF does
+  (Scardapane et al. 2019).
+
+Imports only torch and numpy, so the file can be copied into another project as it is.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _per_channel(param, x):
+    """Broadcast a parameter of shape (C,) or (1,) against x whose channel dimension is 1."""
+    if param.numel() == 1:
+        return param.reshape(())
+    return param.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+class _Parametric(nn.Module):
+    """Base for activations with scalar-per-scope parameters; ``channels`` = 1 unless scope is channel."""
+
+    def __init__(self, channels=1):
+        super().__init__()
+        self.channels = channels
+
+    def _param(self, init):
+        return nn.Parameter(torch.full((self.channels,), float(init)))
+
+    def extra_repr(self):
+        return f"channels={self.channels}"
+
+
+# ----------------------------------------------------------------------------------- fixed activations
+class ReLU(nn.Module):
+    """relu(x) = max(0, x)."""
+
+    def forward(self, x):
+        return F.relu(x)
+
+
+class ELU(nn.Module):
+    """elu(x) = x if x > 0 else exp(x) - 1  (Clevert et al. 2016; the KAF thesis's init target)."""
+
+    def forward(self, x):
+        return F.elu(x)
+
+
+class Softplus(nn.Module):
+    """softplus(x) = (1/beta) log(1 + exp(beta x)).  beta=1; Smooth Adversarial Training (Xie et al.
+    2020) also uses beta=10, a smooth ReLU look-alike."""
+
+    def __init__(self, beta=1.0):
+        super().__init__()
+        self.beta = float(beta)
+
+    def forward(self, x):
+        return F.softplus(x, beta=self.beta)
+
+    def extra_repr(self):
+        return f"beta={self.beta}"
+
+
+class SiLU(nn.Module):
+    """silu(x) = swish(x) = x * sigmoid(x)  (Xie et al. 2020, Smooth Adversarial Training)."""
+
+    def forward(self, x):
+        return F.silu(x)
+
+
+class GELU(nn.Module):
+    """gelu(x) = x * Phi(x), Phi the standard normal CDF  (Xie et al. 2020)."""
+
+    def forward(self, x):
+        return F.gelu(x)
+
+
+class MReLU(nn.Module):
+    """Mirrored ReLU, a symmetric tent with peak 1 at 0: mrelu(x) = min(relu(1 - x), relu(1 + x)).
+    Zhao & Griffin 2016, "Suppressing the unusual": it zeroes signals of unusual magnitude either way."""
+
+    def forward(self, x):
+        return torch.minimum(F.relu(1 - x), F.relu(1 + x))
+
+
+class RBF(nn.Module):
+    """Gaussian radial basis unit rbf(x) = exp(-x^2)  (Zhao & Griffin 2016); symmetric and bounded."""
+
+    def forward(self, x):
+        return torch.exp(-x * x)
+
+
+class KWTA(nn.Module):
+    """k-Winners-Take-All (Xiao et al. 2020): per sample keep the k = ceil(gamma * C*H*W) largest
+    values and zero the rest.  Ties at the threshold are kept.  Its discontinuity masks gradients,
+    which is why the KAF thesis uses it as a robustness baseline that attacks must see through."""
+
+    def __init__(self, gamma=0.1):
+        super().__init__()
+        if not 0 < gamma <= 1:
+            raise ValueError(f"kwta gamma must be in (0, 1], got {gamma}")
+        self.gamma = float(gamma)
+
+    def forward(self, x):
+        flat = x.flatten(1)
+        k = max(1, math.ceil(self.gamma * flat.shape[1]))
+        threshold = flat.topk(k, dim=1).values[:, -1:]
+        return (flat * (flat >= threshold)).view_as(x)
+
+    def extra_repr(self):
+        return f"gamma={self.gamma}"
+
+
+# ------------------------------------------------------------------------------ parametric (Dai et al.)
+class PReLU(_Parametric):
+    """prelu(x) = x if x > 0 else a x  (He et al. 2015).  a = 0 at init as in Dai et al. 2021
+    (PyTorch's default is 0.25)."""
+
+    def __init__(self, channels=1, init=0.0):
+        super().__init__(channels)
+        self.a = self._param(init)
+
+    def forward(self, x):
+        return torch.where(x > 0, x, _per_channel(self.a, x) * x)
+
+
+class PSiLU(_Parametric):
+    """psilu(x) = x * sigmoid(|a| x), a = 1 at init  (Dai et al. 2021)."""
+
+    def __init__(self, channels=1, init=1.0):
+        super().__init__(channels)
+        self.a = self._param(init)
+
+    def forward(self, x):
+        return x * torch.sigmoid(_per_channel(self.a.abs(), x) * x)
+
+
+class PSoftplus(_Parametric):
+    """psoftplus(x) = (1/|a|) softplus(|a| x), computed stably as -(1/|a|) logsigmoid(-|a| x);
+    a = 1 at init  (Dai et al. 2021).  |a| is floored at 1e-6 to avoid dividing by zero."""
+
+    def __init__(self, channels=1, init=1.0):
+        super().__init__(channels)
+        self.a = self._param(init)
+
+    def forward(self, x):
+        a = _per_channel(self.a.abs().clamp_min(1e-6), x)
+        return -F.logsigmoid(-a * x) / a
+
+
+class PSSiLU(_Parametric):
+    """Parametric shifted SiLU (Dai et al. 2021):
+        pssilu(x) = x * (sigmoid(|a| x) - |b|) / (1 - |b|),
+    a = 1, b = 1e-8 at init (not 0: |.| has zero gradient at 0).  |b| is clamped below
+    ``b_max`` = 1 - 1e-3 so the division never blows up; with b > 0 the unit outputs positive values
+    for negative inputs, the shape property Dai et al. tie to robustness."""
+
+    b_max = 1 - 1e-3
+
+    def __init__(self, channels=1, init_a=1.0, init_b=1e-8):
+        super().__init__(channels)
+        self.a = self._param(init_a)
+        self.b = self._param(init_b)
+
+    def forward(self, x):
+        a = _per_channel(self.a.abs(), x)
+        b = _per_channel(self.b.abs().clamp(max=self.b_max), x)
+        return x * (torch.sigmoid(a * x) - b) / (1 - b)
+
+
+# --------------------------------------------------------------------------------------------- KAF
+def kaf_dictionary(size=20, boundary=3.0, gamma_rule="paper"):
+    """Dictionary d = linspace(-B, B, D) and bandwidth gamma of a Gaussian KAF.
+
+    gamma_rule 'paper' gives gamma = 1/(6 Delta^2) (Scardapane et al. 2019); 'code' gives the
+    reference code's 1/(8 Delta^2).  Delta = d_2 - d_1."""
+    d = torch.linspace(-boundary, boundary, size)
+    delta = (d[1] - d[0]).item()
+    gamma = {"paper": 1 / (6 * delta ** 2), "code": 1 / (8 * delta ** 2)}[gamma_rule]
+    return d, gamma
+
+
+def kaf_ridge_init(d, gamma, target=F.elu, eps=1e-4):
+    """Mixing coefficients that make the KAF approximate ``target`` on the dictionary by kernel ridge
+    regression: alpha = (K + eps I)^-1 t(d), K_ij = exp(-gamma (d_i - d_j)^2)."""
+    d = d.double()
+    K = torch.exp(-gamma * (d[:, None] - d[None, :]) ** 2)
+    alpha = torch.linalg.solve(K + eps * torch.eye(len(d), dtype=d.dtype), target(d))
+    return alpha.float()
+
+
+def kaf_naive(x, alpha, d, gamma):
+    """Reference KAF: f(s) = sum_i alpha_i exp(-gamma (s - d_i)^2) with an explicit kernel tensor of
+    shape x.shape + (D,).  Autograd keeps that tensor for backward (about D times ReLU's memory);
+    kept for tests, :class:`KAFFunction` is what the model uses."""
+    a = alpha.reshape((1, alpha.shape[0]) + (1,) * (x.dim() - 2) + (alpha.shape[1],))
+    if alpha.shape[0] == 1:
+        a = alpha.reshape(alpha.shape[1])
+    k = torch.exp(-gamma * (x.unsqueeze(-1) - d) ** 2)
+    return (k * a).sum(-1)
+
+
+class KAFFunction(torch.autograd.Function):
+    """Memory-efficient Gaussian KAF: saves only the input and recomputes each kernel column in
+    backward, with the closed forms
+        df/ds        = sum_i alpha_i (-2 gamma (s - d_i)) k_i(s)
+        dL/dalpha_ci = sum_{n,h,w} g * k_i(s)        (per channel c).
+    Computes in float32 (or float64 when given float64) whatever the autocast dtype, and returns the
+    input's dtype.  Peak extra memory is a few tensors of x's size instead of D of them."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, d, gamma):
+        ctx.save_for_backward(x, alpha, d)
+        ctx.gamma = gamma
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        out = torch.zeros_like(xf)
+        for i in range(d.numel()):
+            out += _per_channel(alpha[:, i].to(xf.dtype), xf) * torch.exp(-gamma * (xf - d[i]) ** 2)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, alpha, d = ctx.saved_tensors
+        gamma = ctx.gamma
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        g = grad_out.to(xf.dtype)
+        reduce_dims = [0] + list(range(2, x.dim())) if alpha.shape[0] > 1 else list(range(x.dim()))
+        grad_x = torch.zeros_like(xf) if ctx.needs_input_grad[0] else None
+        grad_alpha = torch.zeros(alpha.shape, dtype=xf.dtype, device=x.device) if ctx.needs_input_grad[1] else None
+        for i in range(d.numel()):
+            diff = xf - d[i]
+            k = torch.exp(-gamma * diff * diff)
+            if grad_alpha is not None:
+                grad_alpha[:, i] = (g * k).sum(reduce_dims).reshape(-1)
+            if grad_x is not None:
+                grad_x += _per_channel(alpha[:, i].to(xf.dtype), xf) * (-2 * gamma) * diff * k
+        if grad_x is not None:
+            grad_x = (grad_x * g).to(x.dtype)
+        if grad_alpha is not None:
+            grad_alpha = grad_alpha.to(alpha.dtype)
+        return grad_x, grad_alpha, None, None
+
+
+class KAF(nn.Module):
+    """Kernel Activation Function (Scardapane et al. 2019, the KAF thesis):
+        f(s) = sum_{i=1..D} alpha_i exp(-gamma (s - d_i)^2),
+    a learnable mixture of D Gaussian kernels on a fixed dictionary d = linspace(-B, B, D).
+    alpha has shape (channels, D): one function per channel shared over space (channels=1 shares
+    it over the whole layer or network).  init='elu' fits ELU by kernel ridge regression (the thesis's
+    choice, and what keeps deep KAF nets from diverging at the start); init='random' draws
+    alpha ~ N(0, 0.3^2).  D=20, B=3, gamma=1/(6 Delta^2) follow the paper; the PyTorch reference
+    code uses B=4 and gamma=1/(8 Delta^2) (``gamma_rule='code'``).  Outside [-B, B] the function
+    decays to 0, so a KAF is bounded: an attack evaluation must check for gradient masking."""
+
+    def __init__(self, channels=1, size=20, boundary=3.0, init="elu", gamma_rule="paper", naive=False):
+        super().__init__()
+        if size < 2:
+            raise ValueError(f"kaf dictionary size must be >= 2, got {size}")
+        if boundary <= 0:
+            raise ValueError(f"kaf boundary must be > 0, got {boundary}")
+        if init not in ("elu", "random"):
+            raise ValueError(f"kaf init must be 'elu' or 'random', got {init!r}")
+        if gamma_rule not in ("paper", "code"):
+            raise ValueError(f"kaf gamma_rule must be 'paper' or 'code', got {gamma_rule!r}")
+        d, gamma = kaf_dictionary(size, boundary, gamma_rule)
+        self.register_buffer("dictionary", d)
+        self.gamma = gamma
+        self.channels, self.init, self.naive = channels, init, naive
+        if init == "elu":
+            alpha = kaf_ridge_init(d, gamma).expand(channels, size).clone()
+        else:
+            alpha = 0.3 * torch.randn(channels, size)
+        self.alpha = nn.Parameter(alpha)
+
+    def forward(self, x):
+        if self.naive:
+            return kaf_naive(x, self.alpha.to(x.dtype), self.dictionary.to(x.dtype), self.gamma)
+        return KAFFunction.apply(x, self.alpha, self.dictionary, self.gamma)
+
+    def extra_repr(self):
+        return (f"channels={self.channels}, D={self.dictionary.numel()}, "
+                f"B={self.dictionary[-1].item():g}, gamma={self.gamma:.4g}, init={self.init}")
+
+
+# ----------------------------------------------------------------------------------------- registry
+# name -> (class, default scope, paper).  Scope 'none' = no parameters to share.
+REGISTRY = {
+    "relu": (ReLU, "none", "-"),
+    "elu": (ELU, "none", "Clevert et al. 2016"),
+    "softplus": (Softplus, "none", "Xie et al. 2020 (SAT)"),
+    "silu": (SiLU, "none", "Xie et al. 2020 (SAT)"),
+    "swish": (SiLU, "none", "alias of silu"),
+    "gelu": (GELU, "none", "Xie et al. 2020 (SAT)"),
+    "prelu": (PReLU, "network", "He et al. 2015; Dai et al. 2021"),
+    "psilu": (PSiLU, "network", "Dai et al. 2021"),
+    "psoftplus": (PSoftplus, "network", "Dai et al. 2021"),
+    "pssilu": (PSSiLU, "network", "Dai et al. 2021"),
+    "kaf": (KAF, "channel", "Scardapane et al. 2019"),
+    "mrelu": (MReLU, "none", "Zhao & Griffin 2016"),
+    "rbf": (RBF, "none", "Zhao & Griffin 2016"),
+    "kwta": (KWTA, "none", "Xiao et al. 2020"),
+}
+NAMES = sorted(REGISTRY)
+SCOPES = ("network", "layer", "channel")
+# Options each activation accepts (anything else is refused, so a typo never passes silently).
+OPTIONS = {
+    "softplus": {"beta"}, "kwta": {"gamma"}, "prelu": {"init"}, "psilu": {"init"},
+    "psoftplus": {"init"}, "pssilu": {"init_a", "init_b"},
+    "kaf": {"size", "boundary", "init", "gamma_rule", "naive"},
+}
+
+
+def default_scope(name):
+    return REGISTRY[name][1]
+
+
+def make_factory(name, scope=None, **options):
+    """Return ``factory(num_channels) -> nn.Module`` for activation ``name``.
+
+    ``scope`` (network | layer | channel; default: what the activation's paper did) only matters for
+    activations with parameters.  ``options`` go to the constructor, e.g. ``make_factory('kaf',
+    size=20, boundary=3)`` or ``make_factory('softplus', beta=10)``."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown activation {name!r}; choose from {', '.join(NAMES)}")
+    cls, natural_scope, _ = REGISTRY[name]
+    unknown = set(options) - OPTIONS.get(name, set())
+    if unknown:
+        allowed = ", ".join(sorted(OPTIONS.get(name, ()))) or "none"
+        raise ValueError(f"activation {name!r} takes no option {', '.join(sorted(unknown))} (allowed: {allowed})")
+    if natural_scope == "none":
+        return lambda channels: cls(**options)
+    scope = scope or natural_scope
+    if scope not in SCOPES:
+        raise ValueError(f"unknown activation scope {scope!r}; choose from {', '.join(SCOPES)}")
+    cls(1, **options)  # validate the options once, up front
+    if scope == "channel":
+        return lambda channels: cls(channels, **options)
+    if scope == "layer":
+        return lambda channels: cls(1, **options)
+    shared = cls(1, **options)
+    return lambda channels: shared
+
+
+def activation_modules(model):
+    """The distinct activation modules of a model (a network-scope instance is listed once)."""
+    seen, out = set(), []
+    classes = tuple({cls for cls, _, _ in REGISTRY.values()})
+    for m in model.modules():
+        if isinstance(m, classes) and id(m) not in seen:
+            seen.add(id(m))
+            out.append(m)
+    return out
+
+
+def activation_parameter_count(model):
+    """Number of learnable parameters the activations add to a model (shared ones counted once)."""
+    return sum(p.numel() for m in activation_modules(model) for p in m.parameters())
+
+
+def activation_parameter_values(model, max_values=64):
+    """Final values of the activations' learnable parameters, for summaries: small ones in full
+    (e.g. PSSiLU's a and b), large ones (per-channel KAF) as shape, mean, std, min and max."""
+    out = {}
+    for idx, m in enumerate(activation_modules(model)):
+        for pname, p in m.named_parameters():
+            v = p.detach().float().cpu()
+            key = f"{idx}:{type(m).__name__}.{pname}"
+            if v.numel() <= max_values:
+                out[key] = [round(float(t), 6) for t in v.flatten()]
+            else:
+                out[key] = {"shape": list(v.shape), "mean": float(v.mean()), "std": float(v.std()),
+                            "min": float(v.min()), "max": float(v.max())}
+    return out

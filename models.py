@@ -1,0 +1,236 @@
+"""Image classifiers of the source documents, each taking its activation as a factory.
+
+Every model takes images in [0, 1] (NCHW) and normalises inside ``forward`` with mean/std buffers
+(the RobustBench convention), so an external attack library can attack it directly.  ``act`` is a
+factory ``act(num_channels) -> nn.Module`` from :func:`activations.make_factory`, so one flag swaps
+every nonlinearity.  :func:`build` makes a model from plain values and :func:`load_checkpoint`
+rebuilds one from a checkpoint file alone.
+
+Imports only torch and activations.py.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import activations
+
+
+class Normalized(nn.Module):
+    """Wraps a network so that it takes [0, 1] images: forward(x) = net((x - mean) / std)."""
+
+    def __init__(self, net, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std)
+
+
+# ------------------------------------------------------------------------------------------- LeNet
+class LeNet(nn.Module):
+    """Small LeNet-style CNN for 28x28 grey images (MNIST, Fashion-MNIST), in the spirit of the
+    LeNet of Zhao & Griffin 2016: conv(16,3x3)-act-pool, conv(32,3x3)-act-pool, fc(256)-act, fc.
+    Kept small so that adversarial training on a 2-core CPU takes about a minute.
+    ``batchnorm`` puts BatchNorm before each activation (Zhao & Griffin found it necessary for
+    networks of symmetric units; the SAF-insert mode turns it on)."""
+
+    def __init__(self, act, num_classes=10, in_channels=1, image_size=28, batchnorm=False, width=16, kernel=3):
+        super().__init__()
+        c1, c2, hidden = width, 2 * width, 256
+        norm = (lambda c: nn.BatchNorm2d(c)) if batchnorm else (lambda c: nn.Identity())
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, kernel, padding=kernel // 2), norm(c1), act(c1), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, kernel, padding=kernel // 2), norm(c2), act(c2), nn.MaxPool2d(2),
+        )
+        flat = c2 * (image_size // 4) ** 2
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(flat, hidden),
+            nn.BatchNorm1d(hidden) if batchnorm else nn.Identity(), act(hidden),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+# --------------------------------------------------------------------------------------------- VGG
+VGG_CONFIGS = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+class VGG(nn.Module):
+    """CIFAR-style VGG with BatchNorm (Simonyan & Zisserman 2015; the KAF thesis's "VGG inspired"
+    nets): 3x3 conv-BN-act blocks, max-pooling (ceil mode, so 28x28 inputs work too), linear head."""
+
+    def __init__(self, config, act, num_classes=10, in_channels=3):
+        super().__init__()
+        layers, c = [], in_channels
+        for v in config:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), act(v)]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.classifier(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+# ------------------------------------------------------------------------------------------ ResNets
+class BasicBlock(nn.Module):
+    """Post-activation residual block (He et al. 2016): act(BN(conv(act(BN(conv x)))) + shortcut x)."""
+
+    def __init__(self, c_in, c_out, stride, act):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.act1 = act(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act2 = act(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block (He et al. 2016b), optionally wide with dropout (Zagoruyko &
+    Komodakis 2016): conv(act(BN(conv(act(BN x))))) + shortcut."""
+
+    def __init__(self, c_in, c_out, stride, act, dropout=0.0):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.act1 = act(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act2 = act(c_out)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = self.act1(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(self.dropout(self.act2(self.bn2(out))))
+        return out + shortcut
+
+
+class ResNet(nn.Module):
+    """Generic CIFAR ResNet: a stem conv, stages of residual blocks, global average pooling, linear.
+
+    * resnet20 (He et al. 2016 CIFAR net; the KAF thesis's "ResNet20 inspired"): 16-32-64 channels,
+      3 basic blocks per stage, 1x1-conv shortcuts where the shape changes;
+    * resnet18 (as used by Dai et al. 2021): 64-128-256-512, 2 basic blocks per stage;
+    * preactresnet18 (the fast-AT reference model of Wong et al. 2020): pre-activation blocks;
+    * wrn28_10 / wrn34_10 (Zagoruyko & Komodakis; Dai et al. 2021): pre-activation wide blocks,
+      16*10-32*10-64*10 channels, (depth-4)/6 blocks per stage."""
+
+    def __init__(self, block, widths, blocks, act, num_classes=10, in_channels=3, stem=16, preact=False):
+        super().__init__()
+        self.preact = preact
+        self.stem = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
+        self.stem_bn = nn.Identity() if preact else nn.BatchNorm2d(stem)
+        self.stem_act = nn.Identity() if preact else act(stem)
+        stages, c = [], stem
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            for j in range(n):
+                stages.append(block(c, w, 2 if (j == 0 and i > 0) else 1, act))
+                c = w
+        self.stages = nn.Sequential(*stages)
+        self.final_bn = nn.BatchNorm2d(c) if preact else nn.Identity()
+        self.final_act = act(c) if preact else nn.Identity()
+        self.linear = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        out = self.stem_act(self.stem_bn(self.stem(x)))
+        out = self.final_act(self.final_bn(self.stages(out)))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def _wide(depth, k, act, num_classes, in_channels):
+    n = (depth - 4) // 6
+    return ResNet(PreActBlock, [16 * k, 32 * k, 64 * k], [n] * 3, act, num_classes, in_channels,
+                  stem=16, preact=True)
+
+
+ARCHS = {
+    "lenet": lambda act, nc, ic, size, bn: LeNet(act, nc, ic, size, batchnorm=bn),
+    "vgg11": lambda act, nc, ic, size, bn: VGG(VGG_CONFIGS["vgg11"], act, nc, ic),
+    "vgg16": lambda act, nc, ic, size, bn: VGG(VGG_CONFIGS["vgg16"], act, nc, ic),
+    "resnet20": lambda act, nc, ic, size, bn: ResNet(BasicBlock, [16, 32, 64], [3, 3, 3], act, nc, ic, stem=16),
+    "resnet18": lambda act, nc, ic, size, bn: ResNet(BasicBlock, [64, 128, 256, 512], [2, 2, 2, 2], act, nc, ic, stem=64),
+    "preactresnet18": lambda act, nc, ic, size, bn: ResNet(PreActBlock, [64, 128, 256, 512], [2, 2, 2, 2], act, nc,
+                                                           ic, stem=64, preact=True),
+    "wrn28_10": lambda act, nc, ic, size, bn: _wide(28, 10, act, nc, ic),
+    "wrn34_10": lambda act, nc, ic, size, bn: _wide(34, 10, act, nc, ic),
+}
+ARCH_NAMES = list(ARCHS)
+SAF_UNITS = ("mrelu", "rbf")
+
+
+def build(arch, act="relu", num_classes=10, in_channels=3, image_size=32, mean=None, std=None,
+          act_scope=None, act_options=None, saf_insert=None):
+    """Build a [0,1]-input model.
+
+    ``saf_insert`` ('mrelu' | 'rbf'; Zhao & Griffin 2016) puts the symmetric unit right after each
+    convolution and between the fully connected layers, replacing the ReLU there; for lenet it also
+    adds the BatchNorm the paper found necessary (the other models already have BatchNorm).  It
+    overrides ``act``.  The model's ``config`` attribute holds these arguments, so a checkpoint
+    saving it can rebuild the model with ``build(**config)``."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown model {arch!r}; choose from {', '.join(ARCH_NAMES)}")
+    if saf_insert is not None and saf_insert not in SAF_UNITS:
+        raise ValueError(f"unknown --saf-insert {saf_insert!r}; choose from {', '.join(SAF_UNITS)}")
+    if arch == "lenet" and image_size % 4:
+        raise ValueError(f"lenet needs an image size divisible by 4, got {image_size}")
+    mean = list(mean) if mean is not None else [0.0] * in_channels
+    std = list(std) if std is not None else [1.0] * in_channels
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean/std need {in_channels} values for {in_channels} input channels")
+    act_options = dict(act_options or {})
+    unit = saf_insert or act
+    factory = activations.make_factory(unit, act_scope, **(act_options if saf_insert is None else {}))
+    net = ARCHS[arch](factory, num_classes, in_channels, image_size, saf_insert is not None)
+    model = Normalized(net, mean, std)
+    model.config = dict(arch=arch, act=act, num_classes=num_classes, in_channels=in_channels,
+                        image_size=image_size, mean=mean, std=std, act_scope=act_scope,
+                        act_options=act_options, saf_insert=saf_insert)
+    return model
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that is missing, unreadable or does not match its model."""
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Rebuild the model saved in checkpoint ``path`` (written by the training scripts) and return it
+    in eval mode, with no other information needed.  The file's other entries (flags, optimiser
+    state, dataset) are in ``model.checkpoint``."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as e:  # truncated or not a torch file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model_state" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no model_config/model_state)")
+    try:
+        model = build(**ckpt["model_config"])
+        model.load_state_dict(ckpt["model_state"])
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit its model: {str(e).splitlines()[0][:200]}") from None
+    model.checkpoint = {k: v for k, v in ckpt.items() if k != "model_state"}
+    return model.eval()
