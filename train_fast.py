@@ -87,6 +87,8 @@ def main(argv=None):
         run.step(total)
         return loss.detach(), (logits.argmax(1) == y).sum()
 
+    if args.lr_find:
+        return utils.lr_range_test(run, train_step)
     return run.fit(train_step)
 
 

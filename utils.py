@@ -207,9 +207,9 @@ def _restart_bounds(t, cycles, mult):
     cycles whose lengths grow by ``mult``."""
     lengths = [mult ** i for i in range(cycles)]
     total, start = sum(lengths), 0.0
-    for length in lengths:
+    for i, length in enumerate(lengths):
         end = start + length / total
-        if t < end or length == lengths[-1]:
+        if t < end or i == cycles - 1:  # the last cycle by position (with mult=1 all lengths are equal)
             return min((t - start) / (end - start), 1.0)
         start = end
     return 1.0
@@ -313,6 +313,11 @@ def base_parser(description, **defaults):
     g.add_argument("--momentum-schedule", default="constant", choices=MOMENTUM_SCHEDULES)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--lr-find", action="store_true",
+                   help="LR range test instead of training: sweep the LR exponentially, write lr_find.csv, suggest --lr-max")
+    g.add_argument("--lr-find-steps", type=int, default=100, help="minibatches of the LR range test")
+    g.add_argument("--lr-find-min", type=float, default=1e-4, help="first LR of the range test")
+    g.add_argument("--lr-find-max", type=float, default=10.0, help="last LR of the range test")
     g = p.add_argument_group("adversary")
     g.add_argument("--epsilon", type=fraction, default=8 / 255, help="L-inf radius, e.g. 8/255 or 0.1")
     g = p.add_argument_group("evaluation")
@@ -348,6 +353,10 @@ def parse_args(parser, argv=None):
     for name in ("n_train", "n_eval"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if args.lr_find_steps < 2:
+        problems.append("--lr-find-steps must be >= 2")
+    if not 0 < args.lr_find_min < args.lr_find_max:
+        problems.append("--lr-find-min and --lr-find-max need 0 < min < max")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append("--device cuda asked for but CUDA is not available; use --device cpu")
     try:
@@ -401,7 +410,11 @@ class Run:
 
     A training script builds a ``Run(args, script)``, writes its regime as ``train_step(x, y)``
     (returning the detached loss and number of correct predictions of the batch, as tensors, and
-    calling ``run.step(loss)`` once per optimiser step), and calls ``run.fit(train_step)``."""
+    calling ``run.step(loss)`` once per optimiser step), and calls ``run.fit(train_step)``.
+
+    Hooks: ``lr_override(batch) -> lr`` replaces the schedule (the LR range test uses it);
+    ``counts`` is a dict of regime counters (e.g. attack steps) copied into summary.json."""
+    lr_override = None
 
     def __init__(self, args, script, steps_per_batch=1, epochs_budget=None):
         self.args, self.script = args, script
@@ -448,8 +461,10 @@ class Run:
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
         # ---- schedule
         self.epochs = epochs_budget or args.epochs
+        self.steps_per_batch = steps_per_batch
         self.total_steps = self.epochs * len(self.train_batches) * steps_per_batch
         self.it = 0
+        self.counts = {}
         self._set_lr()
         name = args.saf_insert + "-insert" if args.saf_insert else args.act
         self.out_dir = args.out_dir or os.path.join("runs", f"{script}_{args.dataset}_{args.model}_{name}")
@@ -464,6 +479,8 @@ class Run:
         a = self.args
         lr = lr_at(self.it, self.total_steps, a.lr_schedule, a.lr_max, a.lr_cycles, a.lr_mult)
         mom = momentum_at(self.it, self.total_steps, a.momentum_schedule, a.momentum)
+        if self.lr_override is not None:  # one LR per minibatch, also when a regime steps several times on it
+            lr, mom = self.lr_override(self.it // self.steps_per_batch), a.momentum
         for group in self.opt.param_groups:
             group["lr"], group["momentum"] = lr, mom
         self.lr = lr
@@ -527,7 +544,7 @@ class Run:
                    "model_params": sum(p.numel() for p in model.parameters()),
                    "catastrophic_overfitting": None, "stopped_early": None}
         print(f"{self.script}: {args.dataset} {args.model} act={args.saf_insert + '-insert' if args.saf_insert else args.act} "
-              f"eps={args.epsilon:.4g} {self.epochs} {passes_label}s x {len(self.train_batches)} batches on {self.device} "
+              f"eps={args.epsilon:.4g} {self.epochs} {passes_label}{'es' if passes_label.endswith('s') else 's'} x {len(self.train_batches)} batches on {self.device} "
               f"(amp {summary['amp']}), out {self.out_dir}", flush=True)
         best_robust, best_state, best_epoch = -1.0, None, 0
         epochs_done, train_time = 0, 0.0
@@ -598,4 +615,89 @@ class Run:
         return {"epochs_completed": epochs_done, "train_time_s": round(train_time, 2), "pgd": self.pgd_config(),
                 "n_eval": len(self.y_test), "history": self.history, "evaluated": evaluated,
                 "activation_values": activations.activation_parameter_values(self.model),
+                "counts": dict(optimizer_steps=self.it, **self.counts),
                 "checkpoint": os.path.join(self.out_dir, "checkpoint.pt")}
+
+
+# ----------------------------------------------------------------------------------- LR range test
+def _centred_mean(values, width):
+    """Moving average over ``width`` points centred on each point (fewer at the ends).  Unlike an
+    EMA it does not lag, so it does not shift the loss curve towards larger learning rates."""
+    v = np.asarray(values, dtype=float)
+    idx, half = np.arange(len(v)), width // 2
+    lo, hi = np.clip(idx - half, 0, len(v)), np.clip(idx + half + 1, 0, len(v))
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    return (c[hi] - c[lo]) / (hi - lo)
+
+
+def _forever(batches):
+    while True:
+        yield from batches
+
+
+def lr_range_test(run, train_step, beta=0.9, diverge=4.0):
+    """LR range test (Smith 2017, "Cyclical learning rates"; the fast-training thesis's LR finder).
+
+    Runs the regime's ``train_step`` for --lr-find-steps minibatches n with the learning rate rising
+    geometrically, lr_i = lr_min (lr_max / lr_min)^(i / (n-1)) (--lr-find-min/--lr-find-max; one LR
+    per minibatch, also for Free's m replays; constant --momentum), and records the regime's own training loss, so the
+    suggestion fits the adversarial loss, not the clean one.  It stops early once the smoothed loss
+    s_i (bias-corrected EMA, s = beta s + (1-beta) loss, as in fastai) exceeds ``diverge`` x its best
+    or is not finite.  Suggested lr_max: the LR of the steepest descent d loss / d log(lr) of the
+    centred moving average of the loss, before that average's minimum (i.e. before divergence).
+
+    Writes lr_find.csv (and lr_find.png when matplotlib is installed) into the out dir; the trained
+    weights are thrown away.  Returns {suggested_lr_max, min_loss_lr, stopped_early, csv}."""
+    a = run.args
+    n, lo, hi = a.lr_find_steps, a.lr_find_min, a.lr_find_max
+    run.lr_override = lambda i: lo * (hi / lo) ** (min(i, n - 1) / (n - 1))
+    run._set_lr()
+    run.model.train()
+    print(f"{run.script}: LR range test {lo:.3g} -> {hi:.3g} over {n} minibatches on {run.device}, out {run.out_dir}", flush=True)
+    rows, ema, best, stopped = [], 0.0, math.inf, None
+    batches = zip(range(n), _forever(run.train_batches))
+    for i, (x, y) in tqdm(batches, total=n, desc="lr find", leave=False, dynamic_ncols=True):
+        lr = run.lr  # the LR this minibatch trains with (run.step sets the next one)
+        loss = float(train_step(x, y)[0])
+        ema = beta * ema + (1 - beta) * loss
+        smooth = ema / (1 - beta ** (i + 1))
+        rows.append((i, lr, loss, smooth))
+        best = min(best, smooth)
+        if not math.isfinite(smooth) or smooth > diverge * best:
+            stopped = f"loss {'not finite' if not math.isfinite(smooth) else f'above {diverge:g}x its minimum'} at lr {lr:.3g}"
+            break
+    # the suggestion from the finite part of the curve
+    k = next((j for j, r in enumerate(rows) if not math.isfinite(r[2])), len(rows))
+    lrs, losses = np.array([r[1] for r in rows[:k]]), np.array([r[2] for r in rows[:k]])
+    centred = _centred_mean(losses, max(5, n // 10) | 1) if k else losses
+    if k >= 3 and np.argmin(centred) > 0:
+        m = int(np.argmin(centred))
+        slope = np.gradient(centred[:m + 1], np.log(lrs[:m + 1]))
+        suggestion, min_lr = float(lrs[int(np.argmin(slope))]), float(lrs[m])
+    else:
+        suggestion = min_lr = float(lrs[0]) if k else lo
+        print(f"warning: the loss did not fall before the LR range test stopped; try a smaller --lr-find-min than {lo:g} "
+              f"or more --lr-find-steps", file=sys.stderr)
+    path = os.path.join(run.out_dir, "lr_find.csv")
+    with open(path + ".tmp", "w") as f:
+        f.write("iteration,lr,loss,smoothed_loss,centred_loss\n")
+        for j, (i, lr, loss, smooth) in enumerate(rows):
+            f.write(f"{i},{lr:.6g},{loss:.6g},{smooth:.6g},{f'{centred[j]:.6g}' if j < k else ''}\n")
+    os.replace(path + ".tmp", path)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(lrs, losses, alpha=0.3, label="loss")
+        ax.plot(lrs, centred, label="centred mean")
+        ax.axvline(suggestion, color="k", linestyle="--", label=f"suggested lr_max {suggestion:.3g}")
+        ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title=f"{run.script} LR range test")
+        ax.legend()
+        fig.savefig(os.path.join(run.out_dir, "lr_find.png"), dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    except ImportError:  # the plot is optional
+        pass
+    print(f"LR range test: {len(rows)} minibatches{', stopped: ' + stopped if stopped else ''}; loss minimum at lr {min_lr:.3g}; "
+          f"suggested --lr-max {suggestion:.3g} (steepest descent)  -> {path}", flush=True)
+    return {"suggested_lr_max": suggestion, "min_loss_lr": min_lr, "stopped_early": stopped, "csv": path}

@@ -1,0 +1,32 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def trained_lenet():
+    """A lenet trained naturally for a few epochs on the synthetic dataset, with its test split."""
+    import models
+    import utils
+    torch.manual_seed(0)
+    x, y = utils.load_split("synthetic", None, train=True)
+    xt, yt = utils.load_split("synthetic", None, train=False)
+    x, xt = x.float() / 255, xt[:256].float() / 255
+    yt = yt[:256]
+    model = models.build("lenet", "relu", 10, 1, 28)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(4):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 128):
+            idx = perm[i:i + 128]
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval(), xt, yt

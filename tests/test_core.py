@@ -1,0 +1,325 @@
+"""Core: activations, models, attacks, FGSM training end to end, eval.py and checkpoints."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import activations
+import attacks
+import eval as eval_script
+import models
+import train_fast
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOOTH = ["elu", "softplus", "silu", "gelu", "psilu", "psoftplus", "pssilu", "kaf", "rbf"]
+PARAMETRIC = ["prelu", "psilu", "psoftplus", "pssilu", "kaf"]
+
+
+# ------------------------------------------------------------------------------------- activations
+@pytest.mark.parametrize("name", activations.NAMES)
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (4, 3)])
+def test_activation_shape_dtype_and_gradients(name, shape):
+    act = activations.make_factory(name, "channel" if name in PARAMETRIC else None)(3)
+    x = torch.randn(*shape, requires_grad=True)
+    out = act(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    (out * torch.randn_like(out)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for p in act.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient reaches {p.shape}"
+
+
+@pytest.mark.parametrize("name", SMOOTH)
+def test_smooth_activations_gradcheck_float64(name):
+    act = activations.make_factory(name, "channel" if name in PARAMETRIC else None)(2).double()
+    if name != "kaf":  # move scalar parameters off the kink of |.| at 0 (b starts at 1e-8)
+        for p in act.parameters():
+            p.data.uniform_(0.3, 0.7)
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(act, (x,))
+    for name_p, p in act.named_parameters():  # also the derivative w.r.t. each parameter
+        call = lambda v: torch.func.functional_call(act, {name_p: v}, (x.detach(),), strict=False)
+        assert torch.autograd.gradcheck(call, (p.detach().clone().requires_grad_(True),))
+
+
+def test_kaf_memory_efficient_matches_naive_and_gradcheck():
+    d, gamma = activations.kaf_dictionary(20, 3.0)
+    alpha = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
+    x = (2 * torch.randn(2, 3, 4, 4, dtype=torch.float64)).requires_grad_(True)
+    fn = lambda x, a: activations.KAFFunction.apply(x, a, d.double(), gamma)
+    assert torch.autograd.gradcheck(fn, (x, alpha))
+    ref = activations.kaf_naive(x, alpha, d.double(), gamma)
+    out = fn(x, alpha)
+    assert torch.allclose(out, ref, atol=1e-12)
+    g = torch.randn_like(out)
+    gx, ga = torch.autograd.grad(out, (x, alpha), g)
+    rx, ra = torch.autograd.grad(ref, (x, alpha), g)
+    assert torch.allclose(gx, rx, atol=1e-10) and torch.allclose(ga, ra, atol=1e-10)
+
+
+def test_kaf_elu_init_approximates_elu_on_dictionary_range():
+    kaf = activations.KAF(channels=4, init="elu")
+    s = torch.linspace(-3, 3, 301).view(1, 1, -1).expand(1, 4, -1)
+    err = (kaf(s) - F.elu(s)).abs().max().item()
+    assert err < 0.05, err
+    far = kaf(torch.full((1, 4, 1), 10.0))  # Gaussian kernels vanish outside the dictionary: bounded
+    assert far.abs().max() < 1e-3
+
+
+def test_pssilu_at_b_zero_is_scaled_silu():
+    act = activations.PSSiLU(init_a=1.7, init_b=0.0)
+    x = torch.randn(100)
+    assert torch.allclose(act(x), x * torch.sigmoid(1.7 * x), atol=1e-6)
+    act.b.data.fill_(5.0)  # |b| >= 1 would divide by zero: the guard keeps it finite
+    assert torch.isfinite(act(x)).all()
+
+
+def test_symmetric_units_and_kwta_formulas():
+    x = torch.tensor([-3.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0])
+    assert torch.allclose(activations.MReLU()(x), torch.tensor([0, 0, 0.5, 1, 0.5, 0, 0.0]))
+    assert torch.allclose(activations.RBF()(x), torch.exp(-x ** 2))
+    out = activations.KWTA(gamma=0.25)(torch.arange(8.0).view(1, 2, 2, 2))
+    assert out.flatten().tolist() == [0, 0, 0, 0, 0, 0, 6, 7]
+
+
+@pytest.mark.parametrize("name", PARAMETRIC)
+def test_parametric_activations_learn(name):
+    """SGD on the activation's own parameters fits a teacher of the same family with other parameter
+    values: the parameters move and the loss falls to a fraction of its start."""
+    torch.manual_seed(0)
+    act = activations.make_factory(name, "layer")(1)
+    teacher = activations.make_factory(name, "layer")(1)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.5 * torch.randn_like(p)) if name == "kaf" else p.copy_(torch.full_like(p, 0.4 if p.abs().max() < 0.5 else 2.0))
+    before = [p.detach().clone() for p in act.parameters()]
+    x = torch.linspace(-3, 3, 200)
+    target = teacher(x).detach()
+    opt = torch.optim.SGD(act.parameters(), lr=0.1)
+    losses = []
+    for _ in range(100):
+        loss = (act(x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::20]
+    assert any((p.detach() - b).abs().max() > 1e-4 for p, b in zip(act.parameters(), before))
+
+
+def test_scopes_share_parameters_as_documented():
+    count = lambda scope: activations.activation_parameter_count(
+        models.build("lenet", "pssilu", 10, 1, 28, act_scope=scope))
+    assert count("network") == 2  # one (a, b) pair in the whole network, as in Dai et al.
+    assert count("layer") == 2 * 3
+    assert count("channel") == 2 * (16 + 32 + 256)
+    kaf = models.build("lenet", "kaf", 10, 1, 28)
+    assert activations.activation_parameter_count(kaf) == 20 * (16 + 32 + 256)
+
+
+def test_activation_registry_refuses_bad_names_and_options():
+    with pytest.raises(ValueError, match="unknown activation"):
+        activations.make_factory("sigmoidx")
+    with pytest.raises(ValueError, match="takes no option"):
+        activations.make_factory("relu", beta=2)
+    with pytest.raises(ValueError, match="scope"):
+        activations.make_factory("prelu", "everywhere")
+
+
+# ------------------------------------------------------------------------------------------ models
+BIG = {"wrn28_10", "wrn34_10", "vgg16", "resnet18", "preactresnet18"}
+
+
+@pytest.mark.parametrize("arch", models.ARCH_NAMES)
+def test_every_model_builds_with_every_activation(arch):
+    if arch == "lenet":
+        datasets = [("fashionmnist", 1, 28, 10)]
+    else:
+        datasets = [("cifar10", 3, 32, 10), ("cifar100", 3, 32, 100)]
+    names = activations.NAMES if arch not in BIG else ["relu", "kaf", "pssilu", "kwta"]
+    for ds, c, size, classes in datasets:
+        for name in names:
+            model = models.build(arch, name, classes, c, size).eval()
+            with torch.no_grad():
+                out = model(torch.rand(2, c, size, size))
+            assert out.shape == (2, classes) and torch.isfinite(out).all(), (arch, name, ds)
+
+
+@pytest.mark.parametrize("arch", sorted(BIG))
+def test_big_models_build_with_all_activations(arch):
+    """Construction only (a forward of every big model x every activation would take minutes on CPU)."""
+    for name in activations.NAMES:
+        model = models.build(arch, name, 10, 3, 32)
+        assert model.config["act"] == name
+        assert sum(isinstance(m, activations.REGISTRY[name][0]) for m in model.modules()) >= 1
+
+
+def test_models_normalise_inside_and_saf_insert():
+    model = models.build("lenet", "relu", 10, 1, 28, mean=[0.3], std=[0.2])
+    assert torch.allclose(model.mean.flatten(), torch.tensor([0.3])) and torch.allclose(model.std.flatten(), torch.tensor([0.2]))
+    lenet = models.build("lenet", "relu", 10, 1, 28, saf_insert="mrelu")
+    assert not any(isinstance(m, activations.ReLU) for m in lenet.modules())
+    assert sum(isinstance(m, activations.MReLU) for m in lenet.modules()) == 3
+    res = models.build("resnet20", "relu", 10, 3, 32, saf_insert="rbf")
+    # RBF right after each conv (stem + first conv of each of the 9 blocks); ReLU after residual sums
+    assert sum(isinstance(m, activations.RBF) for m in res.modules()) == 10
+    assert sum(isinstance(m, activations.ReLU) for m in res.modules()) == 9
+
+
+# ----------------------------------------------------------------------------------------- attacks
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
+def test_attacks_stay_in_ball_and_image_range(trained_lenet, norm, eps):
+    model, x, y = trained_lenet
+    x, y = x[:64], y[:64]
+    for loss in ("ce", "cw"):
+        adv = attacks.pgd(model, x, y, eps, eps / 4, 5, restarts=2, norm=norm, loss=loss)
+        delta = (adv - x).flatten(1)
+        size = delta.abs().max(1).values if norm == "linf" else delta.norm(dim=1)
+        assert (size <= eps + 1e-5).all()
+        assert adv.min() >= 0 and adv.max() <= 1
+    adv = attacks.fgsm(model, x, y, eps)
+    assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+
+
+def test_attacks_restore_mode_and_leave_parameter_grads_alone(trained_lenet):
+    model, x, y = trained_lenet
+    model.zero_grad(set_to_none=True)
+    model.train()
+    attacks.pgd(model, x[:16], y[:16], 0.1, 0.025, 2)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+
+
+def test_pgd_at_most_fgsm_at_most_clean(trained_lenet):
+    model, x, y = trained_lenet
+    eps = 0.1
+    clean, _ = attacks.robust_accuracy(model, x, y)
+    fgsm, _ = attacks.robust_accuracy(model, x, y, lambda m, a, b: attacks.fgsm(m, a, b, eps))
+    pgd, _ = attacks.robust_accuracy(model, x, y, lambda m, a, b: attacks.pgd(m, a, b, eps, eps / 4, 10))
+    assert clean > 0.8, "the fixture model should have learned the synthetic task"
+    assert pgd <= fgsm <= clean
+    assert pgd < clean - 0.2, "an undefended model must lose accuracy under attack"
+
+
+def test_restarts_never_raise_accuracy(trained_lenet):
+    model, x, y = trained_lenet
+    eps = 0.04
+    results = []
+    for restarts in (1, 3):
+        torch.manual_seed(5)  # the first restart of both runs starts from the same random point
+        acc, correct = attacks.robust_accuracy(model, x, y, lambda m, a, b: attacks.pgd(m, a, b, eps, eps / 4, 3, restarts))
+        results.append(correct)
+    assert not (results[1] & ~results[0]).any()  # no example robust to 3 restarts but broken by 1
+    assert results[1].float().mean() <= results[0].float().mean()
+
+
+def test_cw_margin_loss():
+    logits = torch.tensor([[2.0, 1.0, 0.5], [0.0, 3.0, 1.0]])
+    y = torch.tensor([0, 0])
+    assert torch.allclose(attacks.cw_margin_loss(logits, y), torch.tensor([-1.0, 3.0]))
+
+
+# ------------------------------------------------------------------------------------- schedules
+def test_cyclic_schedule_default_points():
+    lr = lambda s: utils.lr_at(s, 100, "cyclic", 0.2)
+    assert lr(0) == 0 and abs(lr(40) - 0.2) < 1e-12 and abs(lr(100)) < 1e-12 and abs(lr(70) - 0.1) < 1e-9
+
+
+# ------------------------------------------------------------------------------------- data
+def test_idx_reader_and_fraction(tmp_path):
+    import gzip
+    import struct
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 5, 28, 28) + images.numpy().tobytes())
+    with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", 5) + bytes([0, 1, 2, 3, 4]))
+    x, y = utils.load_split("fashionmnist", str(tmp_path), train=False)
+    assert x.shape == (5, 1, 28, 28) and torch.equal(x[:, 0], images) and y.tolist() == [0, 1, 2, 3, 4]
+    assert abs(utils.fraction("8/255") - 8 / 255) < 1e-12 and utils.fraction("0.1") == 0.1
+
+
+def test_batches_augmentation_is_a_shifted_or_flipped_copy():
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32) % 256
+    batches = utils.Batches(x.to(torch.uint8), torch.tensor([0, 1]), 2, shuffle=False, augment="crop+flip")
+    xb, yb = next(iter(batches))
+    assert xb.shape == (2, 3, 32, 32) and 0 <= xb.min() and xb.max() <= 1
+    # the centre of each augmented image is a translated (maybe flipped) patch of the original
+    orig = x.to(torch.uint8).float() / 255
+    for i in range(2):
+        found = any(torch.equal(cand[:, 8:24, 8:24], xb[i][:, 8:24, 8:24])
+                    for dy in range(-4, 5) for dx in range(-4, 5)
+                    for cand in [torch.roll(orig[i], (dy, dx), (1, 2)), torch.roll(orig[i].flip(2), (dy, dx), (1, 2))])
+        assert found
+
+
+# ------------------------------------------------------------------------------- end to end
+def _run_cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_train_fast_end_to_end_then_eval_then_reload(tmp_path):
+    out = tmp_path / "run"
+    summary = train_fast.main(["--dataset", "synthetic", "--model", "lenet", "--act", "pssilu", "--epochs", "1",
+                               "--n-train", "256", "--n-eval", "64", "--batch-size", "64", "--epsilon", "0.1",
+                               "--eval-pgd-steps", "3", "--device", "cpu", "--out-dir", str(out)])
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("flags", "clean_acc", "pgd_acc", "pgd", "train_time_s", "epochs_completed", "activation_params",
+                "activation_values"):
+        assert key in on_disk, key
+    assert on_disk["epochs_completed"] == 1 and on_disk["activation_params"] == 2
+    assert on_disk["pgd"]["steps"] == 3 and abs(on_disk["pgd"]["eps"] - 0.1) < 1e-12
+    assert 0 <= on_disk["pgd_acc"] <= on_disk["clean_acc"] <= 1 and summary["clean_acc"] == on_disk["clean_acc"]
+    assert len(next(iter(on_disk["activation_values"].values()))) == 1  # PSSiLU a (network scope)
+
+    ckpt = str(out / "checkpoint.pt")
+    model = models.load_checkpoint(ckpt)
+    assert not model.training
+    x = torch.rand(8, 1, 28, 28)
+    run_model = models.build(**model.config)
+    run_model.load_state_dict(torch.load(ckpt, weights_only=False)["model_state"])
+    assert torch.equal(model(x), run_model.eval()(x))
+
+    result = eval_script.main([ckpt, "--n-eval", "64", "--pgd-steps", "3", "--device", "cpu",
+                               "--out", str(tmp_path / "e.json")])
+    acc = result["accuracy"]
+    assert set(acc) == {"clean", "fgsm", "pgd3x1"}
+    assert abs(acc["clean"] - on_disk["clean_acc"]) < 1e-6
+    assert acc["pgd3x1"] <= acc["clean"]
+    assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == acc
+
+
+def test_train_fast_learns_robustly_on_synthetic(tmp_path):
+    """Two short epochs of FGSM-RS training give a model that is robust to PGD on the synthetic task."""
+    s = train_fast.main(["--dataset", "synthetic", "--model", "lenet", "--epochs", "3", "--lr-max", "0.1",
+                         "--n-eval", "256", "--epsilon", "0.05", "--eval-pgd-steps", "5", "--device", "cpu",
+                         "--out-dir", str(tmp_path)])
+    assert s["clean_acc"] > 0.8 and s["pgd_acc"] > 0.5
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train_fast.py", "--act", "sigmoid"], "invalid choice"),
+    (["train_fast.py", "--epsilon", "0"], "--epsilon must be > 0"),
+    (["train_fast.py", "--epsilon", "8/0"], "fraction"),
+    (["train_fast.py", "--act", "relu", "--kaf-size", "10"], "applies to --act kaf"),
+    (["train_fast.py", "--dataset", "cifar10", "--data-dir", "/nonexistent/dir", "--device", "cpu"], "--data-dir"),
+    (["eval.py", "/nonexistent/checkpoint.pt", "--device", "cpu"], "checkpoint not found"),
+])
+def test_bad_input_gives_one_line_error(argv, message):
+    r = _run_cli(*argv)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_truncated_checkpoint_gives_one_line_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    r = _run_cli("eval.py", str(bad), "--device", "cpu")
+    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,257 @@
+"""The Free and PGD/TRADES regimes, the LR / momentum schedules and the LR range test (CPU, tiny data)."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as eval_script
+import models
+import train_fast
+import train_free
+import train_pgd
+import utils
+
+TINY = ["--dataset", "synthetic", "--model", "lenet", "--n-train", "256", "--n-eval", "64", "--batch-size", "64",
+        "--eval-pgd-steps", "2", "--device", "cpu"]
+
+
+def tiny(tmp_path, *extra):
+    return TINY + ["--out-dir", str(tmp_path), *map(str, extra)]
+
+
+class Inputs:
+    """Records the input of every forward pass of a model."""
+
+    def __init__(self, model):
+        self.seen = []
+        model.register_forward_pre_hook(lambda module, args: self.seen.append(args[0].detach().clone()))
+
+
+# ------------------------------------------------------------------------------------- schedules
+TOP = 0.2
+# schedule -> (total steps, extra lr_at arguments, {step: expected lr})
+SCHEDULE_POINTS = {
+    "piecewise": (1000, {}, {0: TOP, 499: TOP, 500: TOP / 10, 749: TOP / 10, 750: TOP / 100, 1000: TOP / 100}),
+    "cyclic": (1000, {}, {0: 0.0, 200: TOP / 2, 400: TOP, 700: TOP / 2, 1000: 0.0}),
+    "linear": (1000, {}, {0: TOP, 500: TOP / 2, 1000: 0.0}),
+    "exponential": (1000, {}, {0: TOP, 500: TOP * 1e-3 ** 0.5, 1000: TOP / 1000}),
+    "onecycle": (1000, {}, {0: TOP / 10, 450: TOP, 900: TOP / 10, 1000: TOP / 1000}),
+    "onecycle-half": (600, {}, {0: TOP / 10, 200: TOP, 400: TOP / 10, 500: TOP / 2, 600: TOP / 1000}),
+    "onecycle-truncated": (1000, {}, {0: TOP / 10, 300: TOP, 1000: TOP / 1000}),
+    "triangular": (600, {"cycles": 3}, {0: TOP / 10, 100: TOP, 200: TOP / 10, 300: TOP, 400: TOP / 10, 500: TOP,
+                                        600: TOP / 10}),
+    "cosine": (1000, {}, {0: TOP, 500: TOP / 2, 1000: 0.0}),
+    # three equal cycles: restarts at 1/3 and 2/3, each cycle half way down at its middle
+    "sgdr": (600, {"cycles": 3}, {0: TOP, 100: TOP / 2, 200: TOP, 300: TOP / 2, 400: TOP, 600: 0.0}),
+    "linear-restarts": (600, {"cycles": 3}, {0: TOP, 100: (TOP + TOP / 1000) / 2, 200: TOP, 400: TOP, 600: TOP / 1000}),
+    "constant": (1000, {}, {0: TOP, 123: TOP, 1000: TOP}),
+}
+
+
+def test_every_schedule_is_covered():
+    assert set(SCHEDULE_POINTS) == set(utils.LR_SCHEDULES)
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULE_POINTS))
+def test_schedule_defining_points(schedule):
+    total, extra, points = SCHEDULE_POINTS[schedule]
+    for step, expected in points.items():
+        got = utils.lr_at(step, total, schedule, TOP, **extra)
+        assert got == pytest.approx(expected, rel=1e-9, abs=1e-12), (schedule, step, got, expected)
+    lrs = [utils.lr_at(s, total, schedule, TOP, **extra) for s in range(total + 1)]
+    assert min(lrs) >= 0 and max(lrs) == pytest.approx(TOP)
+
+
+def test_restart_schedules_restart_and_grow_with_mult():
+    # cycles of relative length 1, 2, 4 over 700 steps: restarts at steps 100 and 300
+    for schedule in ("sgdr", "linear-restarts"):
+        lr = lambda s: utils.lr_at(s, 700, schedule, TOP, cycles=3, mult=2.0)
+        for restart in (100, 300):
+            assert lr(restart) == pytest.approx(TOP) and lr(restart - 1) < TOP / 10
+        assert lr(0) == pytest.approx(TOP) and lr(700) == pytest.approx(0 if schedule == "sgdr" else TOP / 1000)
+    assert utils.lr_at(200, 700, "sgdr", TOP, cycles=3, mult=2.0) == pytest.approx(TOP / 2)  # middle of cycle 2
+
+
+def test_cyclic_and_piecewise_shapes():
+    cyc = [utils.lr_at(s, 1000, "cyclic", TOP) for s in range(1001)]
+    assert max(range(1001), key=cyc.__getitem__) == 400
+    assert all(a <= b for a, b in zip(cyc[:400], cyc[1:401])) and all(a >= b for a, b in zip(cyc[400:], cyc[401:]))
+    levels = sorted({round(utils.lr_at(s, 1000, "piecewise", TOP), 12) for s in range(1001)})
+    assert levels == pytest.approx([TOP / 100, TOP / 10, TOP])  # three steps, nothing in between
+
+
+def test_onecycle_momentum_is_lowest_exactly_when_the_lr_peaks():
+    total = 1000
+    lrs = [utils.lr_at(s, total, "onecycle", TOP) for s in range(total + 1)]
+    moms = [utils.momentum_at(s, total, "onecycle") for s in range(total + 1)]
+    peak = max(range(total + 1), key=lrs.__getitem__)
+    assert peak == 450 and moms[peak] == pytest.approx(0.85) and min(moms) == pytest.approx(0.85)
+    assert [i for i, m in enumerate(moms) if m == pytest.approx(0.85)] == [peak]
+    assert moms[0] == pytest.approx(0.95) and moms[900] == pytest.approx(0.95) and moms[1000] == pytest.approx(0.95)
+    assert all(utils.momentum_at(s, total, "constant", 0.9) == 0.9 for s in (0, 450, 1000))
+
+
+# ------------------------------------------------------------------------------------------- Free
+def free_run(tmp_path, *extra):
+    args = train_free.get_args(tiny(tmp_path, *extra))
+    run = utils.Run(args, "train_free", steps_per_batch=args.replays, epochs_budget=train_free.passes(args))
+    return args, run, train_free.FreeStep(run, args.epsilon, args.replays)
+
+
+def test_free_delta_carries_over_stays_in_ball_and_handles_a_short_batch(tmp_path):
+    args, run, step = free_run(tmp_path, "--n-train", 200, "--replays", 3, "--epsilon", 0.1)
+    eps = args.epsilon
+    batches = list(run.train_batches)
+    assert [len(y) for _, y in batches] == [64, 64, 64, 8]
+    inputs = Inputs(run.model)
+
+    (x0, y0), (x1, y1) = batches[0], batches[1]
+    step(x0, y0)
+    assert len(inputs.seen) == 3 and run.it == 3  # one forward (and backward) pass and one step per replay
+    assert torch.equal(inputs.seen[0], x0)  # delta starts at 0
+    carried = step.delta.clone()
+    assert carried.abs().max() > 0 and carried.abs().max() <= eps + 1e-6
+    assert ((x0 + carried) >= 0).all() and ((x0 + carried) <= 1).all()
+    # the 2nd minibatch starts from the delta left by the 1st
+    step(x1, y1)
+    assert torch.allclose(inputs.seen[3], x1 + carried)
+    assert run.it == 6 and step.delta.abs().max() <= eps + 1e-6
+
+    # a short last batch updates only its rows; the next full batch uses all of delta again
+    before = step.delta.clone()
+    xs, ys = batches[3]
+    step(xs, ys)
+    assert torch.allclose(inputs.seen[6], xs + before[:8])
+    assert torch.equal(step.delta[8:], before[8:]) and not torch.equal(step.delta[:8], before[:8])
+    assert step.delta.shape[0] == 64
+    loss, correct = step(x0, y0)
+    assert torch.isfinite(loss) and 0 <= int(correct) <= 64
+    assert step.delta.abs().max() <= eps + 1e-6 and run.it == 12
+
+
+def test_free_end_to_end_step_count_checkpoint_and_eval(tmp_path):
+    # --epochs 4 with m = 2: 2 passes over 4 minibatches (the last one short), 2 optimiser steps each
+    summary = train_free.main(tiny(tmp_path, "--n-train", 200, "--epochs", 4, "--replays", 2, "--co-guard", 0,
+                                   "--lr-max", 0.05))
+    assert summary["epochs_completed"] == 2
+    assert summary["counts"]["optimizer_steps"] == 2 * 4 * 2
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["script"] == "train_free" and on_disk["counts"] == summary["counts"]
+    assert on_disk["flags"]["replays"] == 2 and math.isfinite(on_disk["history"][-1]["train_loss"])
+    model = models.load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert model.checkpoint["script"] == "train_free" and model.checkpoint["iteration"] == 16
+    result = eval_script.main([str(tmp_path / "checkpoint.pt"), "--n-eval", "64", "--pgd-steps", "2", "--device", "cpu",
+                               "--out", str(tmp_path / "eval.json")])
+    assert abs(result["accuracy"]["clean"] - summary["clean_acc"]) < 1e-6
+
+
+def test_free_budget_and_defaults():
+    args = train_free.get_args([])
+    assert (args.epochs, args.replays, train_free.passes(args)) == (80, 8, 10)
+    assert args.lr_max == 0.04 and args.epsilon == pytest.approx(8 / 255) and args.batch_size == 128
+    assert train_free.passes(train_free.get_args(["--epochs", "9", "--replays", "4"])) == 3
+
+
+# -------------------------------------------------------------------------------------------- PGD
+def pgd_run(tmp_path, *extra):
+    args = train_pgd.get_args(tiny(tmp_path, *extra))
+    run = utils.Run(args, "train_pgd")
+    return args, run, train_pgd.make_train_step(run, args)
+
+
+@pytest.mark.parametrize("loss,iters", [("ce", 1), ("ce", 3), ("trades", 2)])
+def test_pgd_does_exactly_attack_iters_steps_per_batch(tmp_path, loss, iters):
+    args, run, train_step = pgd_run(tmp_path, "--attack-iters", iters, "--loss", loss)
+    inputs = Inputs(run.model)
+    for b, (x, y) in enumerate(list(run.train_batches)[:2], 1):
+        train_step(x, y)
+        assert run.counts["attack_steps"] == b * iters and run.it == b
+    # forward passes per batch: the k attack steps + the training pass (TRADES: + the clean target, + f(x))
+    assert len(inputs.seen) == 2 * (iters + (1 if loss == "ce" else 3))
+    assert run.model.training
+
+
+def test_pgd_delta_stays_in_ball_and_image_range(tmp_path):
+    args, run, _ = pgd_run(tmp_path, "--epsilon", 0.1)
+    x, y = next(iter(run.train_batches))
+    start = torch.empty_like(x).uniform_(-0.1, 0.1)
+    delta, steps = train_pgd.pgd_delta(run, x, lambda logits: F.cross_entropy(logits, y), 0.1, 0.04, 4, start)
+    assert steps == 4 and delta.abs().max() <= 0.1 + 1e-6 and delta.abs().max() > 0.09
+    assert ((x + delta) >= 0).all() and ((x + delta) <= 1).all() and not delta.requires_grad
+
+
+def test_trades_loss_is_finite_bounded_below_by_ce_and_decreases(tmp_path):
+    args, run, train_step = pgd_run(tmp_path, "--loss", "trades", "--attack-iters", 2, "--lr-schedule", "constant",
+                                    "--lr-max", 0.05)
+    x, y = next(iter(run.train_batches))
+    run.model.train()
+    with torch.no_grad():
+        ce = F.cross_entropy(run.model(x), y)
+        trades0, _, _ = train_pgd.trades_loss(run, x, y, args.epsilon, args.attack_step, 2, beta=0.0)
+        trades6, _, _ = train_pgd.trades_loss(run, x, y, args.epsilon, args.attack_step, 2, beta=6.0)
+    assert trades0 == pytest.approx(ce.item(), rel=1e-5) and trades6 >= trades0 - 1e-6  # KL >= 0
+    losses = [train_step(x, y)[0].item() for _ in range(8)]
+    assert all(math.isfinite(l) for l in losses)
+    assert losses[-1] < losses[0], losses
+
+
+def test_pgd_and_trades_end_to_end_checkpoint_and_eval(tmp_path):
+    for loss in ("ce", "trades"):
+        out = tmp_path / loss
+        summary = train_pgd.main(tiny(out, "--epochs", 1, "--attack-iters", 2, "--loss", loss, "--co-guard", 0))
+        assert summary["counts"] == {"optimizer_steps": 4, "attack_steps": 4 * 2}
+        on_disk = json.loads((out / "summary.json").read_text())
+        assert on_disk["flags"]["loss"] == loss and 0 <= on_disk["pgd_acc"] <= on_disk["clean_acc"] <= 1
+        model = models.load_checkpoint(str(out / "checkpoint.pt"))
+        assert model.checkpoint["script"] == "train_pgd" and not model.training
+    result = eval_script.main([str(out / "checkpoint.pt"), "--n-eval", "64", "--pgd-steps", "2", "--device", "cpu",
+                               "--out", str(tmp_path / "eval.json")])
+    assert abs(result["accuracy"]["clean"] - summary["clean_acc"]) < 1e-6
+
+
+def test_pgd_defaults_and_flags():
+    args = train_pgd.get_args([])
+    assert (args.attack_iters, args.attack_step, args.loss, args.trades_beta) == (10, pytest.approx(2 / 255), "ce", 6.0)
+    assert (args.epochs, args.lr_max, args.lr_schedule) == (15, 0.2, "cyclic")
+    assert train_pgd.get_args(["--attack-step", "1/255"]).attack_step == pytest.approx(1 / 255)
+    for bad in (["--attack-iters", "0"], ["--attack-step", "0"], ["--trades-beta", "-1"]):
+        with pytest.raises(SystemExit):
+            train_pgd.get_args(bad)
+
+
+# --------------------------------------------------------------------------------- LR range test
+@pytest.mark.parametrize("script", [train_fast, train_free, train_pgd])
+def test_lr_find_writes_csv_and_a_positive_suggestion(tmp_path, script):
+    extra = {train_free: ["--replays", 2], train_pgd: ["--attack-iters", 1]}.get(script, [])
+    result = script.main(tiny(tmp_path, "--lr-find", "--lr-find-steps", 12, "--lr-find-min", 1e-3,
+                              "--lr-find-max", 1.0, *extra))
+    rows = list(csv.DictReader(open(tmp_path / "lr_find.csv")))
+    assert 2 <= len(rows) <= 12  # 12 minibatches: wraps around the 4 of the data
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == pytest.approx(1e-3) and all(b > a for a, b in zip(lrs, lrs[1:]))
+    assert lrs[1] / lrs[0] == pytest.approx(1000 ** (1 / 11), rel=1e-4)  # geometric from 1e-3 to 1 in 12 steps
+    assert all(math.isfinite(float(r["loss"])) for r in rows[:-1])
+    assert 1e-3 <= result["suggested_lr_max"] <= 1.0
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "summary.json").exists()  # no training
+
+
+def test_lr_find_suggests_the_steepest_descent_and_stops_at_divergence(tmp_path):
+    """A made-up loss of the LR: steepest descent at lr 1e-2, minimum near 1, divergence past 2."""
+    args = train_fast.get_args(tiny(tmp_path, "--n-train", 64, "--lr-find", "--lr-find-steps", 101))
+    run = utils.Run(args, "train_fast")
+    seen = []
+
+    def fake_step(x, y):
+        lr = run.lr
+        seen.append(lr)
+        run.step()  # no gradients: just advances the iteration (and so the LR)
+        loss = 2 - math.tanh(2 * (math.log10(lr) + 2)) + (50.0 if lr > 2 else 0.0)
+        return torch.tensor(loss), torch.tensor(0)
+
+    result = utils.lr_range_test(run, fake_step)
+    assert result["suggested_lr_max"] == pytest.approx(1e-2, rel=0.13)  # 20 LRs per decade: within one step
+    assert result["stopped_early"] and 2 < seen[-1] < 3 and len(seen) < 101
+    assert 0.1 < result["min_loss_lr"] <= 2
