@@ -1,4 +1,8 @@
-"""White-box attacks on [0, 1] image classifiers, and robust-accuracy evaluation.
+"""Attacks on [0, 1] image classifiers, and robust-accuracy / noise evaluation.
+
+White-box: FGSM, PGD (L-inf / L2), APGD-CE and APGD-DLR (targeted DLR optional).  Black-box
+(score-based): the L-inf Square attack.  Evaluation helpers: robust_accuracy (batched, per-example
+correctness), noise_accuracy and nonsense_rate (Zhao & Griffin 2016), input_gradient_stats.
 
 Every attack here runs with the model in eval mode and in float32 (autocast off), whatever mode and
 precision the caller trains in, and returns adversarial images that never leave the eps-ball around
@@ -8,6 +12,7 @@ torch.autograd.grad, so parameter .grad fields are never touched.
 Imports only torch.
 """
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +38,51 @@ def cw_margin_loss(logits, y):
     return other.max(1).values - true
 
 
+def _sorted_logits(logits, need):
+    if logits.shape[1] < need:
+        raise ValueError(f"the DLR loss needs at least {need} classes, got {logits.shape[1]}")
+    return logits.sort(1, descending=True).values
+
+
+def dlr_loss(logits, y):
+    """Difference of Logits Ratio (Croce & Hein 2020, "Reliable evaluation of adversarial robustness
+    with an ensemble of diverse parameter-free attacks"), per example:
+
+        DLR(z, y) = -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)
+
+    with z_pi1 >= z_pi2 >= ... the sorted logits.  Invariant to shifting and scaling the logits (so a
+    rescaled, saturated softmax cannot hide the gradient), positive iff the example is misclassified.
+    The attack maximises it.  Needs >= 3 classes."""
+    srt = _sorted_logits(logits, 3)
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], float("-inf")).max(1).values
+    return -(true - other) / (srt[:, 0] - srt[:, 2] + 1e-12)
+
+
+def dlr_targeted_loss(logits, y, target):
+    """Targeted DLR (Croce & Hein 2020), per example, maximised by the attack:
+
+        DLR_t(z, y) = -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)
+
+    Needs >= 4 classes."""
+    srt = _sorted_logits(logits, 4)
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    tgt = logits.gather(1, target[:, None]).squeeze(1)
+    return -(true - tgt) / (srt[:, 0] - 0.5 * (srt[:, 2] + srt[:, 3]) + 1e-12)
+
+
 def per_example_loss(logits, y, loss="ce"):
+    """Per-example attack loss: 'ce' (cross-entropy), 'cw' (CW margin), 'dlr', or a callable
+    ``loss(logits, y) -> (n,)``."""
+    if callable(loss):
+        return loss(logits, y)
     if loss == "ce":
         return F.cross_entropy(logits, y, reduction="none")
     if loss == "cw":
         return cw_margin_loss(logits, y)
-    raise ValueError(f"unknown attack loss {loss!r}; choose ce or cw")
+    if loss == "dlr":
+        return dlr_loss(logits, y)
+    raise ValueError(f"unknown attack loss {loss!r}; choose ce, cw or dlr")
 
 
 def _input_grad(model, x, y, loss):
@@ -92,7 +136,7 @@ def pgd(model, x, y, eps, alpha, steps, restarts=1, norm="linf", loss="ce", rand
     and takes ``steps`` steps of size ``alpha`` (sign of the gradient for L-inf, normalised gradient
     for L2), projecting onto the ball and [0,1] after each.  Per example, the result is the worst
     case over restarts: the first point found that is misclassified, else the one of highest loss.
-    ``loss`` is 'ce' (cross-entropy) or 'cw' (Carlini-Wagner margin)."""
+    ``loss`` is 'ce' (cross-entropy), 'cw' (Carlini-Wagner margin) or 'dlr'."""
     with eval_float32(model):
         x = x.float().detach()
         best = x.clone()
@@ -116,6 +160,224 @@ def pgd(model, x, y, eps, alpha, steps, restarts=1, norm="linf", loss="ce", rand
             best_loss = torch.where(take, losses, best_loss)
             fooled |= now_fooled
         return best
+
+
+# -------------------------------------------------------------------------------------------- APGD
+def apgd_checkpoints(n_iter):
+    """APGD's checkpoints w_j = ceil(p_j N) (Croce & Hein 2020, Sec. 3.1): p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), for p_j <= 1.  N = 100 gives
+    [0, 22, 41, 57, 70, 80, 87, 93, 99]."""
+    p = [0.0, 0.22]
+    while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    # round first: 0.22 * 100 is 22.000000000000004 in floating point
+    return sorted({min(math.ceil(round(q * n_iter, 6)), n_iter) for q in p})
+
+
+def _apgd_run(model, x, y, eps, n_iter, loss, rho=0.75, momentum=0.75, random_init=True):
+    """One APGD run (Algorithm 1 of Croce & Hein 2020) on a batch, L-inf.  ``loss(logits, y, rows)``
+    gives the per-example loss of the batch rows ``rows``.  An example leaves the run once it is
+    misclassified (its trajectory does not depend on the others: the model is in eval mode).
+    Returns (x_out, best loss, fooled): x_out is, per example, the first iterate found
+    misclassified, else the iterate of highest loss."""
+    n = x.shape[0]
+    view = (-1,) + (1,) * (x.dim() - 1)
+    checks = set(apgd_checkpoints(n_iter)[1:])
+    x_cur = random_start(x, eps) if random_init else x.clone()
+    x_prev = x_cur.clone()
+    eta = torch.full((n,), 2.0 * eps, device=x.device)  # initial step size 2 eps
+    best_x, best_grad = x_cur.clone(), torch.zeros_like(x)
+    best_loss = torch.full((n,), float("-inf"), device=x.device)
+    loss_prev = best_loss.clone()
+    out = x_cur.clone()
+    fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+    successes = torch.zeros(n, device=x.device)
+    halved_last = torch.zeros(n, dtype=torch.bool, device=x.device)
+    best_at_check, last_check = best_loss.clone(), 0
+    for k in range(n_iter + 1):
+        live = (~fooled).nonzero().squeeze(1)
+        if live.numel() == 0:
+            break
+        xl, yl = x_cur[live], y[live]
+        fn = lambda z, yy: loss(z, yy, live)
+        if k < n_iter:
+            grad, logits, losses = _input_grad(model, xl, yl, fn)
+        else:  # the last iterate: its loss only
+            with torch.no_grad():
+                logits = model(xl)
+                losses = per_example_loss(logits.float(), yl, fn)
+        now = logits.argmax(1) != yl
+        out[live[now]] = xl[now]
+        fooled[live[now]] = True
+        if k > 0:  # successful step: f(x^(k)) > f(x^(k-1))
+            successes[live] += (losses > loss_prev[live]).float()
+        improved = losses > best_loss[live]
+        best_x[live[improved]] = xl[improved]
+        best_loss[live[improved]] = losses[improved]
+        if k == n_iter:
+            break
+        best_grad[live[improved]] = grad[improved]
+        loss_prev[live] = losses
+        if k == 0:
+            best_at_check = best_loss.clone()
+        elif k in checks:
+            # condition 1: fewer than rho (w_j - w_{j-1}) successful steps since the last checkpoint;
+            # condition 2: step size not halved at the last checkpoint and best loss not improved since
+            cond1 = successes < rho * (k - last_check)
+            cond2 = ~halved_last & (best_loss <= best_at_check)
+            halve = cond1 | cond2
+            eta = torch.where(halve, eta / 2, eta)
+            # restart from the best point, with its gradient and no momentum from the old path
+            h = halve[live].view(view)
+            xl = torch.where(h, best_x[live], xl)
+            grad = torch.where(h, best_grad[live], grad)
+            x_prev[live] = torch.where(h, best_x[live], x_prev[live])
+            loss_prev = torch.where(halve, best_loss, loss_prev)
+            halved_last, best_at_check = halve, best_loss.clone()
+            successes.zero_()
+            last_check = k
+        xs = x[live]
+        z = project(xl + eta[live].view(view) * grad.sign(), xs, eps)
+        if k > 0:
+            z = project(xl + momentum * (z - xl) + (1 - momentum) * (xl - x_prev[live]), xs, eps)
+        x_prev[live] = xl
+        x_cur[live] = z.detach()
+    return torch.where(fooled.view(view), out, best_x), best_loss, fooled
+
+
+def apgd(model, x, y, eps, n_iter=100, loss="ce", restarts=1, targeted=False, n_target_classes=9,
+         rho=0.75, random_init=True):
+    """Auto-PGD, L-inf (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an
+    ensemble of diverse parameter-free attacks", Algorithm 1): the white-box part of AutoAttack.
+
+    Starting at a random point x^(0) of the eps-ball, with step eta^(0) = 2 eps and P the projection
+    onto the eps-ball and [0, 1]:
+
+        x^(1)     = P(x^(0) + eta^(0) sign(grad f(x^(0))))
+        z^(k+1)   = P(x^(k) + eta^(k) sign(grad f(x^(k))))
+        x^(k+1)   = P(x^(k) + 0.75 (z^(k+1) - x^(k)) + 0.25 (x^(k) - x^(k-1)))     (momentum 0.75)
+
+    At the checkpoints w_j (see apgd_checkpoints) the step size of an example is halved, and the
+    example restarted from its best point so far, when
+      1. fewer than rho = 0.75 of the steps since the last checkpoint raised the loss, or
+      2. its step size was not halved at the last checkpoint and its best loss has not improved.
+    Each example keeps its own step size and best point; the result is, per example, the first
+    misclassified iterate, else the highest-loss one (over ``restarts`` runs).
+
+    ``loss``: 'ce' (APGD-CE) or 'dlr' (APGD-DLR, see dlr_loss).  ``targeted=True`` runs APGD-T: the
+    targeted DLR loss (dlr_targeted_loss) towards each of the ``n_target_classes`` classes of highest
+    clean logit after the top one, ``restarts`` runs each.  Only examples the model classifies
+    correctly are attacked (the others are already errors), and an example leaves the attack once
+    fooled.  One forward/backward pass per iteration and live example."""
+    if n_iter < 1 or restarts < 1:
+        raise ValueError("apgd needs n_iter >= 1 and restarts >= 1")
+    if not targeted and loss not in ("ce", "dlr"):
+        raise ValueError(f"unknown APGD loss {loss!r}; choose ce or dlr")
+    with eval_float32(model):
+        x = x.float().detach()
+        adv = x.clone()
+        with torch.no_grad():
+            logits = model(x).float()
+        active = logits.argmax(1) == y
+        best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
+        if targeted:
+            order = logits.sort(1, descending=True).indices
+            # the k-th most likely class after the top one (= y for the attacked examples)
+            targets = [order[:, k] for k in range(1, min(n_target_classes, logits.shape[1] - 1) + 1)]
+            runs = [(lambda t: (lambda z, yy, rows: dlr_targeted_loss(z, yy, t[rows])))(t)
+                    for t in targets for _ in range(restarts)]
+        else:
+            runs = [lambda z, yy, rows: per_example_loss(z, yy, loss)] * restarts
+        for run_loss in runs:
+            idx = active.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            fn = (lambda f, i: (lambda z, yy, rows: f(z, yy, i[rows])))(run_loss, idx)
+            x_out, run_best, fooled = _apgd_run(model, x[idx], y[idx], eps, n_iter, fn, rho, random_init=random_init)
+            # keep: a fooling point; else (same loss over runs) the higher-loss point, or the first run's
+            keep = fooled | (torch.isinf(best_loss[idx]) if targeted else run_best > best_loss[idx])
+            adv[idx[keep]] = x_out[keep]
+            best_loss[idx[keep]] = run_best[keep]
+            active[idx[fooled]] = False
+        return adv.detach()
+
+
+# ------------------------------------------------------------------------------------------ Square
+def square_p(p_init, i, n_queries):
+    """The fraction p of pixels a Square-attack square covers at iteration i (Andriushchenko et al.
+    2020): halved at iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of a 10,000-query
+    schedule, rescaled to n_queries."""
+    it = int(i / n_queries * 10000)
+    return p_init / 2 ** sum(it > t for t in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
+
+
+def _margins(model, x, y):
+    logits = model(x).float()
+    return -cw_margin_loss(logits, y)  # z_y - max_{k != y} z_k: negative iff misclassified
+
+
+@torch.no_grad()
+def square(model, x, y, eps, n_queries=5000, p_init=0.8, return_queries=False):
+    """Square attack, L-inf (Andriushchenko, Croce, Flammarion & Hein 2020, "Square Attack: a
+    query-efficient black-box adversarial attack via random search").  Score-based black box: uses
+    the model's logits only, never its gradients, so gradient masking does not stop it.
+
+    Minimises the margin loss L(x) = z_y(x) - max_{k != y} z_k(x) (negative = misclassified) by random
+    search on the vertices of the eps-ball:
+      * init: vertical stripes, x + eps * s with one random sign s per (channel, column);
+      * step i: a square of side h_i = round(sqrt(p_i * H * W)) (clamped to [1, H-1]) at a random place
+        gets a new perturbation +-eps (one random sign per channel); the candidate is kept iff it
+        lowers the margin.  p_i follows square_p (p_init halved at fixed fractions of the budget).
+    Only examples still classified correctly are updated and queried; an example stops once fooled.
+    ``n_queries`` counts the model evaluations per example, the stripe init included (the clean
+    prediction that selects the attacked examples is not counted).  p_init = 0.8 is AutoAttack's
+    setting for 5000 queries (the paper uses 0.05 with 10,000 queries on ImageNet).
+
+    Returns x_adv, or (x_adv, queries per example) with return_queries=True."""
+    with eval_float32(model):
+        x = x.float().detach()
+        n, c, h, w = x.shape
+        queries = torch.zeros(n, dtype=torch.long, device=x.device)
+        adv = x.clone()
+        margin = _margins(model, x, y)
+        idx = (margin > 0).nonzero().squeeze(1)
+        if idx.numel() and n_queries >= 1:
+            signs = torch.randint(0, 2, (idx.numel(), c, 1, w), device=x.device).float() * 2 - 1
+            adv[idx] = (x[idx] + eps * signs).clamp(0, 1)
+            margin[idx] = _margins(model, adv[idx], y[idx])
+            queries[idx] += 1
+        rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        for i in range(1, n_queries):
+            idx = (margin > 0).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            xs, cur = x[idx], adv[idx]
+            delta = cur - xs
+            s = int(round(math.sqrt(square_p(p_init, i, n_queries) * h * w)))
+            s = min(max(s, 1), min(h, w) - 1)
+            k = idx.numel()
+            top = torch.randint(0, h - s + 1, (k,), device=x.device)
+            left = torch.randint(0, w - s + 1, (k,), device=x.device)
+            values = eps * (torch.randint(0, 2, (k, c, 1, 1), device=x.device).float() * 2 - 1)
+            for attempt in range(10):  # redraw squares that would leave an image unchanged (as the paper's code)
+                in_rows = (rows >= top[:, None]) & (rows < top[:, None] + s)
+                in_cols = (cols >= left[:, None]) & (cols < left[:, None] + s)
+                mask = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (k, 1, h, w)
+                cand = (xs + torch.where(mask, values, delta)).clamp(0, 1)
+                same = (cand - cur).abs().flatten(1).amax(1) < 1e-7
+                if attempt == 9 or not same.any():
+                    break
+                m = int(same.sum())
+                top[same] = torch.randint(0, h - s + 1, (m,), device=x.device)
+                left[same] = torch.randint(0, w - s + 1, (m,), device=x.device)
+                values[same] = eps * (torch.randint(0, 2, (m, c, 1, 1), device=x.device).float() * 2 - 1)
+            new_margin = _margins(model, cand, y[idx])
+            queries[idx] += 1
+            better = new_margin < margin[idx]
+            adv[idx[better]] = cand[better]
+            margin[idx[better]] = new_margin[better]
+        adv = project(adv, x, eps)  # a no-op up to rounding: every candidate is x + (+-eps or old delta), clamped
+        return (adv, queries) if return_queries else adv
 
 
 @torch.no_grad()
@@ -142,3 +404,56 @@ def robust_accuracy(model, x, y, attack=None, batch_size=256, device=None, progr
         correct.append(predict(model, xb, batch_size) == yb)
     correct = torch.cat(correct).cpu()
     return correct.float().mean().item(), correct
+
+
+# ------------------------------------------------------------------------------- noise and gradients
+@torch.no_grad()
+def noise_accuracy(model, x, y, sigmas, seed=0, batch_size=256, device=None, progress=None):
+    """Accuracy under additive Gaussian noise (Zhao & Griffin 2016): for each sigma, the accuracy on
+    clip(x + sigma z, 0, 1) with z ~ N(0, I).  One z per image, shared by all sigmas (common random
+    numbers: the curve over sigma is not jagged by resampling); z is drawn on the CPU from
+    torch.Generator().manual_seed(seed), batch after batch (torch.randn(xb.shape, generator=g)), so
+    the result does not depend on the device.  Returns {sigma: accuracy}."""
+    device = device or next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    correct = {s: 0 for s in sigmas}
+    starts = range(0, len(x), batch_size)
+    with eval_float32(model):
+        for i in (progress(starts) if progress else starts):
+            xb = x[i:i + batch_size].float()
+            z = torch.randn(xb.shape, generator=g)
+            xb, z, yb = xb.to(device), z.to(device), y[i:i + batch_size].to(device)
+            for s in sigmas:
+                correct[s] += (model((xb + s * z).clamp(0, 1)).argmax(1) == yb).sum().item()
+    return {s: correct[s] / len(x) for s in sigmas}
+
+
+@torch.no_grad()
+def nonsense_rate(model, n, shape, threshold=0.9, seed=0, mean=0.5, std=0.25, batch_size=256, device=None):
+    """The "nonsense" rate (Zhao & Griffin 2016): the share of pure-noise images the model labels with
+    confidence (max softmax probability) above ``threshold``.  The images are clip(mean + std z, 0, 1),
+    z ~ N(0, I) of ``shape`` (C, H, W), drawn on the CPU from torch.Generator().manual_seed(seed) batch
+    after batch.  A model that is sure about noise is over-confident off the data.  Returns
+    {rate, mean_confidence, threshold, n, predicted_class_counts}."""
+    device = device or next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    conf, pred = [], []
+    with eval_float32(model):
+        for i in range(0, n, batch_size):
+            z = torch.randn((min(batch_size, n - i), *shape), generator=g)
+            p = F.softmax(model((mean + std * z).clamp(0, 1).to(device)).float(), 1).max(1)
+            conf.append(p.values.cpu())
+            pred.append(p.indices.cpu())
+    conf, pred = torch.cat(conf), torch.cat(pred)
+    return {"rate": (conf > threshold).float().mean().item(), "mean_confidence": conf.mean().item(),
+            "threshold": threshold, "n": n, "predicted_class_counts": torch.bincount(pred).tolist()}
+
+
+def input_gradient_stats(model, x, y, loss="ce"):
+    """Mean |d loss / d x| over a batch and the share of examples whose input gradient is exactly 0
+    (eval mode, float32).  Gradients that vanish everywhere (e.g. a quantising, shattering input
+    layer) make gradient attacks report robustness that is not there."""
+    with eval_float32(model):
+        grad, _, _ = _input_grad(model, x.float(), y, loss)
+    flat = grad.flatten(1).abs()
+    return {"mean_abs_grad": flat.mean().item(), "zero_grad_share": (flat.amax(1) == 0).float().mean().item()}

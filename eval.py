@@ -1,14 +1,47 @@
-"""Evaluate a checkpoint: clean, FGSM and PGD accuracy on its dataset's test set.
+"""Evaluate a checkpoint: the one evaluation entry point (attacks, noise, nonsense, sanity checks).
 
 The model is rebuilt from the checkpoint alone (models.load_checkpoint) and attacked in eval mode and
-float32.  eps defaults to the value the model was trained with.
+float32 (also when it was trained with AMP), batched (--batch-size), on --device.  eps (L-inf) defaults
+to the training epsilon.  Every attack is scored per example; the headline robust accuracy is the
+per-example worst case over all attacks run (an image counts only if it is classified correctly clean
+and under every attack), so it is never above any single attack's accuracy.
 
-    python eval.py runs/train_fast_cifar10_preactresnet18_relu/checkpoint.pt
-    python eval.py CKPT --n-eval 1000 --pgd-steps 50 --pgd-restarts 10 --out eval.json
+Presets (--preset; --attacks replaces the attack list, or adds to it with +NAME):
+  basic     (default when neither --preset nor --attacks is given) clean, FGSM, PGD --pgd-steps x
+            --pgd-restarts; no extras
+  quick     clean, FGSM, PGD-20, APGD-CE (50 iterations); noise, nonsense and accuracy-vs-eps (PGD-10)
+  standard  clean, FGSM, PGD-20, PGD-50 x 10 restarts, APGD-CE + APGD-DLR (100 iterations), Square
+            (5000 queries; black-box, for sanity check 4); noise, nonsense, accuracy-vs-eps (PGD-20)
+Attack names: fgsm, pgd (= --pgd-steps x --pgd-restarts), pgdK or pgdKxR (e.g. pgd50x10), apgd-ce,
+apgd-dlr, apgd-t (targeted DLR, 9 target classes), square, autoattack (standard AutoAttack from the
+optional pyautoattack package, a cross-check).  PGD steps are --pgd-alpha (default eps/4).
+
+Extras: accuracy on clip(x + N(0, sigma^2)) for --noise-sigmas; the nonsense rate (Zhao & Griffin
+2016): the share of --nonsense-n pure Gaussian-noise images classified with max softmax confidence
+above --nonsense-threshold; accuracy vs eps (PGD at --curve-eps, default eps x 0, 1/4, 1/2, 1, 2, 4).
+
+Gradient-masking sanity checks (Athalye, Carlini & Wagner 2018; Carlini et al. 2019, "On evaluating
+adversarial robustness"), each PASS / FAIL / SKIP, in the JSON and next to the headline:
+  1 large_eps                 PGD at --large-eps (0.5) drives accuracy to <= 0.05
+  2 more_iterations           more PGD steps / restarts (and APGD-CE with at least PGD's budget) never
+                              raise accuracy (up to --check-tol)
+  3 iterative_vs_single_step  PGD accuracy <= FGSM accuracy (+ tol)
+  4 black_box_vs_white_box    Square (black-box) accuracy >= best white-box accuracy (- tol)
+  5 input_gradients           mean |d CE / d x| > 1e-10 on a batch and < half of the examples with an
+                              all-zero gradient
+
+Output: JSON (--out, default eval.json next to the checkpoint), a Markdown table row, and a PNG plot
+(accuracy vs eps and vs noise; only when matplotlib is installed).
+
+    python eval.py runs/train_fast_cifar10_preactresnet18_relu/checkpoint.pt --preset standard
+    python eval.py CKPT --preset quick --n-eval 1000
+    python eval.py CKPT --attacks apgd-ce apgd-dlr square --eps 8/255
+    python eval.py CKPT --preset standard --attacks +autoattack
 """
 import argparse
-import json
 import os
+import re
+import statistics
 import time
 
 import torch
@@ -17,28 +50,336 @@ import attacks
 import models
 import utils
 
+PRESETS = {
+    "basic": dict(attacks=["fgsm", "pgd"], apgd_iters=100, square_queries=5000, curve_steps=20, extras=False),
+    "quick": dict(attacks=["fgsm", "pgd20", "apgd-ce"], apgd_iters=50, square_queries=1000, curve_steps=10,
+                  extras=True),
+    "standard": dict(attacks=["fgsm", "pgd20", "pgd50x10", "apgd-ce", "apgd-dlr", "square"], apgd_iters=100,
+                     square_queries=5000, curve_steps=20, extras=True),
+}
+ATTACK_NAME = re.compile(r"^(fgsm|pgd|pgd(\d+)(?:x(\d+))?|apgd-ce|apgd-dlr|apgd-t|square|autoattack)$")
+DEFAULT_SIGMAS = [0.02, 0.05, 0.1, 0.2, 0.3]
+CURVE_MULTIPLES = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
+CHECKS = ["large_eps", "more_iterations", "iterative_vs_single_step", "black_box_vs_white_box", "input_gradients"]
+AUTOATTACK_MISSING = "autoattack: not installed (pip install pyautoattack); skipped"
+
 
 def get_args(argv=None):
     p = utils.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint.pt written by a training script")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the one used in training)")
+    p.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help="attack set and budgets (default: basic; standard for the full report)")
+    p.add_argument("--attacks", nargs="+", default=None,
+                   help="attacks to run instead of the preset's (space or comma separated); +NAME adds to the preset")
     p.add_argument("--eps", type=utils.fraction, default=None, help="L-inf radius (default: the training epsilon)")
-    p.add_argument("--pgd-steps", type=int, default=20)
-    p.add_argument("--pgd-restarts", type=int, default=1)
-    p.add_argument("--pgd-alpha", type=utils.fraction, default=None, help="PGD step (default eps/4)")
+    p.add_argument("--pgd-steps", type=int, default=20, help="steps of the attack named 'pgd' (basic preset)")
+    p.add_argument("--pgd-restarts", type=int, default=1, help="restarts of the attack named 'pgd'")
+    p.add_argument("--pgd-alpha", type=utils.fraction, default=None, help="PGD step of every PGD attack (default eps/4)")
+    p.add_argument("--apgd-iters", type=int, default=None, help="APGD iterations (default: 100; 50 in quick)")
+    p.add_argument("--apgd-restarts", type=int, default=1)
+    p.add_argument("--square-queries", type=int, default=None, help="Square attack queries per image (default 5000)")
+    p.add_argument("--square-p-init", type=float, default=0.8, help="Square attack initial square share p")
+    p.add_argument("--noise-sigmas", type=utils.fraction, nargs="*", default=None,
+                   help=f"Gaussian noise sweep (default with extras: {DEFAULT_SIGMAS}; none given = skip)")
+    p.add_argument("--nonsense-n", type=int, default=None, help="pure-noise images for the nonsense rate (default 1000 with extras; 0 = skip)")
+    p.add_argument("--nonsense-threshold", type=float, default=0.9, help="confidence above which a noise image counts")
+    p.add_argument("--nonsense-std", type=float, default=0.25, help="noise images are clip(0.5 + std * N(0,1), 0, 1)")
+    p.add_argument("--curve-eps", type=utils.fraction, nargs="*", default=None,
+                   help="eps values of the accuracy-vs-eps curve (default with extras: eps x 0,1/4,1/2,1,2,4; none given = skip)")
+    p.add_argument("--curve-steps", type=int, default=None, help="PGD steps of the curve and the large-eps check (default 20; 10 in quick)")
+    p.add_argument("--large-eps", type=utils.fraction, default=None,
+                   help="eps of sanity check 1 (default 0.5 with extras; 0 = skip)")
+    p.add_argument("--check-tol", type=float, default=0.01, help="accuracy tolerance of the sanity checks")
     p.add_argument("--n-eval", type=int, default=None, help="first N test images (default: all)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON output (default: eval.json next to the checkpoint)")
+    p.add_argument("--plot", default=None, help="PNG output (default: the JSON path with .png; needs matplotlib)")
+    p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     if args.eps is not None and args.eps <= 0:
         p.error("--eps must be > 0")
-    if min(args.pgd_steps, args.pgd_restarts, args.batch_size) < 1 or (args.n_eval is not None and args.n_eval < 1):
-        p.error("--pgd-steps, --pgd-restarts, --batch-size and --n-eval must be >= 1")
+    if min(args.pgd_steps, args.pgd_restarts, args.batch_size, args.apgd_restarts) < 1 or (args.n_eval is not None and args.n_eval < 1):
+        p.error("--pgd-steps, --pgd-restarts, --apgd-restarts, --batch-size and --n-eval must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda asked for but CUDA is not available; use --device cpu")
+    # ---- the attack list: the preset's, replaced or extended by --attacks
+    names = [n.strip().lower() for item in (args.attacks or []) for n in item.split(",") if n.strip()]
+    added, plain = [n[1:] for n in names if n.startswith("+")], [n for n in names if not n.startswith("+")]
+    for n in added + plain:
+        if not ATTACK_NAME.match(n):
+            p.error(f"unknown attack {n!r}; choose from fgsm, pgd, pgdK[xR], apgd-ce, apgd-dlr, apgd-t, square, autoattack")
+    preset = PRESETS[args.preset or "basic"]
+    args.attack_list = list(dict.fromkeys((plain or preset["attacks"]) + added))
+    # ---- budgets and extras not given: the preset's
+    extras = preset["extras"]
+    args.apgd_iters = args.apgd_iters if args.apgd_iters is not None else preset["apgd_iters"]
+    args.square_queries = args.square_queries if args.square_queries is not None else preset["square_queries"]
+    args.curve_steps = args.curve_steps if args.curve_steps is not None else preset["curve_steps"]
+    args.noise_sigmas = args.noise_sigmas if args.noise_sigmas is not None else (DEFAULT_SIGMAS if extras else [])
+    args.nonsense_n = args.nonsense_n if args.nonsense_n is not None else (1000 if extras else 0)
+    args.large_eps = args.large_eps if args.large_eps is not None else (0.5 if extras else 0.0)
+    args.curve_default = args.curve_eps is None and extras  # eps multiples, once eps is known
+    args.curve_eps = args.curve_eps or []
+    if min(args.apgd_iters, args.square_queries, args.curve_steps) < 1:
+        p.error("--apgd-iters, --square-queries and --curve-steps must be >= 1")
+    if args.nonsense_n < 0 or args.large_eps < 0 or any(s < 0 for s in args.noise_sigmas) or any(e < 0 for e in args.curve_eps):
+        p.error("--nonsense-n, --large-eps, --noise-sigmas and --curve-eps must be >= 0")
     return args
+
+
+def _pgd_config(name, args):
+    """(steps, restarts) of a PGD attack name, or None."""
+    m = ATTACK_NAME.match(name)
+    if name == "pgd":
+        return args.pgd_steps, args.pgd_restarts
+    if m and m.group(2):
+        return int(m.group(2)), int(m.group(3) or 1)
+    return None
+
+
+def _autoattack(eps, device):
+    """Standard AutoAttack as an attack(model, xb, yb) -> x_adv, from the original package (import
+    name autoattack) or PyPI's pyautoattack; ImportError when neither is installed."""
+    try:
+        from autoattack import AutoAttack  # github.com/fra31/auto-attack
+        make = lambda m: AutoAttack(m, norm="Linf", eps=eps, version="standard", device=str(device), verbose=False)
+        run = lambda adversary, xb, yb: adversary.run_standard_evaluation(xb, yb, bs=len(xb))
+    except ImportError:
+        from pyautoattack import AutoAttack  # pip install pyautoattack
+        make = lambda m: AutoAttack(m, norm="Linf", eps=eps, version="standard", device=str(device))
+        run = lambda adversary, xb, yb: adversary.run_standard_evaluation(xb, yb, batch_size=len(xb))[0]
+
+    def attack(model, xb, yb):
+        with attacks.eval_float32(model):
+            return run(make(model), xb, yb).to(xb.device).float()
+    return attack
+
+
+def build_attacks(args, eps, device, square_queries_seen):
+    """[(accuracy key, description, attack(model, xb, yb) -> x_adv)] for args.attack_list."""
+    alpha = args.pgd_alpha if args.pgd_alpha is not None else eps / 4
+    out = []
+    for name in args.attack_list:
+        pgd_cfg = _pgd_config(name, args)
+        if name == "fgsm":
+            out.append(("fgsm", "FGSM", lambda m, xb, yb: attacks.fgsm(m, xb, yb, eps)))
+        elif pgd_cfg:
+            steps, restarts = pgd_cfg
+            out.append((f"pgd{steps}x{restarts}", f"PGD-{steps} x {restarts} (step {alpha:.4g})",
+                        lambda m, xb, yb, s=steps, r=restarts: attacks.pgd(m, xb, yb, eps, alpha, s, r)))
+        elif name in ("apgd-ce", "apgd-dlr"):
+            loss = name.split("-")[1]
+            out.append((name, f"APGD-{loss.upper()} ({args.apgd_iters} it. x {args.apgd_restarts})",
+                        lambda m, xb, yb, l=loss: attacks.apgd(m, xb, yb, eps, args.apgd_iters, l, args.apgd_restarts)))
+        elif name == "apgd-t":
+            out.append((name, f"APGD-T ({args.apgd_iters} it., 9 targets)",
+                        lambda m, xb, yb: attacks.apgd(m, xb, yb, eps, args.apgd_iters, "dlr", args.apgd_restarts,
+                                                       targeted=True)))
+        elif name == "square":
+            def square(m, xb, yb):
+                adv, q = attacks.square(m, xb, yb, eps, args.square_queries, args.square_p_init, return_queries=True)
+                square_queries_seen.append(q.cpu())
+                return adv
+            out.append(("square", f"Square ({args.square_queries} queries)", square))
+        elif name == "autoattack":
+            try:
+                out.append(("autoattack", "AutoAttack (standard)", _autoattack(eps, device)))
+            except ImportError:
+                print(AUTOATTACK_MISSING, flush=True)
+    return out
+
+
+def sanity_checks(acc, pgd_configs, apgd_budget, large, grad_stats, tol, large_max=0.05):
+    """The gradient-masking checks: {name: {status: PASS|FAIL|SKIP, detail}} (see the module docstring)."""
+    checks = {}
+
+    def put(name, ok, detail):
+        checks[name] = {"status": "SKIP" if ok is None else "PASS" if ok else "FAIL", "detail": detail}
+
+    # 1: accuracy reaches ~0 at a large eps
+    if large is None:
+        put("large_eps", None, "not run")
+    else:
+        put("large_eps", large["accuracy"] <= large_max,
+            f"PGD-{large['steps']} at eps {large['eps']:.4g}: accuracy {large['accuracy']:.4f} (must be <= {large_max:g})")
+    # 2: more iterations never raise accuracy
+    pairs = [(a, b) for a, ca in pgd_configs.items() for b, cb in pgd_configs.items()
+             if a != b and ca[0] >= cb[0] and ca[1] >= cb[1]]
+    if "apgd-ce" in acc and apgd_budget is not None:
+        pairs += [("apgd-ce", b) for b, cb in pgd_configs.items() if cb[0] * cb[1] <= apgd_budget]
+    if pairs:
+        bad = [f"{a} {acc[a]:.4f} > {b} {acc[b]:.4f}" for a, b in pairs if acc[a] > acc[b] + tol]
+        put("more_iterations", not bad, "; ".join(bad) if bad else
+            ", ".join(f"{a} {acc[a]:.4f} <= {b} {acc[b]:.4f}" for a, b in pairs))
+    else:
+        put("more_iterations", None, "needs two PGD runs of different budgets, or APGD-CE and PGD")
+    # 3: iterative beats single-step
+    if "fgsm" in acc and pgd_configs:
+        bad = [f"{k} {acc[k]:.4f} > fgsm {acc['fgsm']:.4f}" for k in pgd_configs if acc[k] > acc["fgsm"] + tol]
+        put("iterative_vs_single_step", not bad, "; ".join(bad) if bad else
+            ", ".join(f"{k} {acc[k]:.4f}" for k in pgd_configs) + f" <= fgsm {acc['fgsm']:.4f}")
+    else:
+        put("iterative_vs_single_step", None, "needs FGSM and PGD")
+    # 4: black-box no better than white-box
+    white = {k: v for k, v in acc.items() if k not in ("clean", "square")}
+    if "square" in acc and white:
+        best = min(reversed(list(white)), key=white.get)  # on ties, the later (stronger) attack
+        put("black_box_vs_white_box", acc["square"] >= white[best] - tol,
+            f"square {acc['square']:.4f} vs best white-box {best} {white[best]:.4f}")
+    else:
+        put("black_box_vs_white_box", None, "needs Square and a white-box attack")
+    # 5: non-zero input gradients
+    if grad_stats is None:
+        put("input_gradients", None, "not run")
+    else:
+        put("input_gradients", grad_stats["mean_abs_grad"] > 1e-10 and grad_stats["zero_grad_share"] < 0.5,
+            f"mean |grad| {grad_stats['mean_abs_grad']:.3g}, share of all-zero gradients {grad_stats['zero_grad_share']:.3f}")
+    return checks
+
+
+def evaluate(model, x, y, args, eps, progress=True):
+    """Run the configured evaluation of ``model`` (on its device) on (x, y) ([0,1] floats, on the CPU)
+    at L-inf radius ``eps``.  ``args`` is get_args()'s namespace.  Returns the result dict (without the
+    checkpoint's fields) and prints a line per attack, the checks and the headline."""
+    device = next(model.parameters()).device
+    bar = (lambda desc: (lambda it: utils.tqdm(it, desc=desc, leave=False, dynamic_ncols=True))) if progress else (lambda desc: None)
+    square_queries = []
+    specs = build_attacks(args, eps, device, square_queries)
+    result = {"n_eval": len(y), "eps": eps, "attacks": [k for k, _, _ in specs], "accuracy": {}, "time_per_attack_s": {},
+              "config": {"pgd_alpha": args.pgd_alpha if args.pgd_alpha is not None else eps / 4,
+                         "apgd_iters": args.apgd_iters, "apgd_restarts": args.apgd_restarts,
+                         "square_queries": args.square_queries, "square_p_init": args.square_p_init,
+                         "curve_steps": args.curve_steps, "check_tol": args.check_tol, "batch_size": args.batch_size,
+                         "seed": args.seed, "device": str(device)}}
+    if "autoattack" in args.attack_list and "autoattack" not in result["attacks"]:
+        result["skipped"] = {"autoattack": "not installed (pip install pyautoattack)"}
+    start = time.time()
+    correct = {}
+    for name, desc, attack in [("clean", "clean", None)] + specs:
+        t0 = time.time()
+        acc, correct[name] = attacks.robust_accuracy(model, x, y, attack, args.batch_size, progress=bar(name))
+        result["accuracy"][name] = acc
+        result["time_per_attack_s"][name] = round(time.time() - t0, 2)
+        print(f"{name:>12s}  {acc:.4f}   {desc}  ({result['time_per_attack_s'][name]}s)", flush=True)
+    worst = torch.stack(list(correct.values())).all(0)
+    result["robust_accuracy"] = worst.float().mean().item()
+    if square_queries:
+        q = torch.cat(square_queries)
+        q = q[q > 0].tolist()
+        result["square_queries_used"] = {"mean": statistics.fmean(q) if q else 0.0,
+                                         "median": statistics.median(q) if q else 0.0, "budget": args.square_queries}
+    if "square" in correct:
+        others = [v for k, v in correct.items() if k not in ("clean", "square")]
+        if others:  # images that only the black-box attack breaks: a sign of gradient masking
+            only = correct["clean"] & ~correct["square"] & torch.stack(others).all(0)
+            result["square_only_breaks"] = int(only.sum())
+    # ---- accuracy vs eps, and the large-eps check
+    curve_eps = list(args.curve_eps) or ([m * eps for m in CURVE_MULTIPLES] if args.curve_default else [])
+    large = None
+    if args.large_eps > 0:
+        curve_eps.append(args.large_eps)
+    curve = {}
+    for e in sorted(set(curve_eps)):
+        t0 = time.time()
+        key = f"pgd{args.curve_steps}x1"
+        if e == 0:
+            acc = result["accuracy"]["clean"]
+        elif abs(e - eps) < 1e-12 and key in result["accuracy"] and args.pgd_alpha is None:
+            acc = result["accuracy"][key]
+        else:
+            acc, _ = attacks.robust_accuracy(
+                model, x, y, lambda m, xb, yb, e=e: attacks.pgd(m, xb, yb, e, e / 4, args.curve_steps),
+                args.batch_size, progress=bar(f"eps {e:.4g}"))
+        curve[f"{e:.6g}"] = acc
+        print(f"  PGD-{args.curve_steps} at eps {e:<8.4g} {acc:.4f}  ({time.time() - t0:.1f}s)", flush=True)
+        if args.large_eps > 0 and abs(e - args.large_eps) < 1e-12:
+            large = {"eps": e, "steps": args.curve_steps, "accuracy": acc}
+    if curve:
+        result["accuracy_vs_eps"] = {"steps": args.curve_steps, "accuracy": curve}
+    if large:
+        result["large_eps"] = large
+    # ---- noise and nonsense
+    if args.noise_sigmas:
+        noise = attacks.noise_accuracy(model, x, y, args.noise_sigmas, args.seed, args.batch_size, progress=bar("noise"))
+        result["noise_accuracy"] = {f"{s:.6g}": a for s, a in noise.items()}
+        print("  noise      " + "  ".join(f"sigma {s:g}: {a:.4f}" for s, a in noise.items()), flush=True)
+    if args.nonsense_n > 0:
+        result["nonsense"] = attacks.nonsense_rate(model, args.nonsense_n, tuple(x.shape[1:]), args.nonsense_threshold,
+                                                   args.seed, std=args.nonsense_std, batch_size=args.batch_size)
+        print(f"  nonsense   {result['nonsense']['rate']:.4f} of {args.nonsense_n} noise images with confidence > "
+              f"{args.nonsense_threshold:g} (mean confidence {result['nonsense']['mean_confidence']:.3f})", flush=True)
+    # ---- sanity checks
+    b = min(args.batch_size, len(y))
+    grad_stats = attacks.input_gradient_stats(model, x[:b].to(device), y[:b].to(device))
+    result["input_gradients"] = grad_stats
+    pgd_configs = {}
+    for name in args.attack_list:
+        cfg = _pgd_config(name, args)
+        if cfg:
+            pgd_configs[f"pgd{cfg[0]}x{cfg[1]}"] = cfg
+    checks = sanity_checks(result["accuracy"], pgd_configs, args.apgd_iters * args.apgd_restarts, large, grad_stats,
+                           args.check_tol)
+    result["sanity_checks"] = checks
+    result["sanity_failed"] = [k for k, v in checks.items() if v["status"] == "FAIL"]
+    result["time_s"] = round(time.time() - start, 2)
+    print("gradient-masking sanity checks:")
+    for k, v in checks.items():
+        print(f"  {v['status']:4s}  {k}: {v['detail']}")
+    result["headline"] = headline(result)
+    return result
+
+
+def headline(result):
+    """'robust acc 0.43 (...)  [2 sanity checks FAILED: a, b]' or '... [3 sanity checks passed, 2 skipped]'."""
+    failed = result["sanity_failed"]
+    status = [v["status"] for v in result["sanity_checks"].values()]
+    passed, skipped = status.count("PASS"), status.count("SKIP")
+    over = ", ".join(k for k in result["accuracy"] if k != "clean") or "no attack"
+    text = f"robust acc {result['robust_accuracy']:.4f} (worst case over {over}; clean {result['accuracy']['clean']:.4f})"
+    if failed:
+        return text + f"  [{len(failed)} sanity check{'s' if len(failed) > 1 else ''} FAILED: {', '.join(failed)}]"
+    return text + f"  [{passed} sanity check{'' if passed == 1 else 's'} passed" + (f", {skipped} skipped]" if skipped else "]")
+
+
+def markdown(result, label):
+    """(header, separator, row) of a one-line Markdown table row."""
+    keys = list(result["accuracy"])
+    failed = result["sanity_failed"]
+    cols = ["model", "eps", "n"] + keys + ["robust (worst case)", "sanity checks", "time (s)"]
+    vals = [label, f"{result['eps']:.4g}", str(result["n_eval"])] + [f"{result['accuracy'][k]:.4f}" for k in keys] + [
+        f"**{result['robust_accuracy']:.4f}**", ("FAILED: " + ", ".join(failed)) if failed else "pass", f"{result['time_s']:.0f}"]
+    row = lambda v: "| " + " | ".join(v) + " |"
+    return row(cols), row(["---"] * len(cols)), row(vals)
+
+
+def plot(result, path):
+    """accuracy vs eps and vs noise sigma as a PNG, if matplotlib is installed; returns the path or None."""
+    if "accuracy_vs_eps" not in result and "noise_accuracy" not in result:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, xlabel, title in [(axes[0], "accuracy_vs_eps", "eps (L-inf)", "PGD accuracy vs eps"),
+                                   (axes[1], "noise_accuracy", "noise sigma", "accuracy under Gaussian noise")]:
+        data = result.get(key, {})
+        data = data.get("accuracy", data) if key == "accuracy_vs_eps" else data
+        if data:
+            xs = sorted(float(k) for k in data)
+            ax.plot(xs, [data[f"{v:.6g}"] for v in xs], marker="o")
+        ax.set(xlabel=xlabel, ylabel="accuracy", title=title, ylim=(0, 1))
+        ax.grid(alpha=0.3)
+    axes[0].axvline(result["eps"], color="k", linestyle="--", linewidth=0.8)
+    fig.suptitle(result.get("label", ""))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def main(argv=None):
@@ -54,25 +395,23 @@ def main(argv=None):
         x, y = x[:args.n_eval], y[:args.n_eval]
     x = x.float().div_(255)
     eps = args.eps if args.eps is not None else train_args.get("epsilon", 8 / 255)
-    alpha = args.pgd_alpha if args.pgd_alpha is not None else eps / 4
-    bar = lambda desc: (lambda it: utils.tqdm(it, desc=desc, leave=False, dynamic_ncols=True))
-    evals = {
-        "clean": None,
-        "fgsm": lambda m, xb, yb: attacks.fgsm(m, xb, yb, eps),
-        f"pgd{args.pgd_steps}x{args.pgd_restarts}": lambda m, xb, yb: attacks.pgd(m, xb, yb, eps, alpha, args.pgd_steps,
-                                                                                   args.pgd_restarts),
-    }
-    result = {"checkpoint": args.checkpoint, "dataset": dataset, "n_eval": len(y), "eps": eps,
-              "pgd": dict(steps=args.pgd_steps, restarts=args.pgd_restarts, alpha=alpha), "accuracy": {}}
-    start = time.time()
-    for name, attack in evals.items():
-        acc, _ = attacks.robust_accuracy(model, x, y, attack, args.batch_size, progress=bar(name))
-        result["accuracy"][name] = acc
-        print(f"{name:>12s}  {acc:.4f}", flush=True)
-    result["time_s"] = round(time.time() - start, 2)
+    cfg = getattr(model, "config", {})
+    label = f"{cfg.get('arch', '?')} {cfg.get('saf_insert') + '-insert' if cfg.get('saf_insert') else cfg.get('act', '?')} " \
+            f"({train_args.get('dataset', dataset)}, {model.checkpoint.get('script', '?')})"
+    print(f"eval: {label}, {len(y)} images, eps {eps:.4g}, attacks {', '.join(args.attack_list)} on {args.device}", flush=True)
+    result = {"checkpoint": args.checkpoint, "dataset": dataset, "label": label, "preset": args.preset or "basic",
+              "pgd": dict(steps=args.pgd_steps, restarts=args.pgd_restarts,
+                          alpha=args.pgd_alpha if args.pgd_alpha is not None else eps / 4)}
+    result.update(evaluate(model, x, y, args, eps))
+    header, sep, row = markdown(result, label)
+    result.update(markdown_header=header, markdown_row=row)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.json")
+    if not args.no_plot:
+        result["plot"] = plot(result, args.plot or os.path.splitext(out)[0] + ".png")
     utils.write_json(result, out)
-    print(f"{len(y)} images, eps {eps:.4g}, {result['time_s']}s -> {out}")
+    print(header, sep, row, sep="\n")
+    print(f"{len(y)} images, eps {eps:.4g}, {result['time_s']}s -> {out}" + (f", {result['plot']}" if result.get("plot") else ""))
+    print(("!! " if result["sanity_failed"] else "") + result["headline"], flush=True)
     return result
 
 
