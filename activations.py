@@ -190,23 +190,55 @@ def kaf_dictionary(size=20, boundary=3.0, gamma_rule="paper"):
     return d, gamma
 
 
-def kaf_ridge_init(d, gamma, target=F.elu, eps=1e-4):
-    """Mixing coefficients that make the KAF approximate ``target`` on the dictionary by kernel ridge
-    regression: alpha = (K + eps I)^-1 t(d), K_ij = exp(-gamma (d_i - d_j)^2)."""
+KAF_KERNELS = ("gaussian", "relu", "softplus")
+
+
+def kaf_kernel(u, kernel="gaussian", gamma=1.0):
+    """The kernel k(u) of a KAF evaluated at u = s - d_i:
+        gaussian  exp(-gamma u^2)      (Scardapane et al. 2019; the default, bounded)
+        relu      max(0, u)            (reference code's option: f is a linear spline with knots d_i)
+        softplus  log(1 + exp(u))      (reference code's option: a smooth version of the relu one)
+    gamma only matters for the Gaussian; the other two kernels have no bandwidth in the reference
+    code.  With relu / softplus kernels f grows linearly to the right of the dictionary (slope
+    sum_i alpha_i) and vanishes to its left, so unlike the Gaussian KAF it is unbounded."""
+    if kernel == "gaussian":
+        return torch.exp(-gamma * u * u)
+    if kernel == "relu":
+        return F.relu(u)
+    if kernel == "softplus":
+        return F.softplus(u)
+    raise ValueError(f"kaf kernel must be one of {', '.join(KAF_KERNELS)}, got {kernel!r}")
+
+
+def kaf_ridge_init(d, gamma, target=F.elu, eps=1e-4, kernel="gaussian"):
+    """Mixing coefficients that make the KAF approximate ``target`` by kernel ridge regression.
+
+    Gaussian kernel: on the dictionary itself, alpha = (K + eps I)^-1 t(d), K_ij = exp(-gamma (d_i - d_j)^2).
+    relu / softplus kernels: their matrix k(d_i - d_j) is singular (relu: zero diagonal), so fit on a
+    grid s of 10 D points over [-B, 2B] instead: alpha = (P^T P + eps I)^-1 P^T t(s), P_ni = k(s_n - d_i).
+    The grid reaches past the dictionary on the right because these kernels keep growing there: it
+    pins the slope beyond B (to ELU's 1; on [-B, B] alone the softplus fit extrapolates with slope ~2).
+    Both kernels vanish to the left of d_1, so near -B the fit to ELU (which tends to -1) is loose."""
     d = d.double()
-    K = torch.exp(-gamma * (d[:, None] - d[None, :]) ** 2)
-    alpha = torch.linalg.solve(K + eps * torch.eye(len(d), dtype=d.dtype), target(d))
+    if kernel == "gaussian":
+        K = torch.exp(-gamma * (d[:, None] - d[None, :]) ** 2)
+        alpha = torch.linalg.solve(K + eps * torch.eye(len(d), dtype=d.dtype), target(d))
+        return alpha.float()
+    s = torch.linspace(d[0].item(), 2 * d[-1].item(), 10 * len(d), dtype=d.dtype)
+    P = kaf_kernel(s[:, None] - d[None, :], kernel, gamma)
+    alpha = torch.linalg.solve(P.T @ P + eps * torch.eye(len(d), dtype=d.dtype), P.T @ target(s))
     return alpha.float()
 
 
-def kaf_naive(x, alpha, d, gamma):
-    """Reference KAF: f(s) = sum_i alpha_i exp(-gamma (s - d_i)^2) with an explicit kernel tensor of
-    shape x.shape + (D,).  Autograd keeps that tensor for backward (about D times ReLU's memory);
-    kept for tests, :class:`KAFFunction` is what the model uses."""
+def kaf_naive(x, alpha, d, gamma, kernel="gaussian"):
+    """Reference KAF: f(s) = sum_i alpha_i k(s - d_i) with an explicit kernel tensor of shape
+    x.shape + (D,) (:func:`kaf_kernel`; Gaussian k(u) = exp(-gamma u^2) by default).  Autograd keeps
+    that tensor for backward (about D times ReLU's memory); used for the relu / softplus kernels and
+    in tests, :class:`KAFFunction` is what a Gaussian KAF uses."""
     a = alpha.reshape((1, alpha.shape[0]) + (1,) * (x.dim() - 2) + (alpha.shape[1],))
     if alpha.shape[0] == 1:
         a = alpha.reshape(alpha.shape[1])
-    k = torch.exp(-gamma * (x.unsqueeze(-1) - d) ** 2)
+    k = kaf_kernel(x.unsqueeze(-1) - d, kernel, gamma)
     return (k * a).sum(-1)
 
 
@@ -230,12 +262,14 @@ class KAFFunction(torch.autograd.Function):
         return xf, base, w
 
     @staticmethod
-    def forward(ctx, x, alpha, d, gamma):
+    def forward(ctx, x, alpha, d, gamma, d_values):
+        # d_values: the dictionary as Python floats; reading d itself (.tolist()) would make the GPU
+        # wait for the host at every KAF layer, forward and backward
         ctx.save_for_backward(x, alpha, d)
-        ctx.gamma = gamma
+        ctx.gamma, ctx.d_values = gamma, d_values
         xf, base, w = KAFFunction._terms(x, alpha, d, gamma)
         out, k = torch.zeros_like(xf), torch.empty_like(xf)
-        for i, di in enumerate(d.tolist()):
+        for i, di in enumerate(d_values):
             torch.add(base, xf, alpha=2 * gamma * di, out=k).exp_()
             out.addcmul_(k, _per_channel(w[:, i], xf))
         return out.to(x.dtype)
@@ -252,7 +286,7 @@ class KAFFunction(torch.autograd.Function):
         grad_alpha = torch.zeros(alpha.shape, dtype=xf.dtype, device=x.device) if need_alpha else None
         reduce_dims = [0] + list(range(2, x.dim())) if per_channel else list(range(x.dim()))
         k, gk = torch.empty_like(xf), torch.empty_like(xf)
-        for i, di in enumerate(d.tolist()):
+        for i, di in enumerate(ctx.d_values):
             torch.add(base, xf, alpha=2 * gamma * di, out=k).exp_()
             if need_x:
                 wi = _per_channel(w[:, i], xf)
@@ -265,21 +299,23 @@ class KAFFunction(torch.autograd.Function):
             grad_x = (f.mul_(xf).sub_(s2).mul_(g).mul_(-2 * gamma)).to(x.dtype)
         if need_alpha:
             grad_alpha = grad_alpha.to(alpha.dtype)
-        return grad_x, grad_alpha, None, None
+        return grad_x, grad_alpha, None, None, None
 
 
 class KAF(nn.Module):
     """Kernel Activation Function (Scardapane et al. 2019, the KAF thesis):
-        f(s) = sum_{i=1..D} alpha_i exp(-gamma (s - d_i)^2),
-    a learnable mixture of D Gaussian kernels on a fixed dictionary d = linspace(-B, B, D).
+        f(s) = sum_{i=1..D} alpha_i k(s - d_i),   k(u) = exp(-gamma u^2) by default,
+    a learnable mixture of D kernels on a fixed dictionary d = linspace(-B, B, D).
     alpha has shape (channels, D): one function per channel shared over space (channels=1 shares
     it over the whole layer or network).  init='elu' fits ELU by kernel ridge regression (the thesis's
     choice, and what keeps deep KAF nets from diverging at the start); init='random' draws
     alpha ~ N(0, 0.3^2).  D=20, B=3, gamma=1/(6 Delta^2) follow the paper; the PyTorch reference
-    code uses B=4 and gamma=1/(8 Delta^2) (``gamma_rule='code'``).  Outside [-B, B] the function
-    decays to 0, so a KAF is bounded: an attack evaluation must check for gradient masking."""
+    code uses B=4 and gamma=1/(8 Delta^2) (``gamma_rule='code'``).  With the Gaussian kernel f
+    decays to 0 outside [-B, B], so a KAF is bounded: an attack evaluation must check for gradient
+    masking.  ``kernel`` 'relu' or 'softplus' (the reference code's other kernels, the thesis's
+    "different kernels" future work; see :func:`kaf_kernel`) use the plain, memory-hungry path."""
 
-    def __init__(self, channels=1, size=20, boundary=3.0, init="elu", gamma_rule="paper", naive=False):
+    def __init__(self, channels=1, size=20, boundary=3.0, init="elu", gamma_rule="paper", naive=False, kernel="gaussian"):
         super().__init__()
         if size < 2:
             raise ValueError(f"kaf dictionary size must be >= 2, got {size}")
@@ -289,24 +325,27 @@ class KAF(nn.Module):
             raise ValueError(f"kaf init must be 'elu' or 'random', got {init!r}")
         if gamma_rule not in ("paper", "code"):
             raise ValueError(f"kaf gamma_rule must be 'paper' or 'code', got {gamma_rule!r}")
+        if kernel not in KAF_KERNELS:
+            raise ValueError(f"kaf kernel must be one of {', '.join(KAF_KERNELS)}, got {kernel!r}")
         d, gamma = kaf_dictionary(size, boundary, gamma_rule)
         self.register_buffer("dictionary", d)
+        self.dictionary_values = tuple(d.tolist())  # fixed by (size, boundary): no device read per pass
         self.gamma = gamma
-        self.channels, self.init, self.naive = channels, init, naive
+        self.channels, self.init, self.naive, self.kernel = channels, init, naive, kernel
         if init == "elu":
-            alpha = kaf_ridge_init(d, gamma).expand(channels, size).clone()
+            alpha = kaf_ridge_init(d, gamma, kernel=kernel).expand(channels, size).clone()
         else:
             alpha = 0.3 * torch.randn(channels, size)
         self.alpha = nn.Parameter(alpha)
 
     def forward(self, x):
-        if self.naive:
-            return kaf_naive(x, self.alpha.to(x.dtype), self.dictionary.to(x.dtype), self.gamma)
-        return KAFFunction.apply(x, self.alpha, self.dictionary, self.gamma)
+        if self.naive or self.kernel != "gaussian":
+            return kaf_naive(x, self.alpha.to(x.dtype), self.dictionary.to(x.dtype), self.gamma, self.kernel)
+        return KAFFunction.apply(x, self.alpha, self.dictionary, self.gamma, self.dictionary_values)
 
     def extra_repr(self):
-        return (f"channels={self.channels}, D={self.dictionary.numel()}, "
-                f"B={self.dictionary[-1].item():g}, gamma={self.gamma:.4g}, init={self.init}")
+        return (f"channels={self.channels}, D={self.dictionary.numel()}, B={self.dictionary[-1].item():g}, "
+                f"kernel={self.kernel}, gamma={self.gamma:.4g}, init={self.init}")
 
 
 # ----------------------------------------------------------------------------------------- registry
@@ -333,7 +372,7 @@ SCOPES = ("network", "layer", "channel")
 OPTIONS = {
     "softplus": {"beta"}, "kwta": {"gamma"}, "prelu": {"init"}, "psilu": {"init"},
     "psoftplus": {"init"}, "pssilu": {"init_a", "init_b"},
-    "kaf": {"size", "boundary", "init", "gamma_rule", "naive"},
+    "kaf": {"size", "boundary", "init", "gamma_rule", "naive", "kernel"},
 }
 
 

@@ -40,7 +40,7 @@ def input_gradient(run, x, y, create_graph=False):
     """Gradient of the (scaled) training loss w.r.t. the input only: no weight gradients computed."""
     x = x if x.requires_grad else x.detach().requires_grad_(True)
     with run.autocast():
-        loss = F.cross_entropy(run.forward(x), y)
+        loss = F.cross_entropy(run.attack_forward(x), y)
     (grad,) = torch.autograd.grad(run.scaler.scale(loss), x, create_graph=create_graph)
     return grad
 
@@ -70,9 +70,9 @@ def grad_align_penalty(run, x, y, eps):
     return (1 - cos).mean()
 
 
-def main(argv=None):
-    args = get_args(argv)
-    run = utils.Run(args, "train_fast")
+def make_train_step(run, args):
+    """``train_step(x, y) -> (loss, n_correct)`` for Run.fit: FGSM(-RS / N-FGSM) perturbation, then one
+    SGD step on the perturbed batch (plus the GradAlign penalty when asked)."""
     eps = args.epsilon
     alpha = args.alpha if args.alpha is not None else (eps if args.nfgsm else 1.25 * eps)
 
@@ -87,6 +87,13 @@ def main(argv=None):
         run.step(total)
         return loss.detach(), (logits.argmax(1) == y).sum()
 
+    return train_step
+
+
+def main(argv=None):
+    args = get_args(argv)
+    run = utils.Run(args, "train_fast")
+    train_step = make_train_step(run, args)
     if args.lr_find:
         return utils.lr_range_test(run, train_step)
     return run.fit(train_step)

@@ -51,6 +51,12 @@ class FreeStep:
         self.run, self.eps, self.replays = run, eps, replays
         self.delta = None  # allocated at the first batch, once the image shape is known
 
+    def state_dict(self):  # saved in every checkpoint: --resume continues with the same perturbation
+        return {"delta": self.delta}
+
+    def load_state_dict(self, state):
+        self.delta = state["delta"]
+
     def __call__(self, x, y):
         run, eps, n = self.run, self.eps, len(x)
         if self.delta is None:

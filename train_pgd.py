@@ -55,7 +55,7 @@ def pgd_delta(run, x, objective, eps, alpha, iters, start):
     for _ in range(iters):
         delta.requires_grad_(True)
         with torch.enable_grad(), run.autocast():  # also when called under no_grad
-            loss = objective(run.forward(x + delta))
+            loss = objective(run.attack_forward(x + delta))
         (grad,) = torch.autograd.grad(run.scaler.scale(loss), delta)
         grad = torch.nan_to_num(grad, nan=0.0)  # an fp16 overflow must not turn delta into NaN
         delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
@@ -68,7 +68,7 @@ def trades_loss(run, x, y, eps, alpha, iters, beta):
     """TRADES: CE(f(x), y) + beta * KL(f(x) || f(x_adv)); returns (loss, logits of x_adv, attack steps)."""
     run.model.eval()  # the TRADES reference attacks in eval mode
     with torch.no_grad(), run.autocast():
-        p_clean = F.softmax(run.forward(x).float(), dim=1)
+        p_clean = F.softmax(run.attack_forward(x).float(), dim=1)
     kl = lambda logits: F.kl_div(F.log_softmax(logits.float(), dim=1), p_clean, reduction="sum")
     delta, steps = pgd_delta(run, x, kl, eps, alpha, iters, 0.001 * torch.randn_like(x))
     run.model.train()

@@ -12,6 +12,7 @@ A training script supplies only its regime: the function that turns a clean batc
 loss.  Imports torch, numpy, tqdm (optional) and the project's modules.
 """
 import argparse
+import atexit
 import copy
 import gzip
 import json
@@ -41,13 +42,26 @@ class UserError(Exception):
     """A problem with the user's input (flag, dataset, checkpoint): printed as one line, no traceback."""
 
 
+class Diverged(Exception):
+    """Training produced a non-finite loss or gradient: the run stops (one-line error, exit code 1)."""
+
+    def __init__(self, epoch, batch, batches, label="epoch", note=""):
+        self.epoch, self.batch, self.batches, self.label = epoch, batch, batches, label
+        super().__init__(f"training diverged: non-finite loss or gradient in {label} {epoch}, "
+                         f"batch {batch} of {batches}{note}")
+
+
 def main_guard(main):
-    """Run ``main()``; turn user errors into a one-line message and exit code 2, Ctrl-C into 130."""
+    """Run ``main()``; turn user errors into a one-line message and exit code 2, a diverged run into
+    exit code 1, Ctrl-C into 130."""
     try:
         return main()
     except (UserError, models.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -159,15 +173,21 @@ class Batches:
 
     Images come out as float in [0,1] (channels_last when asked).  With ``augment`` 'crop+flip' each
     image is randomly translated by up to ``pad`` pixels (zero padding, like RandomCrop(padding=4))
-    and flipped horizontally with probability 1/2, all on the device.  The last batch may be short."""
+    and flipped horizontally with probability 1/2, all on the device.  The last batch may be short.
 
-    def __init__(self, x, y, batch_size, shuffle=True, augment="none", pad=4, channels_last=False, generator=None):
+    Distributed training (``world`` > 1): every rank draws the same permutation (same seed), drops
+    its last ``n mod world`` entries and keeps every world-th one from position ``rank``, so the
+    ranks see disjoint shards of equal size and run the same number of batches."""
+
+    def __init__(self, x, y, batch_size, shuffle=True, augment="none", pad=4, channels_last=False, generator=None,
+                 rank=0, world=1):
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.augment, self.pad = shuffle, augment, pad
         self.channels_last, self.generator = channels_last, generator
+        self.rank, self.world = rank, world
 
     def __len__(self):
-        return math.ceil(len(self.x) / self.batch_size)
+        return math.ceil(len(self.x) // self.world / self.batch_size)
 
     def _augment(self, xb):
         n, _, h, w = xb.shape
@@ -186,6 +206,9 @@ class Batches:
         n = len(self.x)
         order = (torch.randperm(n, device=self.x.device, generator=self.generator) if self.shuffle
                  else torch.arange(n, device=self.x.device))
+        if self.world > 1:
+            order = order[:n - n % self.world][self.rank::self.world]
+            n = len(order)
         for i in range(0, n, self.batch_size):
             idx = order[i:i + self.batch_size]
             xb = self.x[idx].float().div_(255)
@@ -299,6 +322,8 @@ def base_parser(description, **defaults):
     g.add_argument("--kaf-boundary", type=float, default=None, help="KAF dictionary range [-B, B] (default 3)")
     g.add_argument("--kaf-init", default=None, choices=["elu", "random"], help="KAF init (default elu: kernel ridge regression fit)")
     g.add_argument("--kaf-gamma", default=None, choices=["paper", "code"], help="KAF bandwidth 1/(6 D^2) (paper, default) or 1/(8 D^2) (reference code)")
+    g.add_argument("--kaf-kernel", default=None, choices=list(activations.KAF_KERNELS),
+                   help="KAF kernel (default gaussian; relu and softplus are the reference code's other kernels)")
     g.add_argument("--softplus-beta", type=float, default=None, help="softplus beta (default 1; SAT also uses 10)")
     g.add_argument("--kwta-gamma", type=float, default=None, help="k-WTA share of kept units (default 0.1)")
     g.add_argument("--n-train", type=int, default=None, help="use only the first N training images")
@@ -320,6 +345,18 @@ def base_parser(description, **defaults):
     g.add_argument("--lr-find-max", type=float, default=10.0, help="last LR of the range test")
     g = p.add_argument_group("adversary")
     g.add_argument("--epsilon", type=fraction, default=8 / 255, help="L-inf radius, e.g. 8/255 or 0.1")
+    g = p.add_argument_group("training-data tricks (off by default; see TrainingTricks)")
+    g.add_argument("--random-training", type=float, default=0.0, metavar="SHARE",
+                   help="Zhao & Griffin's random training: perturb this share of each batch with random noise")
+    g.add_argument("--random-noise", default="uniform", choices=["uniform", "gaussian"], help="random-training noise: U(-s, s) or N(0, s^2)")
+    g.add_argument("--random-strength", type=fraction, default=None, help="s, the random-training noise strength (default: --epsilon)")
+    g.add_argument("--mean-training", type=int, default=0, metavar="N",
+                   help="Zhao & Griffin's mean training: N noisy copies of the mean training image per optimiser step, trained towards uniform confidence")
+    g.add_argument("--mean-noise", type=fraction, default=0.1, help="std of the Gaussian noise on the mean-image copies")
+    g.add_argument("--mean-weight", type=float, default=1.0, help="weight of the mean-training loss KL(uniform || softmax)")
+    g.add_argument("--extra-data", default=None, metavar="NPZ",
+                   help="Dai et al.'s extra (e.g. generated) training images: .npz with images (uint8 or float in [0,1]) and labels")
+    g.add_argument("--extra-fraction", type=float, default=None, help="share of each batch drawn from --extra-data (default 0.5)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-pgd-steps", type=int, default=20)
     g.add_argument("--eval-pgd-restarts", type=int, default=1)
@@ -335,6 +372,8 @@ def base_parser(description, **defaults):
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out-dir", default=None, help="where the checkpoint and summary.json go (default runs/<script>_<dataset>_<model>_<act>)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from <out-dir>/checkpoint.pt (written every epoch, with optimiser, RNG and regime state); starts fresh if there is none")
     p.set_defaults(**defaults)
     return p
 
@@ -357,6 +396,7 @@ def parse_args(parser, argv=None):
         problems.append("--lr-find-steps must be >= 2")
     if not 0 < args.lr_find_min < args.lr_find_max:
         problems.append("--lr-find-min and --lr-find-max need 0 < min < max")
+    problems += trick_problems(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append("--device cuda asked for but CUDA is not available; use --device cpu")
     try:
@@ -371,7 +411,8 @@ def parse_args(parser, argv=None):
 def act_options(args):
     """Activation constructor options from the flags; an option for another activation is refused."""
     flag_map = {"kaf_size": ("kaf", "size"), "kaf_boundary": ("kaf", "boundary"), "kaf_init": ("kaf", "init"),
-                "kaf_gamma": ("kaf", "gamma_rule"), "softplus_beta": ("softplus", "beta"), "kwta_gamma": ("kwta", "gamma")}
+                "kaf_gamma": ("kaf", "gamma_rule"), "kaf_kernel": ("kaf", "kernel"),
+                "softplus_beta": ("softplus", "beta"), "kwta_gamma": ("kwta", "gamma")}
     options = {}
     for flag, (act, key) in flag_map.items():
         value = getattr(args, flag, None)
@@ -398,10 +439,42 @@ def write_json(obj, path):
     os.replace(tmp, path)
 
 
+def distributed_setup(args):
+    """(rank, world size).  Under ``torchrun --nproc_per_node=N`` (WORLD_SIZE > 1) this joins the
+    process group -- NCCL with one GPU per process, gloo on CPU -- and points ``args.device`` at
+    this rank's GPU; --batch-size stays the global batch, split evenly over the processes.
+    Without torchrun: (0, 1) and nothing else happens."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    backend = "gloo"
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        args.device, backend = f"cuda:{local}", "nccl"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+        atexit.register(torch.distributed.destroy_process_group)
+    return rank, world
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def amp_dtype_for(device_type, flag, bf16_supported):
+    """(autocast dtype or None, whether a loss scaler is needed) for ``--amp flag`` on a device type:
+    float32 (None) on CPU or with 'off'; 'auto' picks bf16 where ``bf16_supported``, else fp16, and
+    only fp16 needs the scaler (its range is too small for unscaled gradients)."""
+    if device_type != "cuda" or flag == "off":
+        return None, False
+    if flag == "auto":
+        flag = "bf16" if bf16_supported else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[flag], flag == "fp16"
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -418,7 +491,8 @@ class Run:
 
     def __init__(self, args, script, steps_per_batch=1, epochs_budget=None):
         self.args, self.script = args, script
-        seed_everything(args.seed)
+        self.rank, self.world = distributed_setup(args)
+        seed_everything(args.seed)  # the same on every rank: Batches relies on it for disjoint shards
         self.device = torch.device(args.device)
         cuda = self.device.type == "cuda"
         if cuda:
@@ -432,8 +506,10 @@ class Run:
         if args.n_eval:
             x_test, y_test = x_test[:args.n_eval], y_test[:args.n_eval]
         self.channels_last = cuda and bool(args.channels_last)
-        self.train_batches = Batches(x_train.to(self.device), y_train.to(self.device), args.batch_size,
-                                     shuffle=True, augment=augment, channels_last=self.channels_last)
+        self.train_batches = Batches(x_train.to(self.device), y_train.to(self.device), args.batch_size // self.world,
+                                     shuffle=True, augment=augment, channels_last=self.channels_last,
+                                     rank=self.rank, world=self.world)
+        self.tricks = TrainingTricks(args, self.train_batches.x, augment, self.channels_last, self.rank, self.world)
         self.x_test = x_test.to(self.device).float().div_(255)
         self.y_test = y_test.to(self.device)
         g = torch.Generator().manual_seed(args.seed + 1)
@@ -445,7 +521,12 @@ class Run:
                                   act_options(args), args.saf_insert).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if args.compile else self.model
+        # attacks need input gradients only: they use the bare model, the training loss the DDP one
+        self.attack_forward = torch.compile(self.model) if args.compile else self.model
+        self.forward = self.attack_forward
+        if self.world > 1:
+            ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if cuda else None)
+            self.forward = torch.compile(ddp) if args.compile else ddp
         # ---- optimiser (no weight decay on the activations' own parameters)
         act_params = {id(p) for m in activations.activation_modules(self.model) for p in m.parameters()}
         decay = [p for p in self.model.parameters() if id(p) not in act_params]
@@ -454,11 +535,8 @@ class Run:
                                     {"params": no_decay, "weight_decay": 0.0}],
                                    lr=0.0, momentum=args.momentum, nesterov=False)
         # ---- mixed precision: bf16 where supported, else fp16 with a loss scaler; float32 on CPU
-        amp = args.amp if cuda else "off"
-        if amp == "auto":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self.amp_dtype, fp16 = amp_dtype_for(self.device.type, args.amp, cuda and torch.cuda.is_bf16_supported())
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         # ---- schedule
         self.epochs = epochs_budget or args.epochs
         self.steps_per_batch = steps_per_batch
@@ -466,6 +544,8 @@ class Run:
         self.it = 0
         self.counts = {}
         self._set_lr()
+        self.train_time, self.best = 0.0, None  # best: the guard's {epoch, held_pgd_acc, model_state}
+        self.bad_grad = None  # set by step() when --grad-clip measures the gradient norm
         name = args.saf_insert + "-insert" if args.saf_insert else args.act
         self.out_dir = args.out_dir or os.path.join("runs", f"{script}_{args.dataset}_{args.model}_{name}")
         os.makedirs(self.out_dir, exist_ok=True)
@@ -486,7 +566,9 @@ class Run:
         self.lr = lr
 
     def backward(self, loss):
-        """Backward pass of a training loss (scaled under fp16 AMP)."""
+        """Backward pass of a training loss (scaled under fp16 AMP), plus the mean-training term when on."""
+        if self.tricks.mean_copies:
+            loss = loss + self.tricks.mean_loss(self.model, self.forward, self.autocast)
         self.scaler.scale(loss).backward()
 
     def step(self, loss=None):
@@ -496,7 +578,9 @@ class Run:
             self.backward(loss)
         if self.args.grad_clip > 0:
             self.scaler.unscale_(self.opt)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
+            if not self.scaler.is_enabled():  # under fp16 an inf norm is the scaler's business, not divergence
+                self.bad_grad = ~torch.isfinite(norm)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
@@ -526,90 +610,198 @@ class Run:
         return clean, robust
 
     # ---- checkpoint and summary
-    def checkpoint(self, epoch, path=None):
+    def checkpoint(self, epoch, path=None, train_step=None, guard_stopped=False):
+        """Write everything needed to rebuild the model (eval.py, models.load_checkpoint) and to
+        continue the run bit for bit (--resume): optimiser, scaler, iteration, RNG states, the
+        regime's own state (Free's perturbation), history and the guard's best weights.  Atomic."""
+        if self.rank != 0:
+            return
         args = self.args
         dataset = dict(name=args.dataset, **dict(zip(("channels", "size", "classes"), DATASETS[args.dataset][:3])))
+        cuda = self.device.type == "cuda"
         save_atomic({"model_config": self.model.config, "model_state": self.model.state_dict(),
                      "args": vars(args), "script": self.script, "dataset": dataset, "epoch": epoch,
-                     "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "iteration": self.it},
+                     "guard_stopped": guard_stopped, "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                     "iteration": self.it, "counts": dict(self.counts), "history": self.history,
+                     "train_time_s": self.train_time, "best": self.best,
+                     "regime_state": train_step.state_dict() if hasattr(train_step, "state_dict") else None,
+                     "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None,
+                             "numpy": np.random.get_state(), "python": random.getstate()}},
                     path or os.path.join(self.out_dir, "checkpoint.pt"))
+
+    def resume(self, train_step):
+        """Load <out-dir>/checkpoint.pt written by the same script for the same model and continue
+        after its last completed epoch.  Returns that epoch (0 when there is nothing to resume)."""
+        path = os.path.join(self.out_dir, "checkpoint.pt")
+        if not os.path.exists(path):
+            self.log(f"--resume: no checkpoint in {self.out_dir} yet, starting from scratch")
+            return 0
+        try:
+            ckpt = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:
+            raise models.CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+        if not isinstance(ckpt, dict) or "rng" not in ckpt or "model_config" not in ckpt:
+            raise models.CheckpointError(f"cannot resume from {path}: not a resumable checkpoint of this project")
+        if ckpt["script"] != self.script or ckpt["model_config"] != self.model.config:
+            theirs = f"{ckpt['script']} {ckpt['model_config'].get('arch')} act={ckpt['model_config'].get('act')}"
+            raise models.CheckpointError(f"cannot resume from {path}: it is a {theirs} run, not this one "
+                                         f"({self.script} {self.model.config.get('arch')} act={self.model.config.get('act')}); use another --out-dir")
+        self.model.load_state_dict(ckpt["model_state"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["regime_state"] is not None and hasattr(train_step, "load_state_dict"):
+            train_step.load_state_dict(ckpt["regime_state"])
+        self.it, self.history, self.train_time = ckpt["iteration"], ckpt["history"], ckpt["train_time_s"]
+        self.counts.update(ckpt["counts"])
+        self.best = ckpt["best"]
+        rng = ckpt["rng"]
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self._set_lr()
+        # a run the overfitting guard stopped stays stopped; a longer --epochs continues a finished one
+        done = self.epochs if ckpt["guard_stopped"] else ckpt["epoch"]
+        self.log(f"resumed from {path}: {ckpt['epoch']} epochs done{' (finished)' if done >= self.epochs else ''}, "
+                 f"optimizer step {self.it}")
+        return done
+
+    def log(self, message, error=False):
+        if self.rank == 0:
+            print(message, file=sys.stderr if error else sys.stdout, flush=True)
+
+    def _train_epoch(self, train_step, epoch, label):
+        """One pass over the training batches.  Returns (mean loss, accuracy) or raises Diverged.
+
+        A non-finite loss is noted on the device (index of the first bad batch) and looked at only
+        where the progress bar already syncs, so the hot loop has no extra host syncs."""
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device)
+        first_bad = torch.zeros((), dtype=torch.long, device=self.device)  # 1 + index of the first bad batch, 0 = none
+        seen, n = 0, len(self.train_batches)
+        bar = tqdm(self.train_batches, desc=f"{label} {epoch}/{self.epochs}", leave=False, dynamic_ncols=True,
+                   disable=self.rank != 0)
+        for i, (x, y) in enumerate(bar):
+            x, y = self.tricks.mix(x, y)  # random training / extra data (no-op when off)
+            loss, n_correct = train_step(x, y)
+            bad = ~torch.isfinite(loss.detach().float())
+            if self.bad_grad is not None:
+                bad = bad | self.bad_grad
+            first_bad = torch.where((first_bad == 0) & bad, i + 1, first_bad)
+            loss_sum += loss.float() * len(y)
+            correct += n_correct
+            seen += len(y)
+            if i % 50 == 0 or i == n - 1:  # the only host syncs in the loop
+                if first_bad.item():
+                    raise Diverged(epoch, int(first_bad.item()), n, label)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}", lr=f"{self.lr:.3g}")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        if self.world > 1:  # every rank reports the mean over all ranks' batches
+            totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=self.device)])
+            torch.distributed.all_reduce(totals)
+            loss_sum, correct, seen = totals[0], totals[1], totals[2].item()
+        return loss_sum.item() / seen, correct.item() / seen
+
+    def _sync_buffers(self):
+        """DDP averages gradients but each rank's BatchNorm statistics drift apart: take rank 0's."""
+        if self.world > 1:
+            for b in self.model.buffers():
+                torch.distributed.broadcast(b, 0)
 
     def fit(self, train_step, passes_label="epoch"):
         """Train for ``self.epochs`` epochs with ``train_step(x, y) -> (loss, n_correct)``, then evaluate
-        and write checkpoint.pt and summary.json into the out dir.  Returns the summary dict."""
+        and write checkpoint.pt and summary.json into the out dir.  Returns the summary dict.
+
+        --resume continues from the last completed epoch.  A non-finite loss (or gradient norm, with
+        --grad-clip) stops the run: checkpoint.pt keeps the last good epoch, summary.json says where it
+        broke, and :class:`Diverged` is raised (one-line error, exit code 1).  Ctrl-C leaves
+        checkpoint.pt at the last completed epoch (resumable) and the current weights in interrupted.pt."""
         args, model = self.args, self.model
+        label = passes_label
         summary = {"script": self.script, "flags": vars(args), "device": str(self.device),
                    "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
+                   "world_size": self.world,
                    "activation_params": activations.activation_parameter_count(model),
                    "model_params": sum(p.numel() for p in model.parameters()),
-                   "catastrophic_overfitting": None, "stopped_early": None}
-        print(f"{self.script}: {args.dataset} {args.model} act={args.saf_insert + '-insert' if args.saf_insert else args.act} "
-              f"eps={args.epsilon:.4g} {self.epochs} {passes_label}{'es' if passes_label.endswith('s') else 's'} x {len(self.train_batches)} batches on {self.device} "
-              f"(amp {summary['amp']}), out {self.out_dir}", flush=True)
-        best_robust, best_state, best_epoch = -1.0, None, 0
-        epochs_done, train_time = 0, 0.0
+                   "catastrophic_overfitting": None, "stopped_early": None, "diverged": None}
+        start = self.resume(train_step) if args.resume else 0
+        self.log(f"{self.script}: {args.dataset} {args.model} act={args.saf_insert + '-insert' if args.saf_insert else args.act} "
+                 f"eps={args.epsilon:.4g} {self.epochs} {label}{'es' if label.endswith('s') else 's'} x {len(self.train_batches)} batches "
+                 f"on {self.device}{f' x {self.world} processes' if self.world > 1 else ''} (amp {summary['amp']}), out {self.out_dir}")
+        epochs_done = start
         try:
-            for epoch in range(1, self.epochs + 1):
-                model.train()
-                start = time.time()
-                loss_sum = torch.zeros((), device=self.device)
-                correct = torch.zeros((), device=self.device)
-                seen = 0
-                bar = tqdm(self.train_batches, desc=f"{passes_label} {epoch}/{self.epochs}", leave=False, dynamic_ncols=True)
-                for i, (x, y) in enumerate(bar):
-                    loss, n_correct = train_step(x, y)
-                    loss_sum += loss.float() * len(y)
-                    correct += n_correct
-                    seen += len(y)
-                    if i % 50 == 0 and hasattr(bar, "set_postfix"):  # the only host sync in the loop
-                        bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}", lr=f"{self.lr:.3g}")
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                train_time += time.time() - start
-                train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
-                if not math.isfinite(train_loss):
-                    summary["stopped_early"] = f"non-finite training loss in {passes_label} {epoch}"
-                    print(f"error: training diverged (non-finite loss) in {passes_label} {epoch}; "
-                          f"keeping the weights of {passes_label} {best_epoch}", file=sys.stderr)
-                    if best_state is not None:
-                        model.load_state_dict(best_state)
-                    break
+            for epoch in range(start + 1, self.epochs + 1):
+                tic = time.time()
+                train_loss, train_acc = self._train_epoch(train_step, epoch, label)
+                self.train_time += time.time() - tic
+                self._sync_buffers()
                 held = self.held_out_robust_accuracy()
-                record = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, held_pgd_acc=held,
-                              lr=self.lr, time_s=round(train_time, 2))
-                self.history.append(record)
-                print(f"{passes_label} {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
-                      f"held-out PGD-10 acc {held:.4f}  lr {self.lr:.4g}  time {train_time:.1f}s", flush=True)
+                if self.world > 1:  # one decision for all ranks
+                    t = torch.tensor(held, device=self.device)
+                    torch.distributed.broadcast(t, 0)
+                    held = t.item()
+                self.history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, held_pgd_acc=held,
+                                         lr=self.lr, time_s=round(self.train_time, 2)))
+                self.log(f"{label} {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
+                         f"held-out PGD-10 acc {held:.4f}  lr {self.lr:.4g}  time {self.train_time:.1f}s")
                 epochs_done = epoch
-                if args.co_guard > 0 and best_robust >= 0 and held < best_robust - args.co_guard:
-                    summary["catastrophic_overfitting"] = dict(epoch=epoch, held_pgd_acc=held, best_held_pgd_acc=best_robust,
-                                                               restored_epoch=best_epoch)
-                    summary["stopped_early"] = f"catastrophic overfitting in {passes_label} {epoch}"
-                    print(f"catastrophic overfitting detected in {passes_label} {epoch}: held-out PGD accuracy fell "
-                          f"from {best_robust:.3f} to {held:.3f}; restoring the weights of {passes_label} {best_epoch} and stopping",
-                          flush=True)
-                    model.load_state_dict(best_state)
+                best = self.best
+                if args.co_guard > 0 and best is not None and held < best["held_pgd_acc"] - args.co_guard:
+                    summary["catastrophic_overfitting"] = dict(epoch=epoch, held_pgd_acc=held, best_held_pgd_acc=best["held_pgd_acc"],
+                                                               restored_epoch=best["epoch"])
+                    summary["stopped_early"] = f"catastrophic overfitting in {label} {epoch}"
+                    self.log(f"catastrophic overfitting detected in {label} {epoch}: held-out PGD accuracy fell "
+                             f"from {best['held_pgd_acc']:.3f} to {held:.3f}; restoring the weights of {label} {best['epoch']} and stopping")
+                    model.load_state_dict(best["model_state"])
                     break
-                if held >= best_robust:
-                    best_robust, best_epoch = held, epoch
-                    best_state = copy.deepcopy(model.state_dict())
-                self.checkpoint(epoch)
+                if best is None or held >= best["held_pgd_acc"]:
+                    self.best = dict(epoch=epoch, held_pgd_acc=held, model_state=copy.deepcopy(model.state_dict()))
+                self.checkpoint(epoch, train_step=train_step)
+        except Diverged as e:
+            summary["stopped_early"] = summary["diverged"] = str(e)
+            summary.update(self._result_fields(epochs_done, self.train_time, evaluated=False))
+            if self.rank == 0:
+                write_json(summary, os.path.join(self.out_dir, "summary.json"))
+            raise Diverged(e.epoch, e.batch, e.batches, e.label,
+                           f"; checkpoint.pt keeps {label} {epochs_done}, reason in {self.out_dir}/summary.json") from None
         except KeyboardInterrupt:
-            summary["stopped_early"] = f"interrupted in {passes_label} {epochs_done + 1}"
-            self.checkpoint(epochs_done)
-            summary.update(self._result_fields(epochs_done, train_time, evaluated=False))
-            write_json(summary, os.path.join(self.out_dir, "summary.json"))
-            print(f"interrupted: checkpoint of {passes_label} {epochs_done} and summary.json saved in {self.out_dir}", file=sys.stderr)
+            summary["stopped_early"] = f"interrupted in {label} {epochs_done + 1}"
+            self.checkpoint(epochs_done, path=os.path.join(self.out_dir, "interrupted.pt"))
+            summary.update(self._result_fields(epochs_done, self.train_time, evaluated=False))
+            if self.rank == 0:
+                write_json(summary, os.path.join(self.out_dir, "summary.json"))
+            self.log(f"interrupted: checkpoint.pt holds {label} {epochs_done} (continue with --resume), the current "
+                     f"weights are in interrupted.pt, summary.json in {self.out_dir}", error=True)
             raise
-        self.checkpoint(epochs_done)
+        self.checkpoint(epochs_done, train_step=train_step, guard_stopped=summary["catastrophic_overfitting"] is not None)
+        if self.world > 1:
+            summary["params_identical_across_ranks"] = self._params_in_sync()
+            summary["rank_param_sums"] = self.rank_param_sums
+        if self.rank != 0:  # rank 0 evaluates and writes the summary; the others wait for it
+            torch.distributed.barrier()
+            return summary
         clean, robust = self.evaluate()
-        summary.update(self._result_fields(epochs_done, train_time, evaluated=True))
+        summary.update(self._result_fields(epochs_done, self.train_time, evaluated=True))
         summary.update(clean_acc=clean, pgd_acc=robust)
         write_json(summary, os.path.join(self.out_dir, "summary.json"))
         cfg = summary["pgd"]
-        print(f"clean acc {clean:.4f}  PGD-{cfg['steps']}x{cfg['restarts']} (eps {cfg['eps']:.4g}, step {cfg['alpha']:.4g}) "
-              f"acc {robust:.4f}  train time {train_time:.1f}s  -> {self.out_dir}/summary.json", flush=True)
+        self.log(f"clean acc {clean:.4f}  PGD-{cfg['steps']}x{cfg['restarts']} (eps {cfg['eps']:.4g}, step {cfg['alpha']:.4g}) "
+                 f"acc {robust:.4f}  train time {self.train_time:.1f}s  -> {self.out_dir}/summary.json")
+        if self.world > 1:
+            torch.distributed.barrier()
         return summary
+
+    def _params_in_sync(self):
+        """Per-tensor float64 sums of the parameters, gathered from every rank (the DDP test's witness)."""
+        sums = torch.stack([p.detach().double().sum() for p in self.model.parameters()])
+        gathered = [torch.empty_like(sums) for _ in range(self.world)]
+        torch.distributed.all_gather(gathered, sums)
+        self.rank_param_sums = [g.tolist() for g in gathered]
+        return all(torch.equal(gathered[0], g) for g in gathered[1:])
 
     def _result_fields(self, epochs_done, train_time, evaluated):
         return {"epochs_completed": epochs_done, "train_time_s": round(train_time, 2), "pgd": self.pgd_config(),
@@ -658,7 +850,7 @@ def lr_range_test(run, train_step, beta=0.9, diverge=4.0):
     batches = zip(range(n), _forever(run.train_batches))
     for i, (x, y) in tqdm(batches, total=n, desc="lr find", leave=False, dynamic_ncols=True):
         lr = run.lr  # the LR this minibatch trains with (run.step sets the next one)
-        loss = float(train_step(x, y)[0])
+        loss = float(train_step(*run.tricks.mix(x, y))[0])
         ema = beta * ema + (1 - beta) * loss
         smooth = ema / (1 - beta ** (i + 1))
         rows.append((i, lr, loss, smooth))
@@ -701,3 +893,158 @@ def lr_range_test(run, train_step, beta=0.9, diverge=4.0):
     print(f"LR range test: {len(rows)} minibatches{', stopped: ' + stopped if stopped else ''}; loss minimum at lr {min_lr:.3g}; "
           f"suggested --lr-max {suggestion:.3g} (steepest descent)  -> {path}", flush=True)
     return {"suggested_lr_max": suggestion, "min_loss_lr": min_lr, "stopped_early": stopped, "csv": path}
+
+
+# ------------------------ training-data tricks (Zhao & Griffin random / mean training, Dai et al. extra data)
+# Everything here is off by default.  The Run applies it in two places only: mix() on each clean minibatch
+# before the regime sees it (so noisy and extra images are attacked and trained on like any other), and
+# mean_loss() added to the loss in Run.backward (every regime's optimiser step goes through it).
+EXTRA_IMAGE_KEYS, EXTRA_LABEL_KEYS = ("x", "image", "images", "data"), ("y", "label", "labels", "targets")
+
+
+def trick_problems(args):
+    """Validation messages for the training-data trick flags (empty when all is well)."""
+    problems = []
+    if not 0 <= args.random_training <= 1:
+        problems.append("--random-training must be a fraction in [0, 1]")
+    if args.random_strength is not None and args.random_strength <= 0:
+        problems.append("--random-strength must be > 0")
+    if args.mean_training < 0 or args.mean_noise < 0 or args.mean_weight < 0:
+        problems.append("--mean-training, --mean-noise and --mean-weight must be >= 0")
+    if args.extra_fraction is not None and args.extra_data is None:
+        problems.append("--extra-fraction needs --extra-data")
+    if args.extra_fraction is not None and not 0 < args.extra_fraction < 1:
+        problems.append("--extra-fraction must be in (0, 1)")
+    if args.extra_data is not None and not os.path.isfile(args.extra_data):
+        problems.append(f"--extra-data {args.extra_data}: no such file")
+    return problems
+
+
+def load_extra_data(path, channels, size, classes):
+    """(uint8 NCHW images, int64 labels) of an extra-data file (Dai et al. 2021 add generated images).
+
+    The .npz holds an image array under one of the keys x / image / images / data (uint8, or float in
+    [0, 1] which is rounded to uint8 like the real data; NCHW, NHWC -- the layout generated-data
+    files usually have -- or NHW for one channel) and a label array under y / label / labels /
+    targets.  Anything else is a UserError naming the problem."""
+    try:
+        f = np.load(path)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with f:
+            xk = next((k for k in EXTRA_IMAGE_KEYS if k in f.files), None)
+            yk = next((k for k in EXTRA_LABEL_KEYS if k in f.files), None)
+            if xk is None or yk is None:
+                raise UserError(f"--extra-data {path}: needs an image array ({', '.join(EXTRA_IMAGE_KEYS)}) and a label "
+                                f"array ({', '.join(EXTRA_LABEL_KEYS)}); found {', '.join(f.files) or 'nothing'}")
+            x, y = f[xk], f[yk]
+    except (OSError, ValueError, EOFError) as e:  # not an npz, truncated, pickled objects
+        raise UserError(f"--extra-data {path}: cannot read it as .npz ({str(e).splitlines()[0][:120]})") from None
+    want = (channels, size, size)
+    if x.ndim == 3 and channels == 1:
+        x = x[:, None]
+    if x.ndim == 4 and x.shape[1:] != want and x.shape[1:] == (size, size, channels):
+        x = x.transpose(0, 3, 1, 2)
+    if x.ndim != 4 or x.shape[1:] != want:
+        raise UserError(f"--extra-data {path}: images of shape {tuple(x.shape[1:])}, the dataset needs "
+                        f"{channels}x{size}x{size} (NCHW or NHWC)")
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or len(y) == 0 or y.min() < 0 or y.max() >= classes:
+        raise UserError(f"--extra-data {path}: needs one integer label in [0, {classes}) per image")
+    if np.issubdtype(x.dtype, np.floating):
+        if x.min() < 0 or x.max() > 1:
+            raise UserError(f"--extra-data {path}: float images must lie in [0, 1], found [{x.min():.3g}, {x.max():.3g}]")
+        x = np.rint(x * 255)
+    elif x.dtype != np.uint8:
+        raise UserError(f"--extra-data {path}: images must be uint8 or float in [0, 1], not {x.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)), torch.from_numpy(y.astype(np.int64))
+
+
+def dataset_mean_image(x, chunk=4096):
+    """Per-pixel mean of a uint8 image set, in [0, 1] (summed in chunks: no float copy of the whole set)."""
+    total = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
+    for i in range(0, len(x), chunk):
+        total += x[i:i + chunk].sum(0, dtype=torch.float64)
+    return (total / (255 * len(x))).float()
+
+
+class TrainingTricks:
+    """The training-data tricks, each off by default.
+
+    Random training (Zhao & Griffin 2016, "R"): a share p = --random-training of each minibatch
+    (round(p n) images, chosen at random) becomes clip(x + e, 0, 1), e ~ U(-s, s) or N(0, s^2)
+    per pixel (--random-noise, s = --random-strength, default --epsilon); labels are kept.
+
+    Mean training (Zhao & Griffin 2016, "M"): N = --mean-training noisy copies of the training set's
+    mean image, m_j = clip(mean + sigma e_j, 0, 1), e_j ~ N(0, I), sigma = --mean-noise, drawn afresh for
+    every optimiser step, are nonsense inputs the model should not be confident about.  Their loss
+        L_mean = lambda * (1/N) sum_j KL(U || softmax(f(m_j))) = lambda * (1/N) sum_j (-log K - (1/K) sum_k log p_jk),
+    lambda = --mean-weight, is zero exactly when the model answers uniformly.  The paper adds the
+    copies to the training set under a hybrid loss that keeps nonsense outputs small; KL to uniform
+    is our reading for a softmax classifier.  The copies are not attacked and go through the model in
+    eval mode: in train mode BatchNorm would normalise a batch of near-identical images by its own
+    tiny variance and write that into its running statistics.
+
+    Extra data (Dai et al. 2021, who add generated images to adversarial training): round(f n) images
+    of each minibatch, f = --extra-fraction, are replaced by images drawn uniformly with replacement
+    from --extra-data (with the dataset's augmentation).  The batch size and the number of optimiser
+    steps stay as they are, and an epoch uses about (1 - f) of the real images, a new random subset
+    each epoch (the fixed real : generated ratio per batch of Gowal et al. 2021's recipe).
+
+    Extra images replace rows first, then random training perturbs its own random rows, so noise
+    reaches real and extra images alike.  Under distributed training every rank draws a different
+    slice of one shared random draw, so the ranks do not train on the same extra images or copies."""
+
+    def __init__(self, args, x_train, augment="none", channels_last=False, rank=0, world=1):
+        self.random_share, self.random_noise = args.random_training, args.random_noise
+        self.random_strength = args.random_strength if args.random_strength is not None else args.epsilon
+        self.mean_copies, self.mean_noise, self.mean_weight = args.mean_training, args.mean_noise, args.mean_weight
+        self.extra_fraction = args.extra_fraction if args.extra_fraction is not None else 0.5
+        self.channels_last, self.rank, self.world = channels_last, rank, world
+        self.mean_image = dataset_mean_image(x_train) if self.mean_copies else None
+        self.extra = None
+        if args.extra_data:
+            channels, size, classes = DATASETS[args.dataset][:3]
+            x, y = load_extra_data(args.extra_data, channels, size, classes)
+            self.extra = Batches(x.to(x_train.device), y.to(x_train.device), 1, augment=augment)
+
+    def _rank_part(self, draw, n):
+        """This rank's n of a draw of n * world (the same draw on every rank, which share a seed)."""
+        return draw(n * self.world)[self.rank * n:(self.rank + 1) * n]
+
+    def mix(self, x, y):
+        """The minibatch the regime trains on: extra images in, then random-training noise."""
+        n = len(x)
+        k = round(self.extra_fraction * n) if self.extra is not None else 0
+        if k:
+            idx = self._rank_part(lambda m: torch.randint(len(self.extra.x), (m,), device=x.device), k)
+            xe = self.extra.x[idx].float().div_(255)
+            if self.extra.augment == "crop+flip":
+                xe = self.extra._augment(xe)
+            x, y = x.clone(), y.clone()
+            x[:k], y[:k] = xe, self.extra.y[idx]
+        k = round(self.random_share * n)
+        if k:
+            rows = torch.randperm(n, device=x.device)[:k]
+            e = torch.randn_like(x[rows]) if self.random_noise == "gaussian" else torch.rand_like(x[rows]).mul_(2).sub_(1)
+            x = x.clone()
+            x[rows] = (x[rows] + self.random_strength * e).clamp_(0, 1)
+        return x, y
+
+    def mean_batch(self):
+        """N fresh noisy copies of the mean image, clip(mean + sigma e, 0, 1)."""
+        noise = self._rank_part(lambda m: torch.randn((m, *self.mean_image.shape), device=self.mean_image.device),
+                                self.mean_copies)
+        x = (self.mean_image + self.mean_noise * noise).clamp_(0, 1)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def mean_loss(self, model, forward, autocast):
+        """lambda * mean_j KL(U || softmax(forward(m_j))) on fresh copies, ``model`` in eval mode meanwhile."""
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast():
+                logits = forward(self.mean_batch())
+        finally:
+            model.train(was_training)
+        logp = F.log_softmax(logits.float(), dim=1)
+        return self.mean_weight * (-logp.mean(1) - math.log(logp.shape[1])).mean()

@@ -51,7 +51,7 @@ def test_kaf_memory_efficient_matches_naive_and_gradcheck():
     d, gamma = activations.kaf_dictionary(20, 3.0)
     alpha = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
     x = (2 * torch.randn(2, 3, 4, 4, dtype=torch.float64)).requires_grad_(True)
-    fn = lambda x, a: activations.KAFFunction.apply(x, a, d.double(), gamma)
+    fn = lambda x, a: activations.KAFFunction.apply(x, a, d.double(), gamma, tuple(d.tolist()))
     assert torch.autograd.gradcheck(fn, (x, alpha))
     ref = activations.kaf_naive(x, alpha, d.double(), gamma)
     out = fn(x, alpha)

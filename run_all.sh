@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Reproduce the table of results: every activation x training regime is trained, then evaluated with
+# eval.py, and the rows are collected into $OUT/results.md (+ .csv, .json).
+#
+#   bash run_all.sh              # the papers' setting: CIFAR-10, preactresnet18, eps 8/255, standard
+#                                # evaluation on the full test set (a GPU job: hours per run on a CPU)
+#   QUICK=1 bash run_all.sh      # Fashion-MNIST, lenet, eps 0.1, short budgets, quick evaluation on
+#                                # 500 test images: a CPU-sized matrix (see RESULTS.md for its time)
+#
+# Environment variables (defaults in brackets: paper / QUICK):
+#   ACTS        activations; NAME-insert = Zhao & Griffin's unit after every conv (--saf-insert NAME)
+#               [relu softplus silu gelu elu prelu psoftplus pssilu kaf mrelu-insert rbf-insert]
+#   REGIMES     any of: fast free pgd                              [fast free pgd]
+#   DATASET, DATA_DIR, MODEL, EPS                                  [cifar10 ./data preactresnet18 8/255 /
+#                                                                   fashionmnist /usr/share/datasets/fashion-mnist lenet 0.1]
+#   FAST_FLAGS, FREE_FLAGS, PGD_FLAGS  budgets of each regime      [each script's defaults / short ones]
+#   DEVICE      cpu, cuda, cuda:1 ... for training and evaluation  [the scripts' default: cuda when present]
+#   TRAIN_FLAGS extra flags for every training run (e.g. "--n-train 20000 --seed 1")
+#   EVAL_FLAGS  eval.py flags                                      [--preset standard / --preset quick --attacks +apgd-dlr --n-eval 500]
+#   OUT         results folder                                     [results / results-quick]
+#
+# Each run lives in $OUT/runs/<regime>_<act>/ with its log.  Re-running skips finished runs and resumes
+# interrupted ones (--resume); a failed run is recorded as failed in the table and the others go on.
+set -u
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+
+if [ "${QUICK:-0}" = 1 ]; then
+    DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
+    MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-quick}
+    # a third of the training set and short budgets; the scripts' own final check on 500 test images
+    # (eval.py makes the table)
+    short="--n-train 20000 --n-eval 500"
+    FAST_FLAGS=${FAST_FLAGS:---epochs 2 $short}
+    FREE_FLAGS=${FREE_FLAGS:---epochs 4 --replays 2 --lr-max 0.04 $short}
+    PGD_FLAGS=${PGD_FLAGS:---epochs 1 --attack-iters 3 --attack-step 0.04 $short}
+    EVAL_FLAGS=${EVAL_FLAGS:---preset quick --attacks +apgd-dlr --n-eval 500}
+else
+    DATASET=${DATASET:-cifar10}; DATA_DIR=${DATA_DIR:-./data}
+    MODEL=${MODEL:-preactresnet18}; EPS=${EPS:-8/255}; OUT=${OUT:-results}
+    FAST_FLAGS=${FAST_FLAGS:-}; FREE_FLAGS=${FREE_FLAGS:-}; PGD_FLAGS=${PGD_FLAGS:-}
+    EVAL_FLAGS=${EVAL_FLAGS:---preset standard}
+fi
+ACTS=${ACTS:-relu softplus silu gelu elu prelu psoftplus pssilu kaf mrelu-insert rbf-insert}
+REGIMES=${REGIMES:-fast free pgd}
+TRAIN_FLAGS=${TRAIN_FLAGS:-}
+DEVICE_FLAGS=${DEVICE:+--device $DEVICE}
+
+mkdir -p "$OUT/runs"
+total=$(( $(echo $ACTS | wc -w) * $(echo $REGIMES | wc -w) )); i=0; start=$SECONDS
+for regime in $REGIMES; do
+    case $regime in
+        fast) flags=$FAST_FLAGS ;; free) flags=$FREE_FLAGS ;; pgd) flags=$PGD_FLAGS ;;
+        *) echo "run_all.sh: unknown regime '$regime' (choose from: fast free pgd)" >&2; exit 2 ;;
+    esac
+    for act in $ACTS; do
+        i=$((i + 1))
+        dir="$OUT/runs/${regime}_${act}"
+        case $act in *-insert) act_flags="--saf-insert ${act%-insert}" ;; *) act_flags="--act $act" ;; esac
+        printf '[%d/%d %5ds] %-6s %-14s ' "$i" "$total" $((SECONDS - start)) "$regime" "$act"
+        if [ -f "$dir/eval.json" ]; then echo "done before, skipped"; continue; fi
+        mkdir -p "$dir"
+        rm -f "$dir/FAILED"
+        # shellcheck disable=SC2086  # the flag strings are meant to split into words
+        if ! [ -f "$dir/summary.json" ] || ! grep -q '"evaluated": true' "$dir/summary.json"; then
+            if ! $PYTHON "train_$regime.py" --dataset "$DATASET" --data-dir "$DATA_DIR" --model "$MODEL" --epsilon "$EPS" \
+                    $act_flags $flags $TRAIN_FLAGS $DEVICE_FLAGS --out-dir "$dir" --resume >> "$dir/train.log" 2>&1; then
+                echo "train" > "$dir/FAILED"; echo "FAILED in training (see $dir/train.log)"; continue
+            fi
+        fi
+        # shellcheck disable=SC2086
+        if ! $PYTHON eval.py "$dir/checkpoint.pt" $EVAL_FLAGS $DEVICE_FLAGS --out "$dir/eval.json" > "$dir/eval.log" 2>&1; then
+            echo "eval" > "$dir/FAILED"; echo "FAILED in evaluation (see $dir/eval.log)"; continue
+        fi
+        tail -n 1 "$dir/eval.log"
+    done
+done
+
+# ---- the table: one row per run of this matrix, in the order above
+$PYTHON - "$OUT" "$REGIMES" "$ACTS" <<'EOF'
+import csv, json, os, sys
+out, regimes, acts = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+cols = ["regime", "activation", "clean", "PGD-20", "PGD-50x10", "APGD-CE", "APGD-DLR", "worst case",
+        "sanity checks", "train time (s)", "activation params", "status"]
+pick = {"clean": "clean", "PGD-20": "pgd20x1", "PGD-50x10": "pgd50x10", "APGD-CE": "apgd-ce", "APGD-DLR": "apgd-dlr"}
+rows = []
+for regime in regimes:
+    for act in acts:
+        d = os.path.join(out, "runs", f"{regime}_{act}")
+        load = lambda name: json.load(open(os.path.join(d, name))) if os.path.exists(os.path.join(d, name)) else {}
+        s, e = load("summary.json"), load("eval.json")
+        failed = open(os.path.join(d, "FAILED")).read().strip() if os.path.exists(os.path.join(d, "FAILED")) else None
+        row = dict(regime=regime, activation=act)
+        acc = e.get("accuracy", {})
+        for col, key in pick.items():
+            row[col] = f"{100 * acc[key]:.2f}" if key in acc else "-"
+        row["worst case"] = f"{100 * e['robust_accuracy']:.2f}" if "robust_accuracy" in e else "-"
+        if "sanity_checks" in e:
+            row["sanity checks"] = ("FAIL: " + ", ".join(e["sanity_failed"])) if e["sanity_failed"] else "pass"
+        else:
+            row["sanity checks"] = "-"
+        row["train time (s)"] = f"{s['train_time_s']:.1f}" if "train_time_s" in s else "-"
+        row["activation params"] = str(s.get("activation_params", "-"))
+        row["status"] = (f"failed ({failed})" if failed else "ok" if e else "not run") + (
+            f"; {s['stopped_early']}" if s.get("stopped_early") else "")
+        rows.append(row)
+with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+json.dump(rows, open(os.path.join(out, "results.json"), "w"), indent=2)
+with open(os.path.join(out, "results.md"), "w") as f:
+    f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+    for r in rows:
+        f.write("| " + " | ".join(r[c] for c in cols) + " |\n")
+print(open(os.path.join(out, "results.md")).read(), end="")
+print(f"{len(rows)} rows -> {out}/results.md, results.csv, results.json")
+EOF

@@ -1,0 +1,325 @@
+"""bench.py, and the CUDA code path of the training scripts exercised on a CPU: AMP selection, the
+autocast + loss-scaler steps, channels_last data and models, and no host syncs per training step."""
+import json
+import math
+
+import pytest
+import torch
+
+import activations
+import bench
+import models
+import train_fast
+import utils
+
+LENET = ["--device", "cpu", "--dataset", "fashionmnist", "--model", "lenet", "--batch-size", "16",
+         "--steps", "2", "--warmup", "1"]
+
+
+# ------------------------------------------------------------------------------------------- bench.py
+def test_bench_isolated_run_writes_json_with_the_fields(tmp_path):
+    """One configuration in its own subprocess (the default): a full row in the JSON file."""
+    out = tmp_path / "bench.json"
+    result = bench.main(LENET + ["--acts", "relu", "--out", str(out)])
+    on_disk = json.loads(out.read_text())
+    assert on_disk["rows"] == result["rows"] and "| fast | relu | lenet | 16 |" in on_disk["table"]
+    assert on_disk["command"].startswith("python bench.py") and "cores" in on_disk["device"]
+    (row,) = on_disk["rows"]
+    assert "error" not in row, row
+    for key in ("regime", "act", "model", "batch", "fwd_per_step", "step_ms", "images_per_s", "peak_mem_mib",
+                "step_mem_mib", "saved_mib", "time_vs_relu", "mem_vs_relu", "saved_vs_relu", "amp", "final_loss"):
+        assert key in row, key
+    assert row["isolated"] and row["peak_mem_kind"] == "peak_rss" and row["amp"] == "off"
+    assert row["fwd_per_step"] == 2  # FGSM: the attack's pass and the training pass
+    assert row["step_ms"] > 0 and math.isclose(row["images_per_s"], 16 / (row["step_ms"] / 1000), rel_tol=1e-9)
+    assert row["peak_mem_mib"] > row["saved_mib"] > 0 and row["time_vs_relu"] == 1.0
+
+
+def test_bench_in_process_uses_the_scripts_steps_and_computes_ratios(monkeypatch):
+    made = []
+    real = train_fast.make_train_step
+    monkeypatch.setattr(train_fast, "make_train_step", lambda run, args: made.append(args) or real(run, args))
+    result = bench.main(LENET + ["--acts", "relu", "kaf", "--no-isolate", "--regimes", "fast", "pgd", "--attack-iters", "2"])
+    assert len(made) == 2 and all(isinstance(a.epsilon, float) for a in made)  # train_fast's own flags
+    rows = result["rows"]
+    assert [(r["regime"], r["act"]) for r in rows] == [("fast", "relu"), ("fast", "kaf"), ("pgd", "relu"), ("pgd", "kaf")]
+    assert [r["fwd_per_step"] for r in rows] == [2, 2, 3, 3]  # PGD-2: two attack passes and the training pass
+    for regime in ("fast", "pgd"):
+        relu, kaf = [r for r in rows if r["regime"] == regime]
+        assert relu["time_vs_relu"] == relu["saved_vs_relu"] == 1.0
+        assert math.isclose(kaf["time_vs_relu"], kaf["step_ms"] / relu["step_ms"])
+        assert math.isclose(kaf["mem_vs_relu"], kaf["peak_mem_mib"] / relu["peak_mem_mib"])
+        # the memory-efficient KAF keeps its input only (1.34x relu on lenet), not the x D kernel tensor
+        assert 1.0 < kaf["saved_vs_relu"] < 1.6, kaf
+    assert "| pgd | kaf | lenet | 16 | 3 |" in result["table"]
+
+
+def test_bench_end_to_end_mode_times_a_whole_run(tmp_path):
+    result = bench.main(["--device", "cpu", "--dataset", "fashionmnist", "--model", "lenet", "--acts", "relu",
+                         "--regimes", "free", "--replays", "2", "--end-to-end", "--epochs", "2", "--n-train", "64",
+                         "--n-eval", "16", "--batch-size", "32", "--eval-pgd-steps", "1", "--no-isolate",
+                         "--out", str(tmp_path / "e2e.json")])
+    (row,) = result["rows"]
+    assert row["passes"] == row["passes_completed"] == 1 and row["n_train"] == 64 and row["n_eval"] == 16
+    assert row["wall_s"] >= row["train_time_s"] > 0 and row["time_vs_relu"] == 1.0
+    assert math.isclose(row["images_per_s"], 64 / row["train_time_s"])
+    assert 0 <= row["pgd_acc"] <= row["clean_acc"] <= 1
+    assert "| free | relu | lenet | 32 | 1/1 | 64 |" in result["table"]
+
+
+def test_add_ratios_and_table():
+    rows = [dict(regime="fast", act="relu", model="m", dataset="d", batch=8, step_ms=10.0, peak_mem_mib=100.0, saved_mib=4.0),
+            dict(regime="fast", act="kaf", model="m", dataset="d", batch=8, step_ms=15.0, peak_mem_mib=130.0, saved_mib=5.0),
+            dict(regime="fast", act="kaf", model="m", dataset="d", batch=16, step_ms=30.0, peak_mem_mib=260.0, saved_mib=10.0),
+            dict(regime="pgd", act="kaf", model="m", dataset="d", batch=8, error="out of memory")]
+    bench.add_ratios(rows)
+    assert (rows[0]["time_vs_relu"], rows[0]["mem_vs_relu"], rows[0]["saved_vs_relu"]) == (1.0, 1.0, 1.0)
+    assert (rows[1]["time_vs_relu"], rows[1]["mem_vs_relu"], rows[1]["saved_vs_relu"]) == (1.5, 1.3, 1.25)
+    assert rows[2]["time_vs_relu"] is None and rows[3]["mem_vs_relu"] is None  # no relu row with that batch / regime
+    e2e = [dict(regime="fast", act="relu", model="m", dataset="d", batch=8, train_time_s=20.0),
+           dict(regime="fast", act="kaf", model="m", dataset="d", batch=8, train_time_s=50.0)]
+    assert bench.add_ratios(e2e)[1]["time_vs_relu"] == 2.5
+    for r in rows[:3]:
+        r.update(fwd_per_step=2, images_per_s=1.0, step_mem_mib=1.0)
+    table = bench.markdown_table(rows).splitlines()
+    assert len(table) == 2 + len(rows) and "| –" in table[4] and "error: out of memory" in table[5]
+    assert table[3].endswith("| 1.50 | 1.30 | 1.25 |")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--acts", "sigmoid"], "invalid choice"),  # checked by the training script's own parser
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--regimes", "free", "--replays", "0"], "--replays must be >= 1"),
+    (["--regimes", "fast", "--nonsense-flag"], "unrecognized arguments: --nonsense-flag"),
+    (["--device", "cuda"], "CUDA is not available"),
+])
+def test_bench_bad_flags_give_one_line_errors(capsys, argv, message):
+    if argv == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit) as e:
+        bench.main((["--device", "cpu"] if "--device" not in argv else []) + argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_regime_flags_go_to_their_regime_only():
+    args = bench.get_args(["--device", "cpu", "--regimes", "fast", "free", "pgd", "--replays", "3", "--attack-iters", "4",
+                           "--epsilon", "0.1"])
+    argv = {cfg["regime"]: cfg["argv"] for cfg in bench.configs(args)}
+    assert "--replays" not in argv["fast"] + argv["pgd"] and argv["free"][-4:-2] == ["--replays", "3"]
+    assert "--attack-iters" not in argv["fast"] + argv["free"] and argv["pgd"][-4:-2] == ["--attack-iters", "4"]
+    assert all(a[-2:] == ["--epsilon", "0.1"] for a in argv.values())  # unknown flags: to every script, last
+
+
+def test_saved_for_backward_counts_storages_once_and_frees_them():
+    x = torch.randn(256, 256, requires_grad=True)  # 256 KiB
+    with bench.SavedForBackward() as saved:
+        y = x * x  # saves x twice: one storage
+        z = torch.exp(y)  # saves its output: a second storage
+        assert saved.current == 2 * x.numel() * 4
+        z.sum().backward()
+        assert saved.current == 0  # backward freed the graph
+        w = (x * 2).sin()
+        del w  # a graph dropped without backward is freed too
+        assert saved.current == 0
+    assert saved.peak == 2 * x.numel() * 4
+    # the naive KAF keeps the x D kernel tensor; the memory-efficient one only its input
+    s = torch.randn(8, 4, 6, 6, requires_grad=True)
+    peaks = {}
+    for naive in (False, True):
+        kaf = activations.KAF(4, naive=naive)
+        with bench.SavedForBackward() as saved:
+            kaf(s).sum().backward()
+        peaks[naive] = saved.peak
+    assert peaks[False] < 2 * s.numel() * 4 and peaks[True] > 15 * s.numel() * 4
+
+
+def test_synthetic_like_gives_the_dataset_shape_without_files(tmp_path):
+    with bench.synthetic_like("cifar100", 40, 8):
+        x, y = utils.load_split("cifar100", "/nonexistent", train=True)
+        xt, yt = utils.load_split("cifar100", "/nonexistent", train=False)
+        args = train_fast.get_args(["--dataset", "cifar100", "--model", "lenet", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert x.shape == (40, 3, 32, 32) and x.dtype == torch.uint8 and xt.shape == (8, 3, 32, 32)
+    assert 0 <= int(y.min()) and int(y.max()) < 100 and y.dtype == torch.int64
+    assert utils.load_split.__module__ == "utils"  # restored
+    big_x, big_y = bench.synthetic_images("cifar10", 50, seed=0, chunk=16)  # generated in chunks, each its own
+    assert big_x.shape == (50, 3, 32, 32) and len(big_y) == 50 and not torch.equal(big_x[:16], big_x[16:32])
+
+
+# -------------------------------------------------------------------------------- the CUDA code path
+@pytest.mark.parametrize("device,flag,bf16,expected", [
+    ("cpu", "auto", True, (None, False)),
+    ("cpu", "fp16", False, (None, False)),  # CPU runs in float32 whatever --amp says
+    ("cuda", "auto", True, (torch.bfloat16, False)),
+    ("cuda", "auto", False, (torch.float16, True)),  # fp16 needs the loss scaler
+    ("cuda", "bf16", False, (torch.bfloat16, False)),
+    ("cuda", "fp16", True, (torch.float16, True)),
+    ("cuda", "off", True, (None, False)),
+])
+def test_amp_dtype_choice(device, flag, bf16, expected):
+    assert utils.amp_dtype_for(device, flag, bf16) == expected
+
+
+def test_run_on_cpu_is_float32_and_never_asks_cuda(tmp_path, monkeypatch):
+    def no_cuda():
+        raise AssertionError("a CPU run must not query CUDA")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", no_cuda)
+    args = train_fast.get_args(["--dataset", "synthetic", "--model", "lenet", "--n-train", "64", "--device", "cpu",
+                                "--amp", "fp16", "--out-dir", str(tmp_path)])
+    run = utils.Run(args, "train_fast")
+    assert run.amp_dtype is None and not run.scaler.is_enabled() and not run.channels_last
+    assert run.train_batches.x.dtype == torch.uint8  # kept as bytes; converted batch by batch
+
+
+def test_batches_on_device_crop_flip_keep_shape_range_labels_and_channels_last():
+    n, classes = 37, 10
+    y = torch.arange(n) % classes
+    x = (10 + 20 * y).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()  # image value encodes label
+    g = torch.Generator().manual_seed(0)
+    batches = utils.Batches(x, y, 8, shuffle=True, augment="crop+flip", channels_last=True, generator=g)
+    seen = []
+    for xb, yb in batches:
+        assert xb.dtype == torch.float32 and xb.shape[1:] == (3, 32, 32) and len(xb) == len(yb)
+        assert xb.is_contiguous(memory_format=torch.channels_last)
+        assert 0 <= xb.min() and xb.max() <= 1
+        assert torch.allclose(xb.amax((1, 2, 3)), (10 + 20 * yb).float() / 255)  # still its own image
+        padded = (xb == 0).flatten(1).any(1)  # zero padding shows wherever the crop shifted
+        assert padded.float().mean() > 0.5
+        seen.append(yb)
+    assert [len(s) for s in seen] == [8, 8, 8, 8, 5]  # the last batch is short
+    assert sorted(torch.cat(seen).tolist()) == sorted(y.tolist())  # every image once per epoch
+    plain = utils.Batches(x, y, 8, shuffle=False, augment="none", channels_last=False)
+    xb, yb = next(iter(plain))
+    assert xb.is_contiguous() and torch.equal(yb, y[:8]) and torch.equal(xb, x[:8].float() / 255)
+
+
+@pytest.mark.parametrize("arch", ["lenet", "resnet20", "preactresnet18"])
+@pytest.mark.parametrize("act", ["relu", "kaf"])
+def test_models_in_channels_last_match_nchw(arch, act):
+    """What Run does on CUDA (model and batches in channels_last) computes the same function and
+    gradients as NCHW; KAF keeps the layout (no hidden copies)."""
+    c, size = (1, 28) if arch == "lenet" else (3, 32)
+    torch.manual_seed(0)
+    model = models.build(arch, act, 10, c, size, (0.5,) * c, (0.25,) * c).train().double()  # layout, not rounding
+    x = torch.rand(2, c, size, size, dtype=torch.float64)
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        m = model.to(memory_format=layout)
+        xi = x.clone(memory_format=layout).requires_grad_(True)
+        out = m(xi)
+        out.square().sum().backward()
+        grads.append((out.detach(), xi.grad, [p.grad.clone() for p in m.parameters()]))
+        m.zero_grad(set_to_none=True)
+    (o1, gx1, gp1), (o2, gx2, gp2) = grads
+    close = lambda a, b: (a - b).norm() <= 1e-9 * a.norm() + 1e-12
+    assert close(o1, o2) and close(gx1, gx2) and all(close(a, b) for a, b in zip(gp1, gp2))
+    kaf_in = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert activations.make_factory(act)(4)(kaf_in).is_contiguous(memory_format=torch.channels_last)
+
+
+def cuda_like_run(tmp_path, regime, act, amp, grad_clip=0):
+    """A CPU Run set up the way Run sets itself up on CUDA: channels_last model and batches, autocast
+    (CPU autocast stands in for CUDA's) and, for fp16, an enabled loss scaler."""
+    argv = ["--dataset", "synthetic32", "--model", "lenet", "--act", act, "--n-train", "32", "--batch-size", "16",
+            "--device", "cpu", "--lr-schedule", "constant", "--lr-max", "0.05", "--grad-clip", str(grad_clip),
+            "--out-dir", str(tmp_path)]
+    argv += {"free": ["--replays", "2"], "pgd": ["--attack-iters", "2"]}.get(regime, [])
+    script_args = bench.REGIMES[regime].get_args(argv)
+    run = bench.make_run(regime, script_args)
+    run.channels_last = run.train_batches.channels_last = True
+    run.model = run.model.to(memory_format=torch.channels_last)
+    run.amp_dtype = amp
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, enabled=amp == torch.float16)
+    return run, bench.make_train_step(regime, run, script_args)
+
+
+@pytest.mark.parametrize("regime", ["fast", "free", "pgd"])
+@pytest.mark.parametrize("act,amp", [("relu", torch.bfloat16), ("kaf", torch.bfloat16), ("kaf", torch.float16)])
+def test_autocast_and_scaler_steps_train(tmp_path, regime, act, amp):
+    run, train_step = cuda_like_run(tmp_path, regime, act, amp, grad_clip=1 if amp == torch.float16 else 0)
+    inputs = []
+    run.model.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    before = [p.detach().clone() for p in run.model.parameters()]
+    for x, y in run.train_batches:
+        loss, correct = train_step(x, y)
+        assert torch.isfinite(loss) and 0 <= int(correct) <= len(y)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in inputs)
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())  # autocast never changes the weights
+    changed = [not torch.equal(a, p.detach()) for a, p in zip(before, run.model.parameters())]
+    assert all(changed), "some parameters (e.g. KAF's alpha) did not train under autocast"
+    if amp == torch.float16:
+        assert run.scaler.is_enabled() and 0 < run.scaler.get_scale() <= 2.0 ** 12
+
+
+class SyncCounter:
+    """Counts calls that force a host-device sync on CUDA (item, tolist, cpu, numpy, bool(t), float(t),
+    int(t), nonzero, cuda.synchronize), by wrapping them."""
+    NAMES = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__", "nonzero")
+
+    def __init__(self, monkeypatch):
+        self.n, self.where = 0, []
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name), name))
+        monkeypatch.setattr(torch.cuda, "synchronize", self._wrap(torch.cuda.synchronize, "cuda.synchronize"))
+
+    def _wrap(self, fn, name):
+        def counted(*args, **kwargs):
+            self.n += 1
+            self.where.append(name)
+            return fn(*args, **kwargs)
+        return counted
+
+
+
+
+def tiny_run(tmp_path, regime, act, batches, batch_size=4):
+    argv = ["--dataset", "synthetic", "--model", "lenet", "--act", act, "--n-train", str(batch_size * batches),
+            "--batch-size", str(batch_size), "--n-eval", "8", "--eval-pgd-steps", "1", "--epochs", "1",
+            "--lr-schedule", "constant", "--lr-max", "0.01", "--device", "cpu", "--out-dir", str(tmp_path)]
+    argv += {"free": ["--replays", "2"], "pgd": ["--attack-iters", "2", "--grad-clip", "1"]}.get(regime, [])
+    script_args = bench.REGIMES[regime].get_args(argv)
+    run = bench.make_run(regime, script_args)
+    return run, bench.make_train_step(regime, run, script_args)
+
+
+@pytest.mark.parametrize("regime,act", [("fast", "relu"), ("free", "relu"), ("pgd", "relu"), ("fast", "pssilu"),
+                                        ("fast", "kwta"), ("free", "prelu"), ("fast", "kaf")])
+def test_train_steps_make_no_host_sync(tmp_path, monkeypatch, regime, act):
+    """A regime's training step (attack, forward, backward, optimiser step; --grad-clip for PGD)
+    never waits for the device."""
+    run, train_step = tiny_run(tmp_path, regime, act, batches=3)
+    counter = SyncCounter(monkeypatch)
+    for x, y in run.train_batches:
+        train_step(x, y)
+    assert counter.where == []
+
+
+def test_training_loop_syncs_only_for_its_progress_display(tmp_path, monkeypatch):
+    """Between the first and the last step of an epoch Run.fit syncs only to show progress (a few
+    calls every 50 batches), never per step."""
+    batches = 60
+    run, step = tiny_run(tmp_path, "fast", "relu", batches)
+    counter = SyncCounter(monkeypatch)
+    marks = []
+
+    def train_step(x, y):
+        marks.append(len(counter.where))
+        return step(x, y)
+
+    run.fit(train_step)
+    assert len(marks) == batches
+    during = counter.where[marks[0]:marks[-1]]
+    assert len(during) < batches / 4, f"{len(during)} host syncs in {batches - 1} steps: {sorted(set(during))}"
+
+
+def test_fp16_loss_scaler_costs_at_most_one_sync_per_step(tmp_path, monkeypatch):
+    """Under fp16 torch's GradScaler.step reads its found-inf flag on the host (one .item() per
+    optimiser step, unless the optimiser is fused); bf16 -- what 'auto' picks on H100/H200 -- needs no
+    scaler and has no sync at all (test_train_steps_make_no_host_sync)."""
+    run, train_step = cuda_like_run(tmp_path, "fast", "relu", torch.float16, grad_clip=1)
+    counter = SyncCounter(monkeypatch)
+    steps = 0
+    for x, y in run.train_batches:
+        train_step(x, y)
+        steps += 1
+    assert set(counter.where) <= {"item"} and len(counter.where) <= steps

@@ -1,0 +1,162 @@
+"""Reliability: kill -9 and --resume, divergence, bad input, and DDP with torchrun (gloo, CPU)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset", "synthetic", "--model", "lenet", "--n-train", "1024", "--n-eval", "64", "--batch-size", "64",
+        "--epsilon", "0.1", "--eval-pgd-steps", "2", "--device", "cpu", "--seed", "3"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the same thread count in every run: bit-identical float sums
+
+
+def _cmd(script, *args):
+    return [sys.executable, os.path.join(ROOT, script), *args]
+
+
+def _run(script, *args, timeout=300):
+    return subprocess.run(_cmd(script, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model_state"]
+
+
+def _kill_during_second_epoch(script, args, out):
+    """Start a run, SIGKILL it as soon as the checkpoint of its first epoch is on disk, i.e. while
+    the second epoch is in progress.  Returns the epoch the surviving checkpoint holds."""
+    ckpt = out / "checkpoint.pt"
+    proc = subprocess.Popen(_cmd(script, *args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("train_fast.py", ["--act", "pssilu", "--epochs", "3"]),
+    ("train_free.py", ["--act", "relu", "--epochs", "6", "--replays", "2", "--lr-max", "0.05"]),  # 3 passes
+])
+def test_kill_minus_9_then_resume_gives_the_same_final_weights(tmp_path, script, extra):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    r = _run(script, *TINY, *extra, "--out-dir", str(whole))
+    assert r.returncode == 0, r.stderr
+    survived = _kill_during_second_epoch(script, [*TINY, *extra, "--out-dir", str(broken)], broken)
+    assert survived == 1
+    r = _run(script, *TINY, *extra, "--out-dir", str(broken), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout
+    a, b = _weights(whole / "checkpoint.pt"), _weights(broken / "checkpoint.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (whole, broken))
+    assert sa["clean_acc"] == sb["clean_acc"] and sa["pgd_acc"] == sb["pgd_acc"]
+    assert [h["train_loss"] for h in sa["history"]] == [h["train_loss"] for h in sb["history"]]
+
+
+def test_resume_of_a_finished_run_only_evaluates_and_resume_of_another_model_is_refused(tmp_path):
+    out = tmp_path / "run"
+    assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
+    before = _weights(out / "checkpoint.pt")
+    r = _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out), "--resume")
+    assert r.returncode == 0 and "(finished)" in r.stdout and "epoch   1" not in r.stdout, r.stdout
+    after = _weights(out / "checkpoint.pt")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    r = _run("train_fast.py", *TINY, "--act", "silu", "--epochs", "1", "--out-dir", str(out), "--resume")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "cannot resume" in lines[0] and "act=relu" in lines[0], r.stderr
+    r = _run("train_free.py", *TINY, "--epochs", "1", "--out-dir", str(out), "--resume")
+    assert r.returncode == 2 and "train_fast" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
+    good = (out / "checkpoint.pt").read_bytes()
+    r = _run("train_fast.py", *TINY, "--epochs", "3", "--out-dir", str(out), "--resume",
+             "--lr-schedule", "constant", "--lr-max", "1e12", "--co-guard", "0")
+    errors = [l for l in r.stderr.splitlines() if "error" in l]  # (the rest of stderr is the progress bar)
+    assert r.returncode == 1, r.stderr
+    assert len(errors) == 1 and "diverged" in errors[0] and "epoch 2, batch" in errors[0] and "Traceback" not in r.stderr, r.stderr
+    assert (out / "checkpoint.pt").read_bytes() == good
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluated"] is False and "epoch 2" in summary["diverged"] and summary["epochs_completed"] == 1
+
+
+def test_non_finite_gradient_norm_is_caught_with_grad_clip(tmp_path):
+    import utils
+    import train_fast
+    args = train_fast.get_args([*TINY, "--epochs", "1", "--grad-clip", "1", "--out-dir", str(tmp_path)])
+    run = utils.Run(args, "train_fast")
+    x, y = next(iter(run.train_batches))
+    loss = torch.nn.functional.cross_entropy(run.forward(x), y)
+    run.step(loss)
+    assert run.bad_grad is not None and not bool(run.bad_grad)
+    loss = torch.nn.functional.cross_entropy(run.forward(x), y) * float("inf")
+    run.step(loss)
+    assert bool(run.bad_grad)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train_fast.py", "--model", "alexnet"], "invalid choice"),
+    (["train_fast.py", "--dataset", "imagenet"], "invalid choice"),
+    (["train_free.py", "--lr-schedule", "steps"], "invalid choice"),
+    (["train_free.py", "--replays", "0"], "--replays must be >= 1"),
+    (["train_pgd.py", "--attack-iters", "0"], "--attack-iters must be >= 1"),
+    (["train_pgd.py", "--act", "pssilu", "--softplus-beta", "10"], "applies to --act softplus"),
+    (["train_fast.py", "--epsilon", "-0.1"], "--epsilon must be > 0"),
+    (["train_fast.py", "--batch-size", "0"], "--batch-size must be >= 1"),
+])
+def test_bad_flags_are_refused_up_front_in_one_line(argv, message):
+    r = _run(*argv)
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
+    if message == "invalid choice":
+        assert "choose from" in lines[0]  # the valid choices are listed
+
+
+def test_checkpoint_of_another_kind_gives_one_line_error(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    r = _run("eval.py", str(other), "--device", "cpu")
+    assert r.returncode == 2 and "not a checkpoint of this project" in r.stderr and "Traceback" not in r.stderr
+    wrong = tmp_path / "wrong.pt"
+    good = tmp_path / "run"
+    assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(good)).returncode == 0
+    ckpt = torch.load(good / "checkpoint.pt", weights_only=False)
+    ckpt["model_config"]["act"] = "kaf"  # the weights no longer fit the model it describes
+    torch.save(ckpt, wrong)
+    r = _run("eval.py", str(wrong), "--device", "cpu")
+    assert r.returncode == 2 and "does not fit its model" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("script,extra,steps", [
+    ("train_fast.py", ["--epochs", "1"], 8),
+    ("train_free.py", ["--epochs", "2", "--replays", "2"], 16),  # 1 pass x 8 batches x 2 replays
+    ("train_pgd.py", ["--epochs", "1", "--attack-iters", "2"], 8),
+])
+def test_torchrun_two_processes_gloo_keeps_parameters_identical(tmp_path, script, extra, steps):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, script), *TINY, "--n-train", "512", *extra, "--out-dir", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["world_size"] == 2 and s["params_identical_across_ranks"] is True
+    rank0, rank1 = s["rank_param_sums"]
+    saved = [p.double().sum().item() for p in models.load_checkpoint(str(out / "checkpoint.pt")).parameters()]
+    assert rank1 == rank0 and rank1 == pytest.approx(saved, rel=0, abs=0)
+    # each rank trains on its own half of the data: 512 images / 2 ranks / 32 per rank = 8 batches
+    assert s["counts"]["optimizer_steps"] == steps
+    assert r.stdout.count("held-out PGD-10") == s["epochs_completed"]  # rank 0 alone logs
