@@ -5,8 +5,11 @@
   workers in the hot loop (the airbench approach).
 * Schedules: :func:`lr_at` / :func:`momentum_at`, stepped per iteration.
 * :class:`Run`: builds device, data, model, SGD, AMP; ``run.step(loss)`` is one optimiser step;
-  ``run.fit(train_step)`` runs the epochs with tqdm, the catastrophic-overfitting guard, per-epoch
-  atomic checkpoints, the final clean/PGD evaluation and ``summary.json``.
+  ``run.fit(train_step)`` runs the epochs with tqdm, the catastrophic-overfitting guard, the
+  divergence stop, per-epoch atomic checkpoints that --resume continues bit for bit, the final
+  clean/PGD evaluation and ``summary.json``; under torchrun it is DistributedDataParallel.
+* Training-data tricks (end of the file): Zhao & Griffin's random and mean training, Dai et al.'s
+  extra data, mixed into every regime's batches by :class:`TrainingTricks`.
 
 A training script supplies only its regime: the function that turns a clean batch into a training
 loss.  Imports torch, numpy, tqdm (optional) and the project's modules.

@@ -145,6 +145,7 @@ def test_checkpoint_of_another_kind_gives_one_line_error(tmp_path):
     ("train_fast.py", ["--epochs", "1"], 8),
     ("train_free.py", ["--epochs", "2", "--replays", "2"], 16),  # 1 pass x 8 batches x 2 replays
     ("train_pgd.py", ["--epochs", "1", "--attack-iters", "2"], 8),
+    ("train_fast.py", ["--epochs", "1", "--mean-training", "2", "--random-training", "0.5"], 8),  # the tricks' extra forward
 ])
 def test_torchrun_two_processes_gloo_keeps_parameters_identical(tmp_path, script, extra, steps):
     out = tmp_path / "ddp"
