@@ -770,7 +770,8 @@ class Run:
             if self.rank == 0:
                 write_json(summary, os.path.join(self.out_dir, "summary.json"))
             raise Diverged(e.epoch, e.batch, e.batches, e.label,
-                           f"; checkpoint.pt keeps {label} {epochs_done}, reason in {self.out_dir}/summary.json") from None
+                           (f"; checkpoint.pt keeps {label} {epochs_done}" if epochs_done else "; no epoch completed, no checkpoint")
+                           + f", reason in {self.out_dir}/summary.json") from None
         except KeyboardInterrupt:
             summary["stopped_early"] = f"interrupted in {label} {epochs_done + 1}"
             self.checkpoint(epochs_done, path=os.path.join(self.out_dir, "interrupted.pt"))

@@ -92,6 +92,9 @@ def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     assert (out / "checkpoint.pt").read_bytes() == good
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluated"] is False and "epoch 2" in summary["diverged"] and summary["epochs_completed"] == 1
+    fresh = tmp_path / "fresh"  # diverging in the first epoch: nothing to keep, and it says so
+    r = _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(fresh), "--lr-schedule", "constant", "--lr-max", "1e12")
+    assert r.returncode == 1 and "no epoch completed, no checkpoint" in r.stderr and not (fresh / "checkpoint.pt").exists()
 
 
 def test_non_finite_gradient_norm_is_caught_with_grad_clip(tmp_path):
