@@ -97,6 +97,8 @@ for regime in regimes:
         row["worst case"] = f"{100 * e['robust_accuracy']:.2f}" if "robust_accuracy" in e else "-"
         if "sanity_checks" in e:
             row["sanity checks"] = ("FAIL: " + ", ".join(e["sanity_failed"])) if e["sanity_failed"] else "pass"
+            if e.get("warnings"):  # attacks far above the worst case (see eval.py --gap-warn)
+                row["sanity checks"] += "; overstated by: " + ", ".join(w.split()[0] for w in e["warnings"])
         else:
             row["sanity checks"] = "-"
         row["train time (s)"] = f"{s['train_time_s']:.1f}" if "train_time_s" in s else "-"

@@ -134,8 +134,21 @@ def test_sanity_checks_pass_on_trained_model_and_fail_on_masked_one(trained_lene
     assert bad["accuracy"]["fgsm"] == bad["accuracy"]["clean"]  # sign(0) = 0: FGSM does not move
     assert "sanity checks FAILED" in bad["headline"] and "input_gradients" in bad["headline"]
     assert "FAIL  input_gradients" in capsys.readouterr().out
+    # the gradient attacks sit far above the worst case that Square found: they are named in a warning
+    assert any(w.startswith("apgd-ce ") for w in bad["warnings"]) and "WARNING: " in bad["headline"]
     for result in (ok, bad):  # the headline is the per-example worst case
         assert all(result["robust_accuracy"] <= a for a in result["accuracy"].values())
+
+
+def test_attack_gap_warnings_name_attacks_far_above_the_worst_case():
+    acc = {"clean": 0.77, "fgsm": 0.67, "pgd20x1": 0.361, "pgd50x10": 0.2765, "apgd-ce": 0.079, "square": 0.2895}
+    warnings = eval_script.attack_gap_warnings(acc, 0.073, 0.10)
+    assert [w.split()[0] for w in warnings] == ["pgd20x1", "pgd50x10", "square"]  # clean and FGSM are not attacks to trust
+    assert "28.8 points above the worst case" in warnings[0]
+    assert eval_script.attack_gap_warnings(acc, 0.073, 0.30) == []
+    result = {"robust_accuracy": 0.073, "accuracy": acc, "sanity_failed": [], "warnings": warnings, "gap_warn": 0.1,
+              "sanity_checks": {"large_eps": {"status": "PASS"}}}
+    assert "[WARNING: pgd20x1, pgd50x10, square overstate robustness by > 10 points]" in eval_script.headline(result)
 
 
 # ---------------------------------------------------------------------------------- noise metrics
