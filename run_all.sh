@@ -101,7 +101,7 @@ for regime in regimes:
                 row["sanity checks"] += "; overstated by: " + ", ".join(w.split()[0] for w in e["warnings"])
         else:
             row["sanity checks"] = "-"
-        row["train time (s)"] = f"{s['train_time_s']:.1f}" if "train_time_s" in s else "-"
+        row["train time (s)"] = f"{s['train_time_s']:.1f}" if s.get("epochs_completed") else "-"
         row["activation params"] = str(s.get("activation_params", "-"))
         row["status"] = (f"failed ({failed})" if failed else "ok" if e else "not run") + (
             f"; {s['stopped_early']}" if s.get("stopped_early") else "")
