@@ -399,6 +399,8 @@ def parse_args(parser, argv=None):
         problems.append("--lr-find-steps must be >= 2")
     if not 0 < args.lr_find_min < args.lr_find_max:
         problems.append("--lr-find-min and --lr-find-max need 0 < min < max")
+    if args.lr_find and args.resume:
+        problems.append("--resume cannot be combined with --lr-find (the LR range test always starts afresh)")
     problems += trick_problems(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append("--device cuda asked for but CUDA is not available; use --device cpu")

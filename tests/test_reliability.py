@@ -120,6 +120,7 @@ def test_non_finite_gradient_norm_is_caught_with_grad_clip(tmp_path):
     (["train_pgd.py", "--act", "pssilu", "--softplus-beta", "10"], "applies to --act softplus"),
     (["train_fast.py", "--epsilon", "-0.1"], "--epsilon must be > 0"),
     (["train_fast.py", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["train_free.py", "--resume", "--lr-find"], "cannot be combined"),
 ])
 def test_bad_flags_are_refused_up_front_in_one_line(argv, message):
     r = _run(*argv)
