@@ -247,15 +247,23 @@ def analyze_shapes(model, radius=5.0, points=1001, json_points=201, json_channel
     return {"range": radius, "points": points, "activations": out}
 
 
+def _panel_grid(plt, n, height):
+    """A figure with ``n`` panels, three to a row; returns (fig, the n axes), spare cells switched off."""
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, height * rows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:n]
+
+
 def plot_shapes(result, path, plt):
     """One panel per activation module: its channel functions (up to 16), KAF dictionary marked."""
     items = [a for a in result["activations"] if "curves" in a]
     if not items:
         return None
-    cols = min(3, len(items))
-    rows = math.ceil(len(items) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    for ax, a in zip(axes.flat, items):
+    fig, axes = _panel_grid(plt, len(items), 3.4)
+    for ax, a in zip(axes, items):
         for y in a["curves"]:
             ax.plot(a["curve_x"], y, linewidth=0.8, alpha=0.6 if len(a["curves"]) > 1 else 1)
         if "dictionary" in a:
@@ -264,8 +272,6 @@ def plot_shapes(result, path, plt):
         ax.set_title(f"{a['layer']}\n{a['type']} {shown}  L={a['lipschitz']:.3g}", fontsize=8)
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.axvline(0, color="grey", linewidth=0.5)
-    for ax in list(axes.flat)[len(items):]:
-        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -378,18 +384,14 @@ def plot_preacts(result, path, plt):
     layers = result["layers"]
     if not layers:
         return None
-    cols = min(3, len(layers))
-    rows = math.ceil(len(layers) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, L in zip(axes.flat, layers):
+    fig, axes = _panel_grid(plt, len(layers), 3.2)
+    for ax, L in zip(axes, layers):
         h = L["histogram"]
         for kind, color in (("clean", "C0"), ("adversarial", "C3")):
             ax.stairs(h[kind], h["edges"], color=color, label=kind)
         ax.set_title(f"{L['layer']} ({L['activation']})\nW1 {L['wasserstein1']:.3g}, shift {L['relative_shift']:.3g}", fontsize=8)
         ax.set_yscale("log")
-    axes.flat[0].legend(fontsize=7)
-    for ax in list(axes.flat)[len(layers):]:
-        ax.axis("off")
+    axes[0].legend(fontsize=7)
     fig.suptitle(f"pre-activations, clean vs PGD (eps {result['eps']:.4g})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -633,11 +635,7 @@ def main(argv=None):
                       f"Lipschitz {a['lipschitz']:.3f}" + (f"  (means over {a['channels']} channels)" if a["channels"] > 1 else ""))
 
     if args.preacts or args.lipschitz:
-        dataset = model.checkpoint.get("dataset", {}).get("name") or train_args.get("dataset")
-        if dataset not in utils.DATASETS:
-            raise utils.UserError(f"checkpoint {args.checkpoint} names no known dataset ({dataset!r})")
-        x, y = utils.load_split(dataset, args.data_dir or train_args.get("data_dir", "./data"), train=False)
-        x, y = x[:args.n_eval].float().div_(255), y[:args.n_eval]
+        _, x, y = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, args.n_eval)
         eps = args.eps if args.eps is not None else train_args.get("epsilon", 8 / 255)
         if args.preacts:
             results["preacts"] = r = analyze_preacts(model, x, y, eps, args.pgd_steps, args.batch_size, args.bins,

@@ -406,13 +406,7 @@ def main(argv=None):
     utils.seed_everything(args.seed)
     model = models.load_checkpoint(args.checkpoint).to(args.device)
     train_args = model.checkpoint.get("args", {})
-    dataset = model.checkpoint.get("dataset", {}).get("name") or train_args.get("dataset")
-    if dataset not in utils.DATASETS:
-        raise utils.UserError(f"checkpoint {args.checkpoint} names no known dataset ({dataset!r})")
-    x, y = utils.load_split(dataset, args.data_dir or train_args.get("data_dir", "./data"), train=False)
-    if args.n_eval:
-        x, y = x[:args.n_eval], y[:args.n_eval]
-    x = x.float().div_(255)
+    dataset, x, y = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, args.n_eval)
     eps = args.eps if args.eps is not None else train_args.get("epsilon", 8 / 255)
     cfg = getattr(model, "config", {})
     label = f"{cfg.get('arch', '?')} {cfg.get('saf_insert') + '-insert' if cfg.get('saf_insert') else cfg.get('act', '?')} " \

@@ -171,6 +171,18 @@ def load_split(name, data_dir, train):
     return x.contiguous(), y
 
 
+def checkpoint_test_set(model, path, data_dir=None, n_eval=None):
+    """(dataset name, x, y): the test split of the dataset a checkpoint was trained on (``model`` from
+    models.load_checkpoint of ``path``), read from ``data_dir`` or else the training run's --data-dir,
+    first ``n_eval`` images (all when None), x as floats in [0, 1].  Used by eval.py and analyze.py."""
+    train_args = model.checkpoint.get("args", {})
+    dataset = model.checkpoint.get("dataset", {}).get("name") or train_args.get("dataset")
+    if dataset not in DATASETS:
+        raise UserError(f"checkpoint {path} names no known dataset ({dataset!r})")
+    x, y = load_split(dataset, data_dir or train_args.get("data_dir", "./data"), train=False)
+    return dataset, x[:n_eval].float().div_(255), y[:n_eval]
+
+
 class Batches:
     """Iterate over (x, y) minibatches of an in-memory uint8 dataset, on its device.
 
@@ -785,8 +797,9 @@ class Run:
             raise
         self.checkpoint(epochs_done, train_step=train_step, guard_stopped=summary["catastrophic_overfitting"] is not None)
         if self.world > 1:
-            summary["params_identical_across_ranks"] = self._params_in_sync()
-            summary["rank_param_sums"] = self.rank_param_sums
+            sums = self._rank_param_sums()
+            summary["params_identical_across_ranks"] = all(s == sums[0] for s in sums[1:])
+            summary["rank_param_sums"] = sums
         if self.rank != 0:  # rank 0 evaluates and writes the summary; the others wait for it
             torch.distributed.barrier()
             return summary
@@ -801,13 +814,12 @@ class Run:
             torch.distributed.barrier()
         return summary
 
-    def _params_in_sync(self):
-        """Per-tensor float64 sums of the parameters, gathered from every rank (the DDP test's witness)."""
+    def _rank_param_sums(self):
+        """Per-tensor float64 sums of the parameters, one list per rank (the DDP test's witness)."""
         sums = torch.stack([p.detach().double().sum() for p in self.model.parameters()])
         gathered = [torch.empty_like(sums) for _ in range(self.world)]
         torch.distributed.all_gather(gathered, sums)
-        self.rank_param_sums = [g.tolist() for g in gathered]
-        return all(torch.equal(gathered[0], g) for g in gathered[1:])
+        return [g.tolist() for g in gathered]
 
     def _result_fields(self, epochs_done, train_time, evaluated):
         return {"epochs_completed": epochs_done, "train_time_s": round(train_time, 2), "pgd": self.pgd_config(),
