@@ -11,13 +11,22 @@ nonlinearity of a network and ``--act-scope`` decides how parameters are shared:
 * ``channel``: one instance per layer with one parameter (set) per channel -- what KAF does
   (Scardapane et al. 2019).
 
-Imports only torch and numpy, so the file can be copied into another project as it is.
+Imports only torch (and Triton when it is installed, for the fused KAF kernel on CUDA), so the file
+can be copied into another project as it is.
 """
 import math
+import os
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:  # optional: a fused KAF kernel for CUDA (Triton ships with CUDA builds of torch)
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: KAF uses the loop in KAFFunction
+    triton = None
 
 
 def _per_channel(param, x):
@@ -302,6 +311,174 @@ class KAFFunction(torch.autograd.Function):
         return grad_x, grad_alpha, None, None, None
 
 
+# Fused KAF kernels (Triton).  One pass over the input per direction, all D kernels in registers:
+# the loop in KAFFunction costs ~3 tensor-sized memory passes per kernel, this one pass in total,
+# which is what makes KAF cost about as much as ReLU on a GPU.  The tensor is viewed as
+# (outer, C, inner) -- NCHW: (N, C, HW); channels_last and (N, C): (N*H*W or N, C, 1) -- and each
+# program handles a tile of BLOCK_P positions x BLOCK_C channels of it.  TRITON_INTERPRET=1 runs the
+# same kernels on CPU tensors, which is how the tests check them on a machine without a GPU.
+KAF_IMPLS = ("auto", "triton", "loop", "naive")
+
+if triton is not None:
+    @triton.jit
+    def _kaf_kernel_and_slope(u, gamma, KERNEL: tl.constexpr):
+        """k(u) and k'(u) of the three KAF kernels (0 gaussian, 1 relu, 2 softplus)."""
+        if KERNEL == 0:
+            k = tl.exp(-gamma * u * u)
+            return k, -2.0 * gamma * u * k
+        elif KERNEL == 1:
+            return tl.maximum(u, 0.0), (u > 0).to(u.dtype)
+        else:
+            e = tl.exp(-tl.abs(u))
+            return tl.maximum(u, 0.0) + tl.log(1.0 + e), tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+    @triton.jit
+    def _kaf_tile(t, pid_c, P, C, INNER, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Offsets, mask and channel indices of tile t of the (outer, C, inner) view."""
+        p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        offsets = ((p // INNER) * C * INNER + p % INNER)[:, None] + (c * INNER)[None, :]
+        return offsets, (p < P)[:, None] & (c < C)[None, :], c
+
+    @triton.jit
+    def _kaf_forward_kernel(x_ptr, alpha_ptr, d_ptr, out_ptr, P, C, INNER, alpha_stride, gamma,
+                            D: tl.constexpr, KERNEL: tl.constexpr, COMPUTE: tl.constexpr,
+                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        offsets, mask, c = _kaf_tile(tl.program_id(0), tl.program_id(1), P, C, INNER, BLOCK_P, BLOCK_C)
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+        f = tl.zeros((BLOCK_P, BLOCK_C), COMPUTE)
+        for i in tl.static_range(D):
+            a = tl.load(alpha_ptr + c * alpha_stride + i, mask=c < C, other=0.0).to(COMPUTE)
+            k, _ = _kaf_kernel_and_slope(x - tl.load(d_ptr + i).to(COMPUTE), gamma, KERNEL)
+            f += a[None, :] * k
+        tl.store(out_ptr + offsets, f.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _kaf_backward_kernel(x_ptr, g_ptr, alpha_ptr, d_ptr, grad_x_ptr, partial_ptr, P, C, INNER, alpha_stride,
+                             gamma, num_tiles, D: tl.constexpr, D_PAD: tl.constexpr, KERNEL: tl.constexpr,
+                             COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                             NEED_X: tl.constexpr, NEED_ALPHA: tl.constexpr):
+        # grid-stride over tiles so each program sums many tiles' dL/dalpha before writing its
+        # (BLOCK_C, D) partial: a deterministic reduction (no atomics) into a small buffer
+        pid_p, pid_c = tl.program_id(0), tl.program_id(1)
+        cols = tl.arange(0, D_PAD)
+        grad_alpha = tl.zeros((BLOCK_C, D_PAD), COMPUTE)
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        for t in range(pid_p, num_tiles, tl.num_programs(0)):
+            offsets, mask, c = _kaf_tile(t, pid_c, P, C, INNER, BLOCK_P, BLOCK_C)
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)  # 0 outside: no contribution
+            slope = tl.zeros((BLOCK_P, BLOCK_C), COMPUTE)
+            for i in tl.static_range(D):
+                k, dk = _kaf_kernel_and_slope(x - tl.load(d_ptr + i).to(COMPUTE), gamma, KERNEL)
+                if NEED_X:
+                    a = tl.load(alpha_ptr + c * alpha_stride + i, mask=c < C, other=0.0).to(COMPUTE)
+                    slope += a[None, :] * dk
+                if NEED_ALPHA:
+                    grad_alpha += tl.where(cols[None, :] == i, tl.sum(g * k, axis=0)[:, None], 0.0)
+            if NEED_X:
+                tl.store(grad_x_ptr + offsets, (g * slope).to(grad_x_ptr.dtype.element_ty), mask=mask)
+        if NEED_ALPHA:
+            tl.store(partial_ptr + (pid_p * C + c)[:, None] * D + cols[None, :], grad_alpha,
+                     mask=(c < C)[:, None] & (cols < D)[None, :])
+
+
+def _kaf_layout(x):
+    """x as a dense tensor in NCHW or channels_last order, and its (positions, C, inner) view."""
+    C = x.shape[1]
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x, x.numel() // C, C, 1
+    x = x.contiguous()
+    return x, x.numel() // C, C, math.prod(x.shape[2:])
+
+
+class KAFTritonFunction(torch.autograd.Function):
+    """KAF f(s) = sum_i alpha_i k(s - d_i) with fused Triton kernels for any of the three kernels:
+    saves only the input (like :class:`KAFFunction`) and reads/writes each tensor once per pass.
+    Backward: df/ds = sum_i alpha_i k'(s - d_i), dL/dalpha_ci = sum over the channel of g k(s - d_i).
+    Computes in float32 (float64 for float64 input) and returns the input's dtype and layout."""
+
+    @staticmethod
+    def _config(x, alpha):
+        x, P, C, inner = _kaf_layout(x)
+        block_c = 1 if inner > 1 else min(triton.next_power_of_2(C), 64)  # a tile is contiguous either way
+        compute = tl.float64 if x.dtype == torch.float64 else tl.float32
+        return x, dict(P=P, C=C, INNER=inner, alpha_stride=0 if alpha.shape[0] == 1 else alpha.shape[1],
+                       D=alpha.shape[1], COMPUTE=compute, BLOCK_P=max(4096 // block_c, 16), BLOCK_C=block_c)
+
+    @staticmethod
+    def forward(ctx, x, alpha, d, gamma, kernel):
+        x, cfg = KAFTritonFunction._config(x, alpha)
+        ctx.save_for_backward(x, alpha, d)
+        ctx.gamma, ctx.kernel = gamma, kernel
+        out = torch.empty_like(x)
+        if x.numel():
+            grid = (triton.cdiv(cfg["P"], cfg["BLOCK_P"]), triton.cdiv(cfg["C"], cfg["BLOCK_C"]))
+            _kaf_forward_kernel[grid](x, alpha, d, out, gamma=gamma, KERNEL=KAF_KERNELS.index(kernel), **cfg)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, alpha, d = ctx.saved_tensors
+        need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        _, cfg = KAFTritonFunction._config(x, alpha)
+        g = grad_out.contiguous(memory_format=torch.channels_last if cfg["INNER"] == 1 and x.dim() == 4
+                                else torch.contiguous_format)
+        num_tiles = triton.cdiv(cfg["P"], cfg["BLOCK_P"])
+        grid_c = triton.cdiv(cfg["C"], cfg["BLOCK_C"])
+        grid_p = max(1, min(num_tiles, 1024 // grid_c, triton.cdiv(num_tiles, 8)))  # >= 8 tiles a program
+        grad_x = torch.empty_like(x) if need_x else None
+        partial = torch.zeros((grid_p, cfg["C"], cfg["D"]), dtype=torch.float64 if x.dtype == torch.float64
+                              else torch.float32, device=x.device)
+        if x.numel():
+            _kaf_backward_kernel[(grid_p, grid_c)](
+                x, g, alpha, d, grad_x if need_x else x, partial, gamma=ctx.gamma, num_tiles=num_tiles,
+                D_PAD=triton.next_power_of_2(cfg["D"]), KERNEL=KAF_KERNELS.index(ctx.kernel),
+                NEED_X=need_x, NEED_ALPHA=need_alpha, **cfg)
+        grad_alpha = None
+        if need_alpha:
+            grad_alpha = partial.sum(0)
+            grad_alpha = (grad_alpha.sum(0, keepdim=True) if alpha.shape[0] == 1 else grad_alpha).to(alpha.dtype)
+        return grad_x, grad_alpha, None, None, None
+
+
+_TRITON_KAF_OK = {}  # device -> whether the fused kernels compiled and matched the loop there
+
+
+def triton_kaf_usable(device):
+    """Whether the fused kernels can run on ``device``: Triton installed, a CUDA device (or CPU under
+    TRITON_INTERPRET=1), and -- checked once per device -- they compile there and agree with the
+    plain version on a small input.  If not, KAF warns once and falls back, so a Triton problem on
+    some GPU costs speed, never a run."""
+    device = torch.device(device)
+    if triton is None or not (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    if device not in _TRITON_KAF_OK:
+        # the first KAF call may come under no_grad, inference_mode or autocast: check outside them
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            _TRITON_KAF_OK[device] = _triton_kaf_check(device)
+    return _TRITON_KAF_OK[device]
+
+
+def _triton_kaf_check(device):
+    """Run the fused kernels once on a small input against kaf_naive; warn and say False if they fail."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = (2 * torch.randn(2, 3, 5, 5, generator=gen)).to(device).requires_grad_(True)
+        alpha = torch.randn(3, 7, generator=gen).to(device).requires_grad_(True)
+        d, gamma = kaf_dictionary(7, 3.0)
+        d, g = d.to(device), torch.randn(x.shape, generator=gen).to(device)
+        got = KAFTritonFunction.apply(x, alpha, d, gamma, "gaussian")
+        ref = kaf_naive(x, alpha, d, gamma)
+        pairs = zip((got, *torch.autograd.grad(got, (x, alpha), g)), (ref, *torch.autograd.grad(ref, (x, alpha), g)))
+        ok, reason = max(float((a - b).detach().abs().max()) for a, b in pairs) < 1e-3, "they disagree with the plain version"
+    except Exception as e:  # a compiler or driver problem on this machine
+        ok, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not ok:
+        warnings.warn(f"fused Triton KAF kernels unusable on {device} ({reason}); using the slower loop")
+    return ok
+
+
 class KAF(nn.Module):
     """Kernel Activation Function (Scardapane et al. 2019, the KAF thesis):
         f(s) = sum_{i=1..D} alpha_i k(s - d_i),   k(u) = exp(-gamma u^2) by default,
@@ -312,10 +489,15 @@ class KAF(nn.Module):
     alpha ~ N(0, 0.3^2).  D=20, B=3, gamma=1/(6 Delta^2) follow the paper; the PyTorch reference
     code uses B=4 and gamma=1/(8 Delta^2) (``gamma_rule='code'``).  With the Gaussian kernel f
     decays to 0 outside [-B, B], so a KAF is bounded: an attack evaluation must check for gradient
-    masking.  ``kernel`` 'relu' or 'softplus' (the reference code's other kernels, the thesis's
-    "different kernels" future work; see :func:`kaf_kernel`) use the plain, memory-hungry path."""
+    masking.  ``kernel`` 'relu' or 'softplus': the reference code's other kernels, the thesis's
+    "different kernels" future work (see :func:`kaf_kernel`).
 
-    def __init__(self, channels=1, size=20, boundary=3.0, init="elu", gamma_rule="paper", naive=False, kernel="gaussian"):
+    ``impl`` picks the computation, all with the same result: 'triton' the fused kernels
+    (:class:`KAFTritonFunction`), 'loop' the memory-efficient :class:`KAFFunction` (Gaussian only),
+    'naive' :func:`kaf_naive` (keeps D times the input for backward); 'auto' (default) takes
+    triton on a GPU where :func:`triton_kaf_usable`, else loop for the Gaussian, naive otherwise."""
+
+    def __init__(self, channels=1, size=20, boundary=3.0, init="elu", gamma_rule="paper", impl="auto", kernel="gaussian"):
         super().__init__()
         if size < 2:
             raise ValueError(f"kaf dictionary size must be >= 2, got {size}")
@@ -327,11 +509,17 @@ class KAF(nn.Module):
             raise ValueError(f"kaf gamma_rule must be 'paper' or 'code', got {gamma_rule!r}")
         if kernel not in KAF_KERNELS:
             raise ValueError(f"kaf kernel must be one of {', '.join(KAF_KERNELS)}, got {kernel!r}")
+        if impl not in KAF_IMPLS:
+            raise ValueError(f"kaf impl must be one of {', '.join(KAF_IMPLS)}, got {impl!r}")
+        if impl == "triton" and triton is None:
+            raise ValueError("kaf impl 'triton' needs the triton package (pip install triton)")
+        if impl == "loop" and kernel != "gaussian":
+            raise ValueError(f"kaf impl 'loop' computes the gaussian kernel only, not {kernel!r}")
         d, gamma = kaf_dictionary(size, boundary, gamma_rule)
         self.register_buffer("dictionary", d)
         self.dictionary_values = tuple(d.tolist())  # fixed by (size, boundary): no device read per pass
         self.gamma = gamma
-        self.channels, self.init, self.naive, self.kernel = channels, init, naive, kernel
+        self.channels, self.init, self.impl, self.kernel = channels, init, impl, kernel
         if init == "elu":
             alpha = kaf_ridge_init(d, gamma, kernel=kernel).expand(channels, size).clone()
         else:
@@ -339,13 +527,20 @@ class KAF(nn.Module):
         self.alpha = nn.Parameter(alpha)
 
     def forward(self, x):
-        if self.naive or self.kernel != "gaussian":
+        impl = self.impl
+        if impl == "auto":
+            impl = "triton" if x.is_cuda and triton_kaf_usable(x.device) else "loop" if self.kernel == "gaussian" else "naive"
+        if impl == "triton":
+            if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+                raise RuntimeError("kaf impl 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run it on CPU)")
+            return KAFTritonFunction.apply(x, self.alpha, self.dictionary, self.gamma, self.kernel)
+        if impl == "naive":
             return kaf_naive(x, self.alpha.to(x.dtype), self.dictionary.to(x.dtype), self.gamma, self.kernel)
         return KAFFunction.apply(x, self.alpha, self.dictionary, self.gamma, self.dictionary_values)
 
     def extra_repr(self):
         return (f"channels={self.channels}, D={self.dictionary.numel()}, B={self.dictionary[-1].item():g}, "
-                f"kernel={self.kernel}, gamma={self.gamma:.4g}, init={self.init}")
+                f"kernel={self.kernel}, gamma={self.gamma:.4g}, init={self.init}, impl={self.impl}")
 
 
 # ----------------------------------------------------------------------------------------- registry
@@ -372,7 +567,7 @@ SCOPES = ("network", "layer", "channel")
 OPTIONS = {
     "softplus": {"beta"}, "kwta": {"gamma"}, "prelu": {"init"}, "psilu": {"init"},
     "psoftplus": {"init"}, "pssilu": {"init_a", "init_b"},
-    "kaf": {"size", "boundary", "init", "gamma_rule", "naive", "kernel"},
+    "kaf": {"size", "boundary", "init", "gamma_rule", "impl", "kernel"},
 }
 
 

@@ -40,7 +40,7 @@ The step benchmark trains at a constant LR of 0.01 (``--lr-schedule constant --l
 pass others to override) so that no configuration diverges while it is timed.
 
     python bench.py --device cpu --dataset fashionmnist --model lenet --acts relu silu kaf --regimes fast free pgd
-    python bench.py --device cuda --dataset cifar10 --model preactresnet18 --batch-size 256 --acts relu kaf
+    python bench.py --device cuda --dataset cifar10 --model preactresnet18 --batch-size 256 --acts relu kaf kaf:loop
     python bench.py --device cuda --end-to-end --regimes fast --acts relu kaf --epochs 15 --batch-size 128
 """
 import argparse
@@ -80,7 +80,7 @@ def get_args(argv=None):
                    help="shape of the synthetic data: channels, size, classes, normalisation, augmentation (default cifar10)")
     p.add_argument("--model", default="preactresnet18", choices=models.ARCH_NAMES, help="default preactresnet18")
     p.add_argument("--acts", nargs="+", default=["relu", "kaf"], help="activations to compare (default relu kaf; "
-                   "the ratios are relative to relu)")
+                   "the ratios are relative to relu); kaf:IMPL picks how KAF is computed (kaf:triton, kaf:loop, kaf:naive)")
     p.add_argument("--regimes", nargs="+", default=["fast"], choices=list(REGIMES), help="default fast")
     p.add_argument("--batch-size", type=int, default=256, help="default 256")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per configuration (default 20)")
@@ -232,9 +232,11 @@ def _forever(batches):
 
 # ------------------------------------------------------------------------------ one configuration
 def script_argv(args, regime, act):
-    """The training script's flags for one configuration (the user's extra flags last, so they win)."""
+    """The training script's flags for one configuration (the user's extra flags last, so they win).
+    ``act`` is an activation name, or kaf:IMPL for a KAF computed by IMPL (``--kaf-impl``)."""
+    act, _, impl = act.partition(":")
     argv = ["--dataset", args.dataset, "--model", args.model, "--act", act, "--batch-size", str(args.batch_size),
-            "--device", args.device, "--amp", args.amp]
+            "--device", args.device, "--amp", args.amp] + (["--kaf-impl", impl] if impl else [])
     if args.end_to_end:
         argv += ["--epochs", str(args.epochs), "--co-guard", "0"]
     else:

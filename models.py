@@ -228,8 +228,11 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model_state" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no model_config/model_state)")
+    config = dict(ckpt["model_config"])
+    # how a KAF was computed (impl) is not part of the model: rebuild with the default for this machine
+    config["act_options"] = {k: v for k, v in (config.get("act_options") or {}).items() if k != "impl"}
     try:
-        model = build(**ckpt["model_config"])
+        model = build(**config)
         model.load_state_dict(ckpt["model_state"])
     except (RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit its model: {str(e).splitlines()[0][:200]}") from None

@@ -339,6 +339,8 @@ def base_parser(description, **defaults):
     g.add_argument("--kaf-gamma", default=None, choices=["paper", "code"], help="KAF bandwidth 1/(6 D^2) (paper, default) or 1/(8 D^2) (reference code)")
     g.add_argument("--kaf-kernel", default=None, choices=list(activations.KAF_KERNELS),
                    help="KAF kernel (default gaussian; relu and softplus are the reference code's other kernels)")
+    g.add_argument("--kaf-impl", default=None, choices=list(activations.KAF_IMPLS),
+                   help="how KAF is computed, same result (default auto: fused Triton kernels on a GPU, else a loop over the kernels)")
     g.add_argument("--softplus-beta", type=float, default=None, help="softplus beta (default 1; SAT also uses 10)")
     g.add_argument("--kwta-gamma", type=float, default=None, help="k-WTA share of kept units (default 0.1)")
     g.add_argument("--n-train", type=int, default=None, help="use only the first N training images")
@@ -416,6 +418,8 @@ def parse_args(parser, argv=None):
     problems += trick_problems(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         problems.append("--device cuda asked for but CUDA is not available; use --device cpu")
+    if args.kaf_impl == "triton" and not args.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        problems.append("--kaf-impl triton runs on CUDA only (or under TRITON_INTERPRET=1, slowly)")
     try:
         activations.make_factory(args.act, args.act_scope, **act_options(args))
     except ValueError as e:
@@ -428,7 +432,7 @@ def parse_args(parser, argv=None):
 def act_options(args):
     """Activation constructor options from the flags; an option for another activation is refused."""
     flag_map = {"kaf_size": ("kaf", "size"), "kaf_boundary": ("kaf", "boundary"), "kaf_init": ("kaf", "init"),
-                "kaf_gamma": ("kaf", "gamma_rule"), "kaf_kernel": ("kaf", "kernel"),
+                "kaf_gamma": ("kaf", "gamma_rule"), "kaf_kernel": ("kaf", "kernel"), "kaf_impl": ("kaf", "impl"),
                 "softplus_beta": ("softplus", "beta"), "kwta_gamma": ("kwta", "gamma")}
     options = {}
     for flag, (act, key) in flag_map.items():

@@ -7,6 +7,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Without a GPU, Triton kernels (the fused KAF) run in Triton's interpreter on CPU tensors.  Triton
+# reads this when triton.language is imported (torchvision imports it), so it is set before any test
+# module is; scripts the tests start as subprocesses get it removed (tests/test_reliability.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

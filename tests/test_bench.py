@@ -92,6 +92,8 @@ def test_add_ratios_and_table():
     (["--regimes", "free", "--replays", "0"], "--replays must be >= 1"),
     (["--regimes", "fast", "--nonsense-flag"], "unrecognized arguments: --nonsense-flag"),
     (["--device", "cuda"], "CUDA is not available"),
+    (["--acts", "relu:loop"], "--kaf-impl applies to --act kaf"),
+    (["--acts", "kaf:fastest"], "invalid choice"),
 ])
 def test_bench_bad_flags_give_one_line_errors(capsys, argv, message):
     if argv == ["--device", "cuda"] and torch.cuda.is_available():
@@ -111,6 +113,16 @@ def test_regime_flags_go_to_their_regime_only():
     assert all(a[-2:] == ["--epsilon", "0.1"] for a in argv.values())  # unknown flags: to every script, last
 
 
+def test_kaf_impl_variants_are_separate_rows_of_the_same_activation():
+    args = bench.get_args(["--device", "cpu", "--acts", "relu", "kaf", "kaf:loop", "kaf:naive"])
+    cfgs = list(bench.configs(args))
+    assert [c["act"] for c in cfgs] == ["relu", "kaf", "kaf:loop", "kaf:naive"]  # the table's labels
+    argv = [c["argv"] for c in cfgs]
+    assert argv[1][argv[1].index("--act") + 1] == "kaf" and "--kaf-impl" not in argv[1]
+    assert argv[2][argv[2].index("--act") + 1:argv[2].index("--act") + 2] == ["kaf"]
+    assert argv[2][argv[2].index("--kaf-impl") + 1] == "loop" and argv[3][argv[3].index("--kaf-impl") + 1] == "naive"
+
+
 def test_saved_for_backward_counts_storages_once_and_frees_them():
     x = torch.randn(256, 256, requires_grad=True)  # 256 KiB
     with bench.SavedForBackward() as saved:
@@ -127,7 +139,7 @@ def test_saved_for_backward_counts_storages_once_and_frees_them():
     s = torch.randn(8, 4, 6, 6, requires_grad=True)
     peaks = {}
     for naive in (False, True):
-        kaf = activations.KAF(4, naive=naive)
+        kaf = activations.KAF(4, impl="naive" if naive else "loop")
         with bench.SavedForBackward() as saved:
             kaf(s).sum().backward()
         peaks[naive] = saved.peak

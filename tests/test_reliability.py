@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synthetic", "--model", "lenet", "--n-train", "1024", "--n-eval", "64", "--batch-size", "64",
         "--epsilon", "0.1", "--eval-pgd-steps", "2", "--device", "cpu", "--seed", "3"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the same thread count in every run: bit-identical float sums
+ENV.pop("TRITON_INTERPRET", None)  # the scripts as a user runs them (conftest sets it for the kernel tests)
 
 
 def _cmd(script, *args):
@@ -121,6 +122,8 @@ def test_non_finite_gradient_norm_is_caught_with_grad_clip(tmp_path):
     (["train_fast.py", "--epsilon", "-0.1"], "--epsilon must be > 0"),
     (["train_fast.py", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["train_free.py", "--resume", "--lr-find"], "cannot be combined"),
+    (["train_fast.py", "--act", "kaf", "--kaf-impl", "loop", "--kaf-kernel", "relu"], "gaussian kernel only"),
+    (["train_fast.py", "--act", "kaf", "--kaf-impl", "triton", "--device", "cpu"], "runs on CUDA only"),
 ])
 def test_bad_flags_are_refused_up_front_in_one_line(argv, message):
     r = _run(*argv)
