@@ -442,6 +442,7 @@ class KAFTritonFunction(torch.autograd.Function):
         return grad_x, grad_alpha, None, None, None
 
 
+_compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3 has no such query
 _TRITON_KAF_OK = {}  # device -> whether the fused kernels compiled and matched the loop there
 
 
@@ -495,7 +496,8 @@ class KAF(nn.Module):
     ``impl`` picks the computation, all with the same result: 'triton' the fused kernels
     (:class:`KAFTritonFunction`), 'loop' the memory-efficient :class:`KAFFunction` (Gaussian only),
     'naive' :func:`kaf_naive` (keeps D times the input for backward); 'auto' (default) takes
-    triton on a GPU where :func:`triton_kaf_usable`, else loop for the Gaussian, naive otherwise."""
+    triton on a GPU where :func:`triton_kaf_usable` (not inside torch.compile), else loop for the
+    Gaussian, naive otherwise."""
 
     def __init__(self, channels=1, size=20, boundary=3.0, init="elu", gamma_rule="paper", impl="auto", kernel="gaussian"):
         super().__init__()
@@ -526,10 +528,17 @@ class KAF(nn.Module):
             alpha = 0.3 * torch.randn(channels, size)
         self.alpha = nn.Parameter(alpha)
 
+    def impl_for(self, x):
+        """The computation used for input x (``impl`` with 'auto' resolved)."""
+        if self.impl != "auto":
+            return self.impl
+        # under torch.compile the plain versions, which the compiler fuses itself and can trace
+        if x.is_cuda and not _compiling() and triton_kaf_usable(x.device):
+            return "triton"
+        return "loop" if self.kernel == "gaussian" else "naive"
+
     def forward(self, x):
-        impl = self.impl
-        if impl == "auto":
-            impl = "triton" if x.is_cuda and triton_kaf_usable(x.device) else "loop" if self.kernel == "gaussian" else "naive"
+        impl = self.impl_for(x)
         if impl == "triton":
             if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
                 raise RuntimeError("kaf impl 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run it on CPU)")

@@ -335,3 +335,20 @@ def test_fp16_loss_scaler_costs_at_most_one_sync_per_step(tmp_path, monkeypatch)
         train_step(x, y)
         steps += 1
     assert set(counter.where) <= {"item"} and len(counter.where) <= steps
+
+
+def test_compiled_kaf_model_matches_eager():
+    """--compile traces the KAF autograd function (its Python loop unrolled) and gives the same step."""
+    torch.manual_seed(0)
+    model = models.build("lenet", "kaf", 10, 1, 28, act_options={"size": 4})
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    results = []
+    for forward in (torch.compile(model), model):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(forward(x), y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (compiled_loss, compiled_grads), (loss, grads) = results
+    assert torch.allclose(compiled_loss, loss, atol=1e-5)
+    for a, b in zip(compiled_grads, grads):
+        assert torch.allclose(a, b, atol=1e-5 + 1e-4 * b.abs().max().item())

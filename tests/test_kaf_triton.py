@@ -140,3 +140,18 @@ def test_auto_impl_on_cpu_uses_the_loop_and_checkpoints_forget_the_impl(tmp_path
     loaded = models.load_checkpoint(str(tmp_path / "c.pt"))
     assert all(m.impl == "auto" for m in activations.activation_modules(loaded))
     assert loaded(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_auto_impl_takes_the_fused_kernels_on_a_gpu_except_under_torch_compile(monkeypatch):
+    class OnGPU:  # what impl_for looks at, without needing a GPU
+        is_cuda, device = True, torch.device("cuda", 0)
+    monkeypatch.setattr(activations, "triton_kaf_usable", lambda device: True)
+    assert activations.KAF(3).impl_for(OnGPU) == "triton"
+    assert activations.KAF(3, kernel="relu").impl_for(OnGPU) == "triton"
+    assert activations.KAF(3, impl="loop").impl_for(OnGPU) == "loop"
+    monkeypatch.setattr(activations, "_compiling", lambda: True)
+    assert activations.KAF(3).impl_for(OnGPU) == "loop"
+    assert activations.KAF(3, kernel="softplus").impl_for(OnGPU) == "naive"
+    monkeypatch.setattr(activations, "_compiling", lambda: False)
+    monkeypatch.setattr(activations, "triton_kaf_usable", lambda device: False)  # failed its self-check
+    assert activations.KAF(3).impl_for(OnGPU) == "loop"
