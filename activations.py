@@ -14,6 +14,7 @@ nonlinearity of a network and ``--act-scope`` decides how parameters are shared:
 Imports only torch (and Triton when it is installed, for the fused KAF kernel on CUDA), so the file
 can be copied into another project as it is.
 """
+import contextlib
 import math
 import os
 import warnings
@@ -143,28 +144,93 @@ class PReLU(_Parametric):
         return torch.where(x > 0, x, _per_channel(self.a, x) * x)
 
 
+def _float(t):
+    """t in float32 (float64 stays): the parametric units compute in it whatever autocast gave them."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class ShiftedSiLUFunction(torch.autograd.Function):
+    """f(x) = x (sigmoid(a x) - b) / (1 - b) for broadcastable a > 0, 0 <= b < 1 (b None: 0, PSiLU),
+    keeping only x, a and b for backward (autograd on the formula keeps about 3 tensors of x's size):
+        df/dx = (s - b + a x s (1 - s)) / (1 - b),   df/da = x^2 s (1 - s) / (1 - b),
+        df/db = x (s - 1) / (1 - b)^2,               s = sigmoid(a x).
+    In-place arithmetic keeps full-size temporaries to one in forward and three in backward; (1 - b)
+    is constant over the summed dimensions, so the parameter gradients are divided after summing.
+    Returns x's dtype (bf16 under autocast), computes in float32."""
+
+    @staticmethod
+    def forward(ctx, x, a, b):
+        ctx.save_for_backward(x, a, b)
+        xf = _float(x)
+        out = torch.mul(a, xf).sigmoid_()
+        if b is not None:
+            out.sub_(b).div_(1 - b)
+        return out.mul_(xf).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, a, b = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad
+        xf, g = _float(x), _float(grad_out)
+        s = torch.mul(a, xf).sigmoid_()
+        t = s.neg().add_(1).mul_(s).mul_(g).mul_(xf)  # g x s (1 - s)
+        grad_x = grad_a = grad_b = None
+        if need_x:
+            grad_x = (torch.mul(s, g) if b is None else torch.sub(s, b).mul_(g)).addcmul_(t, a)
+            grad_x = (grad_x if b is None else grad_x.div_(1 - b)).to(x.dtype)
+        if need_a:
+            grad_a = t.mul_(xf).sum_to_size(a.shape)
+            grad_a = grad_a if b is None else grad_a / (1 - b)
+        if need_b:
+            grad_b = s.sub_(1).mul_(g).mul_(xf).sum_to_size(b.shape) / (1 - b) ** 2
+        return grad_x, grad_a, grad_b
+
+
+class ScaledSoftplusFunction(torch.autograd.Function):
+    """f(x) = softplus(a x) / a for broadcastable a > 0, keeping only x and a for backward, with
+        df/dx = sigmoid(z),   df/da = (x sigmoid(z) - f(x)) / a = (z sigmoid(z) - softplus(z)) / a^2,  z = a x.
+    Returns x's dtype, computes in float32."""
+
+    @staticmethod
+    def forward(ctx, x, a):
+        ctx.save_for_backward(x, a)
+        return F.softplus(torch.mul(a, _float(x))).div_(a).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, a = ctx.saved_tensors
+        g = _float(grad_out)
+        z = torch.mul(a, _float(x))
+        s = torch.sigmoid(z)
+        grad_a = None
+        if ctx.needs_input_grad[1]:  # a^2 is constant over the summed dimensions: divide after summing
+            softplus = F.softplus(z)
+            grad_a = z.mul_(s).sub_(softplus).mul_(g).sum_to_size(a.shape) / (a * a)
+        grad_x = s.mul_(g).to(x.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_a
+
+
 class PSiLU(_Parametric):
-    """psilu(x) = x * sigmoid(|a| x), a = 1 at init  (Dai et al. 2021)."""
+    """psilu(x) = x * sigmoid(|a| x), a = 1 at init  (Dai et al. 2021); see :class:`ShiftedSiLUFunction`."""
 
     def __init__(self, channels=1, init=1.0):
         super().__init__(channels)
         self.a = self._param(init)
 
     def forward(self, x):
-        return x * torch.sigmoid(_per_channel(self.a.abs(), x) * x)
+        return ShiftedSiLUFunction.apply(x, _per_channel(self.a.abs(), x), None)
 
 
 class PSoftplus(_Parametric):
-    """psoftplus(x) = (1/|a|) softplus(|a| x), computed stably as -(1/|a|) logsigmoid(-|a| x);
-    a = 1 at init  (Dai et al. 2021).  |a| is floored at 1e-6 to avoid dividing by zero."""
+    """psoftplus(x) = (1/|a|) softplus(|a| x), a = 1 at init  (Dai et al. 2021); see
+    :class:`ScaledSoftplusFunction`.  |a| is floored at 1e-6 to avoid dividing by zero."""
 
     def __init__(self, channels=1, init=1.0):
         super().__init__(channels)
         self.a = self._param(init)
 
     def forward(self, x):
-        a = _per_channel(self.a.abs().clamp_min(1e-6), x)
-        return -F.logsigmoid(-a * x) / a
+        return ScaledSoftplusFunction.apply(x, _per_channel(self.a.abs().clamp_min(1e-6), x))
 
 
 class PSSiLU(_Parametric):
@@ -172,7 +238,8 @@ class PSSiLU(_Parametric):
         pssilu(x) = x * (sigmoid(|a| x) - |b|) / (1 - |b|),
     a = 1, b = 1e-8 at init (not 0: |.| has zero gradient at 0).  |b| is clamped below
     ``b_max`` = 1 - 1e-3 so the division never blows up; with b > 0 the unit outputs positive values
-    for negative inputs, the shape property Dai et al. tie to robustness."""
+    for negative inputs, the shape property Dai et al. tie to robustness.  Computed by
+    :class:`ShiftedSiLUFunction`, which keeps only x for backward."""
 
     b_max = 1 - 1e-3
 
@@ -184,7 +251,7 @@ class PSSiLU(_Parametric):
     def forward(self, x):
         a = _per_channel(self.a.abs(), x)
         b = _per_channel(self.b.abs().clamp(max=self.b_max), x)
-        return x * (torch.sigmoid(a * x) - b) / (1 - b)
+        return ShiftedSiLUFunction.apply(x, a, b)
 
 
 # --------------------------------------------------------------------------------------------- KAF
@@ -392,6 +459,11 @@ def _kaf_layout(x):
     return x, x.numel() // C, C, math.prod(x.shape[2:])
 
 
+def _on_device_of(x):
+    """Triton launches on the current CUDA device: make it x's (a run on cuda:1, say)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 class KAFTritonFunction(torch.autograd.Function):
     """KAF f(s) = sum_i alpha_i k(s - d_i) with fused Triton kernels for any of the three kernels:
     saves only the input (like :class:`KAFFunction`) and reads/writes each tensor once per pass.
@@ -414,7 +486,8 @@ class KAFTritonFunction(torch.autograd.Function):
         out = torch.empty_like(x)
         if x.numel():
             grid = (triton.cdiv(cfg["P"], cfg["BLOCK_P"]), triton.cdiv(cfg["C"], cfg["BLOCK_C"]))
-            _kaf_forward_kernel[grid](x, alpha, d, out, gamma=gamma, KERNEL=KAF_KERNELS.index(kernel), **cfg)
+            with _on_device_of(x):
+                _kaf_forward_kernel[grid](x, alpha, d, out, gamma=gamma, KERNEL=KAF_KERNELS.index(kernel), **cfg)
         return out
 
     @staticmethod
@@ -431,10 +504,11 @@ class KAFTritonFunction(torch.autograd.Function):
         partial = torch.zeros((grid_p, cfg["C"], cfg["D"]), dtype=torch.float64 if x.dtype == torch.float64
                               else torch.float32, device=x.device)
         if x.numel():
-            _kaf_backward_kernel[(grid_p, grid_c)](
-                x, g, alpha, d, grad_x if need_x else x, partial, gamma=ctx.gamma, num_tiles=num_tiles,
-                D_PAD=triton.next_power_of_2(cfg["D"]), KERNEL=KAF_KERNELS.index(ctx.kernel),
-                NEED_X=need_x, NEED_ALPHA=need_alpha, **cfg)
+            with _on_device_of(x):
+                _kaf_backward_kernel[(grid_p, grid_c)](
+                    x, g, alpha, d, grad_x if need_x else x, partial, gamma=ctx.gamma, num_tiles=num_tiles,
+                    D_PAD=triton.next_power_of_2(cfg["D"]), KERNEL=KAF_KERNELS.index(ctx.kernel),
+                    NEED_X=need_x, NEED_ALPHA=need_alpha, **cfg)
         grad_alpha = None
         if need_alpha:
             grad_alpha = partial.sum(0)

@@ -47,6 +47,27 @@ def test_smooth_activations_gradcheck_float64(name):
         assert torch.autograd.gradcheck(call, (p.detach().clone().requires_grad_(True),))
 
 
+@pytest.mark.parametrize("name", ["psilu", "psoftplus", "pssilu"])
+def test_parametric_units_keep_only_their_input_for_backward(name):
+    """Their autograd functions save x and the (tiny) parameters, not the sigmoid and products that
+    autograd on the formula would keep; gradients stay exact in both sharing scopes."""
+    from bench import SavedForBackward
+    for scope in ("network", "channel"):
+        act = activations.make_factory(name, scope)(3).double()
+        for p in act.parameters():
+            p.data.uniform_(0.3, 0.7)
+        x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(act, (x,))
+        params = dict(act.named_parameters())
+        for pname, p in params.items():
+            call = lambda v: torch.func.functional_call(act, {pname: v}, (x.detach(),), strict=False)
+            assert torch.autograd.gradcheck(call, (p.detach().clone().requires_grad_(True),))
+        with SavedForBackward() as saved:
+            out = act(x)
+        assert saved.peak <= x.numel() * 8 + 256, (name, scope, saved.peak)  # x, plus parameter-sized bits
+        del out
+
+
 def test_kaf_memory_efficient_matches_naive_and_gradcheck():
     d, gamma = activations.kaf_dictionary(20, 3.0)
     alpha = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
