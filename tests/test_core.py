@@ -83,6 +83,25 @@ def test_kaf_memory_efficient_matches_naive_and_gradcheck():
     assert torch.allclose(gx, rx, atol=1e-10) and torch.allclose(ga, ra, atol=1e-10)
 
 
+def test_kaf_loop_in_row_chunks_matches_naive(monkeypatch):
+    """On a CPU the loop works through the batch a few rows at a time (cache-sized); the result and
+    both gradients are those of the whole-tensor reference, for uneven chunks and channels_last."""
+    original = activations.KAFFunction._row_chunks
+    monkeypatch.setattr(activations.KAFFunction, "_row_chunks", staticmethod(lambda x: original(x, elements=3 * 2 * 5 * 5)))
+    assert len(activations.KAFFunction._row_chunks(torch.zeros(7, 2, 5, 5))) == 3  # rows 0-2, 3-5, 6
+    d, gamma = activations.kaf_dictionary(20, 3.0)
+    d = d.double()
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = (2 * torch.randn(7, 2, 5, 5, dtype=torch.float64)).to(memory_format=memory_format).requires_grad_(True)
+        alpha = torch.randn(2, 20, dtype=torch.float64, requires_grad=True)
+        out = activations.KAFFunction.apply(x, alpha, d, gamma, tuple(d.tolist()))
+        ref = activations.kaf_naive(x, alpha, d, gamma)
+        g = torch.randn_like(ref)
+        got, want = torch.autograd.grad(out, (x, alpha), g), torch.autograd.grad(ref, (x, alpha), g)
+        assert torch.allclose(out, ref, atol=1e-12)
+        assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(got, want))
+
+
 def test_kaf_elu_init_approximates_elu_on_dictionary_range():
     kaf = activations.KAF(channels=4, init="elu")
     s = torch.linspace(-3, 3, 301).view(1, 1, -1).expand(1, 4, -1)
