@@ -619,12 +619,14 @@ class KAF(nn.Module):
             alpha = 0.3 * torch.randn(channels, size)
         self.alpha = nn.Parameter(alpha)
 
-    def impl_for(self, x):
-        """The computation used for input x (``impl`` with 'auto' resolved)."""
+    def impl_for(self, x, compiling=None):
+        """The computation used for input x (``impl`` with 'auto' resolved); ``compiling`` (default:
+        whether torch.compile is tracing now) tells it to resolve as inside a compiled model."""
         if self.impl != "auto":
             return self.impl
+        compiling = _compiling() if compiling is None else compiling
         # under torch.compile the plain versions, which the compiler fuses itself and can trace
-        if x.is_cuda and not _compiling() and triton_kaf_usable(x.device):
+        if x.is_cuda and not compiling and triton_kaf_usable(x.device):
             return "triton"
         return "loop" if self.kernel == "gaussian" else "naive"
 
@@ -711,6 +713,13 @@ def activation_modules(model):
             seen.add(id(m))
             out.append(m)
     return out
+
+
+def kaf_impls(model, device, compiled=False):
+    """How the model's KAF units compute on ``device`` ('triton', 'loop', 'naive'; none without KAF):
+    what summaries and benchmarks report, since 'auto' may resolve differently per machine."""
+    probe = torch.empty(0, device=device)
+    return sorted({m.impl_for(probe, compiling=compiled) for m in activation_modules(model) if isinstance(m, KAF)})
 
 
 def activation_parameter_count(model):

@@ -57,6 +57,7 @@ import time
 
 import torch
 
+import activations
 import models
 import train_fast
 import train_free
@@ -320,6 +321,7 @@ def bench_steps(cfg):
     step_s = elapsed / cfg["steps"]
     return dict(regime=regime, act=cfg["act"], model=cfg["model"], dataset=cfg["dataset"], batch=cfg["batch_size"],
                 device=str(device), amp=str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "off",
+                kaf_impl=",".join(activations.kaf_impls(run.model, device, compiled=bool(script_args.compile))) or None,
                 channels_last=run.channels_last, compile=bool(script_args.compile),
                 steps=cfg["steps"], warmup=cfg["warmup"], fwd_per_step=forwards[0] or None,
                 step_ms=1000 * step_s, images_per_s=cfg["batch_size"] / step_s,
@@ -348,6 +350,7 @@ def bench_end_to_end(cfg):
     images = summary["epochs_completed"] * cfg["n_train"]  # Free: passes over the data
     return dict(regime=regime, act=cfg["act"], model=cfg["model"], dataset=cfg["dataset"], batch=cfg["batch_size"],
                 device=str(device), amp=summary["amp"], compile="--compile" in cfg["argv"],
+                kaf_impl=",".join(summary["kaf_impl"]) or None,
                 n_train=cfg["n_train"], n_eval=cfg["n_eval"], epochs=cfg["epochs"], passes=planned,
                 passes_completed=summary["epochs_completed"], wall_s=wall, train_time_s=train_time,
                 images_per_s=images / train_time if train_time > 0 else None,
@@ -414,7 +417,8 @@ def markdown_table(rows):
                 "time x relu", "mem x relu", "saved x relu"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        act = r["act"] if math.isfinite(r.get("final_loss", 0.0)) else r["act"] + " (loss not finite)"
+        act = r["act"] + (f" [{r['kaf_impl']}]" if r.get("kaf_impl") and ":" not in r["act"] else "")  # what auto chose
+        act = act if math.isfinite(r.get("final_loss", 0.0)) else act + " (loss not finite)"
         cells = [r["regime"], act, r["model"], str(r["batch"])]
         if "error" in r:
             cells += ["error: " + r["error"]] + [""] * (len(head) - 5)

@@ -747,12 +747,14 @@ class Run:
                    "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
                    "world_size": self.world,
                    "activation_params": activations.activation_parameter_count(model),
+                   "kaf_impl": activations.kaf_impls(model, self.device, compiled=args.compile),
                    "model_params": sum(p.numel() for p in model.parameters()),
                    "catastrophic_overfitting": None, "stopped_early": None, "diverged": None}
         start = self.resume(train_step) if args.resume else 0
         self.log(f"{self.script}: {args.dataset} {args.model} act={args.saf_insert + '-insert' if args.saf_insert else args.act} "
                  f"eps={args.epsilon:.4g} {self.epochs} {label}{'es' if label.endswith('s') else 's'} x {len(self.train_batches)} batches "
-                 f"on {self.device}{f' x {self.world} processes' if self.world > 1 else ''} (amp {summary['amp']}), out {self.out_dir}")
+                 f"on {self.device}{f' x {self.world} processes' if self.world > 1 else ''} (amp {summary['amp']}"
+                 f"{', kaf ' + '+'.join(summary['kaf_impl']) if summary['kaf_impl'] else ''}), out {self.out_dir}")
         epochs_done = start
         try:
             for epoch in range(start + 1, self.epochs + 1):

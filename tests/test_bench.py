@@ -51,7 +51,8 @@ def test_bench_in_process_uses_the_scripts_steps_and_computes_ratios(monkeypatch
         assert math.isclose(kaf["mem_vs_relu"], kaf["peak_mem_mib"] / relu["peak_mem_mib"])
         # the memory-efficient KAF keeps its input only (1.34x relu on lenet), not the x D kernel tensor
         assert 1.0 < kaf["saved_vs_relu"] < 1.6, kaf
-    assert "| pgd | kaf | lenet | 16 | 3 |" in result["table"]
+    assert [r["kaf_impl"] for r in rows] == [None, "loop", None, "loop"]  # what 'auto' chose on a CPU
+    assert "| pgd | kaf [loop] | lenet | 16 | 3 |" in result["table"]
 
 
 def test_bench_end_to_end_mode_times_a_whole_run(tmp_path):

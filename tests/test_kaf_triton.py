@@ -155,3 +155,11 @@ def test_auto_impl_takes_the_fused_kernels_on_a_gpu_except_under_torch_compile(m
     monkeypatch.setattr(activations, "_compiling", lambda: False)
     monkeypatch.setattr(activations, "triton_kaf_usable", lambda device: False)  # failed its self-check
     assert activations.KAF(3).impl_for(OnGPU) == "loop"
+
+
+def test_kaf_impls_reports_what_each_model_computes_with_here():
+    import models
+    assert activations.kaf_impls(models.build("lenet", "relu", 10, 1, 28), "cpu") == []
+    assert activations.kaf_impls(models.build("lenet", "kaf", 10, 1, 28), "cpu") == ["loop"]
+    softplus = models.build("lenet", "kaf", 10, 1, 28, act_options={"kernel": "softplus"})
+    assert activations.kaf_impls(softplus, "cpu", compiled=True) == ["naive"]
