@@ -187,25 +187,29 @@ class ShiftedSiLUFunction(torch.autograd.Function):
 
 
 class ScaledSoftplusFunction(torch.autograd.Function):
-    """f(x) = softplus(a x) / a for broadcastable a > 0, keeping only x and a for backward, with
-        df/dx = sigmoid(z),   df/da = (x sigmoid(z) - f(x)) / a = (z sigmoid(z) - softplus(z)) / a^2,  z = a x.
-    Returns x's dtype, computes in float32."""
+    """f(x) = softplus(a x) / a for broadcastable a > 0, with
+        df/dx = sigmoid(a x),   df/da = (x sigmoid(a x) - f(x)) / a.
+    Keeps x and, in float32/float64, its own output for backward: the next layer keeps that same
+    tensor as its input, so it costs no memory, and backward needs one sigmoid instead of a
+    sigmoid and a softplus.  A low-precision output (bf16 under autocast) is not reused: x s - f
+    cancels for large inputs, so f is recomputed in float32 from x.  Returns x's dtype."""
 
     @staticmethod
     def forward(ctx, x, a):
-        ctx.save_for_backward(x, a)
-        return F.softplus(torch.mul(a, _float(x))).div_(a).to(x.dtype)
+        xf = _float(x)
+        out = F.softplus(torch.mul(a, xf)).div_(a).to(x.dtype)
+        ctx.save_for_backward(x, a, out if out.dtype == xf.dtype else None)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, a = ctx.saved_tensors
-        g = _float(grad_out)
-        z = torch.mul(a, _float(x))
-        s = torch.sigmoid(z)
+        x, a, out = ctx.saved_tensors
+        xf, g = _float(x), _float(grad_out)
+        s = torch.mul(a, xf).sigmoid_()
         grad_a = None
-        if ctx.needs_input_grad[1]:  # a^2 is constant over the summed dimensions: divide after summing
-            softplus = F.softplus(z)
-            grad_a = z.mul_(s).sub_(softplus).mul_(g).sum_to_size(a.shape) / (a * a)
+        if ctx.needs_input_grad[1]:
+            f = out if out is not None else F.softplus(torch.mul(a, xf)).div_(a)
+            grad_a = torch.mul(xf, s).sub_(f).mul_(g).sum_to_size(a.shape) / a  # a constant over the sum
         grad_x = s.mul_(g).to(x.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_a
 
