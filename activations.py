@@ -322,24 +322,74 @@ def kaf_naive(x, alpha, d, gamma, kernel="gaussian"):
     return (k * a).sum(-1)
 
 
+def _kaf_longest_run(gamma, step, at_most):
+    """Most equally spaced Gaussian kernels one pair of exps may cover (see KAFFunction._runs)."""
+    return min(at_most, 1 + int(5 / math.sqrt(gamma * step * step))) if step else at_most
+
+
+def _kaf_log_rho_max(gamma, step, length):
+    """Clamp for log rho = 2 gamma Delta t, past which every kernel of the run is below exp(-40)."""
+    return 2 * gamma * abs(step) * ((length - 1) * abs(step) + math.sqrt(40 / gamma))
+
+
 class KAFFunction(torch.autograd.Function):
     """Memory-efficient Gaussian KAF: saves only the input and recomputes the kernels in backward.
 
-    The kernels are evaluated as k_i(s) = exp(-gamma s^2 + 2 gamma d_i s) * exp(-gamma d_i^2), with the
-    constant factor folded into the coefficients (w_i = alpha_i exp(-gamma d_i^2)), so each kernel costs
-    one fused add, one exp and one multiply-add over the input, in place.  Backward uses the closed forms
+    An exp costs about ten times an add on a CPU, so the kernels are not evaluated one exp each.
+    Equally spaced centres c + m Delta (m = 0..L-1, a *run*) follow from two exps per run:
+        k_m(s) = exp(-gamma (t - m Delta)^2) = P rho^m exp(-gamma m^2 Delta^2),
+        P = exp(-gamma t^2),  rho = exp(2 gamma Delta t),  t = s - c,
+    so each kernel costs one multiply (E <- E rho) and one multiply-add, and the constants
+    exp(-gamma m^2 Delta^2) go into the coefficients.  Runs are kept short (:meth:`_runs`) so that
+    nothing under- or overflows where it matters; a dictionary that is not equally spaced gets
+    runs of one (one exp per kernel).  Backward uses the closed forms
         df/ds        = sum_i alpha_i (-2 gamma (s - d_i)) k_i(s) = -2 gamma (s f(s) - sum_i alpha_i d_i k_i(s))
         dL/dalpha_ci = sum_{n,h,w} g * k_i(s)          (per channel c; over everything for shared alpha).
     Computes in float32 (float64 when given float64) whatever the autocast dtype and returns the
     input's dtype.  Peak extra memory is a few tensors of the input's size instead of D of them."""
 
     @staticmethod
-    def _terms(x, alpha, d, gamma):
-        """Float input, -gamma s^2, and per-kernel (2 gamma d_i, w_i broadcastable) for the loop."""
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        base = xf.square().mul_(-gamma)
-        w = alpha.to(xf.dtype) * torch.exp(-gamma * d.to(xf.dtype) ** 2)  # (C or 1, D)
-        return xf, base, w
+    def _runs(d_values, gamma):
+        """(first index, length, spacing, clamp for log rho) of each run of equally spaced centres.
+
+        A run's first kernel P underflows in float32 once gamma t^2 > 87; its largest term is then
+        exp(-gamma (t - (L-1) Delta)^2), below exp(-18) (1e-8) when (L-1) Delta <= 5/sqrt(gamma):
+        13 kernels for the paper's gamma, so D=20 is two runs of 10.  log rho is clamped where
+        every kernel of the run is below exp(-40) anyway, so that rho stays finite."""
+        runs, i, n = [], 0, len(d_values)
+        while i < n:
+            j = i + 1  # extend while the spacing stays that of the first pair
+            while j + 1 < n and abs((d_values[j + 1] - d_values[j]) - (d_values[i + 1] - d_values[i])) <= 1e-5 * abs(d_values[i + 1] - d_values[i]):
+                j += 1
+            length = j - i + 1 if j < n else 1
+            step = (d_values[i + length - 1] - d_values[i]) / max(1, length - 1)
+            pieces = -(-length // _kaf_longest_run(gamma, step, length))
+            for p in range(pieces):
+                a, b = i + p * length // pieces, i + (p + 1) * length // pieces
+                runs.append((a, b - a, step, _kaf_log_rho_max(gamma, step, b - a)))
+            i += length
+        return runs
+
+    @staticmethod
+    def _scales(runs, gamma, x):
+        """exp(-gamma m^2 Delta^2) for kernel first + m of each run, shape (D,): k_i = scale_i E.
+        Made on x's device (a tensor from a Python list would be a host-to-GPU copy per call)."""
+        m_delta = torch.cat([torch.arange(length, dtype=x.dtype, device=x.device) * step for _, length, step, _ in runs])
+        return m_delta.square_().mul_(-gamma).exp_()
+
+    @staticmethod
+    def _kernels(xs, run, gamma, d_values, t, e):
+        """Yield (index, centre, E) for the kernels of one run, E = k_i(s) / exp(-gamma m^2 Delta^2),
+        reusing the buffers t and e (input-sized)."""
+        first, length, step, clamp = run
+        torch.sub(xs, d_values[first], out=t)
+        torch.mul(t, t, out=e).mul_(-gamma).exp_()
+        if length > 1:
+            t.mul_(2 * gamma * step).clamp_(max=clamp).exp_()  # t is rho from here on
+        for m in range(length):
+            if m:
+                e.mul_(t)
+            yield first + m, d_values[first] + m * step, e
 
     @staticmethod
     def _row_chunks(x, elements=2 ** 18):
@@ -355,23 +405,28 @@ class KAFFunction(torch.autograd.Function):
     def forward(ctx, x, alpha, d, gamma, d_values):
         # d_values: the dictionary as Python floats; reading d itself (.tolist()) would make the GPU
         # wait for the host at every KAF layer, forward and backward
-        ctx.save_for_backward(x, alpha, d)
+        ctx.save_for_backward(x, alpha)
         ctx.gamma, ctx.d_values = gamma, d_values
-        xf, base, w = KAFFunction._terms(x, alpha, d, gamma)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        runs = KAFFunction._runs(d_values, gamma)
+        w = alpha.to(xf.dtype) * KAFFunction._scales(runs, gamma, xf)
         out = torch.zeros_like(xf)
         for rows in KAFFunction._row_chunks(xf):
-            xs, bs, o = xf[rows], base[rows], out[rows]
-            k = torch.empty_like(xs)
-            for i, di in enumerate(d_values):
-                torch.add(bs, xs, alpha=2 * gamma * di, out=k).exp_()
-                o.addcmul_(k, _per_channel(w[:, i], xs))
+            xs, o = xf[rows], out[rows]
+            t, e = torch.empty_like(xs), torch.empty_like(xs)
+            for run in runs:
+                for i, _, k in KAFFunction._kernels(xs, run, gamma, d_values, t, e):
+                    o.addcmul_(k, _per_channel(w[:, i], xs))
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, alpha, d = ctx.saved_tensors
-        gamma = ctx.gamma
-        xf, base, w = KAFFunction._terms(x, alpha, d, gamma)
+        x, alpha = ctx.saved_tensors
+        gamma, d_values = ctx.gamma, ctx.d_values
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        runs = KAFFunction._runs(d_values, gamma)
+        scales = KAFFunction._scales(runs, gamma, xf)
+        w = alpha.to(xf.dtype) * scales
         g = grad_out.to(xf.dtype)
         per_channel = alpha.shape[0] > 1
         need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -379,23 +434,23 @@ class KAFFunction(torch.autograd.Function):
         grad_alpha = torch.zeros(alpha.shape, dtype=xf.dtype, device=x.device) if need_alpha else None
         reduce_dims = [0] + list(range(2, x.dim())) if per_channel else list(range(x.dim()))
         for rows in KAFFunction._row_chunks(xf):
-            xs, bs, gs = xf[rows], base[rows], g[rows]
+            xs, gs = xf[rows], g[rows]
             f, s2 = (torch.zeros_like(xs), torch.zeros_like(xs)) if need_x else (None, None)
-            k, gk = torch.empty_like(xs), torch.empty_like(xs)
-            for i, di in enumerate(ctx.d_values):
-                torch.add(bs, xs, alpha=2 * gamma * di, out=k).exp_()
-                if need_x:
-                    wi = _per_channel(w[:, i], xs)
-                    f.addcmul_(k, wi)
-                    s2.addcmul_(k, wi, value=di)
-                if need_alpha:
-                    grad_alpha[:, i] += torch.mul(gs, k, out=gk).sum(reduce_dims).reshape(-1)
+            t, e, gk = torch.empty_like(xs), torch.empty_like(xs), torch.empty_like(xs)
+            for run in runs:
+                for i, centre, k in KAFFunction._kernels(xs, run, gamma, d_values, t, e):
+                    if need_x:
+                        wi = _per_channel(w[:, i], xs)
+                        f.addcmul_(k, wi)
+                        s2.addcmul_(k, wi, value=centre)
+                    if need_alpha:
+                        grad_alpha[:, i] += torch.mul(gs, k, out=gk).sum(reduce_dims).reshape(-1)
             if need_x:
                 grad_x[rows] = f.mul_(xs).sub_(s2).mul_(gs).mul_(-2 * gamma)
         if need_x:
             grad_x = grad_x.to(x.dtype)
         if need_alpha:
-            grad_alpha = (grad_alpha * torch.exp(-gamma * d.to(xf.dtype) ** 2)).to(alpha.dtype)  # k_i's constant factor
+            grad_alpha = grad_alpha.mul_(scales).to(alpha.dtype)
         return grad_x, grad_alpha, None, None, None
 
 
@@ -429,41 +484,73 @@ if triton is not None:
         return offsets, (p < P)[:, None] & (c < C)[None, :], c
 
     @triton.jit
-    def _kaf_forward_kernel(x_ptr, alpha_ptr, d_ptr, out_ptr, P, C, INNER, alpha_stride, gamma,
-                            D: tl.constexpr, KERNEL: tl.constexpr, COMPUTE: tl.constexpr,
-                            BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _kaf_run_start(x, d_first, gamma, log_rho_step, log_rho_max, KERNEL: tl.constexpr):
+        """t = x - c at a run's first centre c and, for the Gaussian, E = exp(-gamma t^2) and
+        rho = exp(2 gamma Delta t): the run's kernels are E, E rho, E rho^2, ... times constants
+        folded into alpha (as in KAFFunction; two exps per run instead of one per kernel)."""
+        t = x - d_first
+        if KERNEL == 0:
+            return t, tl.exp(-gamma * t * t), tl.exp(tl.minimum(log_rho_step * t, log_rho_max))
+        else:
+            return t, t, t
+
+    @triton.jit
+    def _kaf_run_kernel(t, e, m, step, gamma, KERNEL: tl.constexpr):
+        """k and k' (up to the folded constant) of kernel m of a run, centre c + m step."""
+        if KERNEL == 0:
+            return e, -2.0 * gamma * (t - m * step) * e
+        else:
+            return _kaf_kernel_and_slope(t - m * step, gamma, KERNEL)
+
+    @triton.jit
+    def _kaf_forward_kernel(x_ptr, alpha_ptr, d_ptr, out_ptr, P, C, INNER, alpha_stride, gamma, step,
+                            log_rho_max, D: tl.constexpr, RUN: tl.constexpr, KERNEL: tl.constexpr,
+                            COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         offsets, mask, c = _kaf_tile(tl.program_id(0), tl.program_id(1), P, C, INNER, BLOCK_P, BLOCK_C)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
         f = tl.zeros((BLOCK_P, BLOCK_C), COMPUTE)
-        for i in tl.static_range(D):
-            a = tl.load(alpha_ptr + c * alpha_stride + i, mask=c < C, other=0.0).to(COMPUTE)
-            k, _ = _kaf_kernel_and_slope(x - tl.load(d_ptr + i).to(COMPUTE), gamma, KERNEL)
-            f += a[None, :] * k
+        for r in tl.static_range(D // RUN):
+            t, e, rho = _kaf_run_start(x, tl.load(d_ptr + r * RUN).to(COMPUTE), gamma, 2.0 * gamma * step,
+                                       log_rho_max, KERNEL)
+            for m in tl.static_range(RUN):
+                if KERNEL == 0:
+                    if m > 0:
+                        e = e * rho
+                k, _ = _kaf_run_kernel(t, e, m, step, gamma, KERNEL)
+                a = tl.load(alpha_ptr + c * alpha_stride + r * RUN + m, mask=c < C, other=0.0).to(COMPUTE)
+                f += a[None, :] * k
         tl.store(out_ptr + offsets, f.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _kaf_backward_kernel(x_ptr, g_ptr, alpha_ptr, d_ptr, grad_x_ptr, partial_ptr, P, C, INNER, alpha_stride,
-                             gamma, num_tiles, D: tl.constexpr, D_PAD: tl.constexpr, KERNEL: tl.constexpr,
-                             COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                             NEED_X: tl.constexpr, NEED_ALPHA: tl.constexpr):
+                             gamma, step, log_rho_max, num_tiles, D: tl.constexpr, D_PAD: tl.constexpr,
+                             RUN: tl.constexpr, KERNEL: tl.constexpr, COMPUTE: tl.constexpr,
+                             BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NEED_X: tl.constexpr,
+                             NEED_ALPHA: tl.constexpr):
         # grid-stride over tiles so each program sums many tiles' dL/dalpha before writing its
         # (BLOCK_C, D) partial: a deterministic reduction (no atomics) into a small buffer
         pid_p, pid_c = tl.program_id(0), tl.program_id(1)
         cols = tl.arange(0, D_PAD)
         grad_alpha = tl.zeros((BLOCK_C, D_PAD), COMPUTE)
         c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        for t in range(pid_p, num_tiles, tl.num_programs(0)):
-            offsets, mask, c = _kaf_tile(t, pid_c, P, C, INNER, BLOCK_P, BLOCK_C)
+        for tile in range(pid_p, num_tiles, tl.num_programs(0)):
+            offsets, mask, c = _kaf_tile(tile, pid_c, P, C, INNER, BLOCK_P, BLOCK_C)
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
             g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)  # 0 outside: no contribution
             slope = tl.zeros((BLOCK_P, BLOCK_C), COMPUTE)
-            for i in tl.static_range(D):
-                k, dk = _kaf_kernel_and_slope(x - tl.load(d_ptr + i).to(COMPUTE), gamma, KERNEL)
-                if NEED_X:
-                    a = tl.load(alpha_ptr + c * alpha_stride + i, mask=c < C, other=0.0).to(COMPUTE)
-                    slope += a[None, :] * dk
-                if NEED_ALPHA:
-                    grad_alpha += tl.where(cols[None, :] == i, tl.sum(g * k, axis=0)[:, None], 0.0)
+            for r in tl.static_range(D // RUN):
+                t, e, rho = _kaf_run_start(x, tl.load(d_ptr + r * RUN).to(COMPUTE), gamma, 2.0 * gamma * step,
+                                           log_rho_max, KERNEL)
+                for m in tl.static_range(RUN):
+                    if KERNEL == 0:
+                        if m > 0:
+                            e = e * rho
+                    k, dk = _kaf_run_kernel(t, e, m, step, gamma, KERNEL)
+                    if NEED_X:
+                        a = tl.load(alpha_ptr + c * alpha_stride + r * RUN + m, mask=c < C, other=0.0).to(COMPUTE)
+                        slope += a[None, :] * dk
+                    if NEED_ALPHA:
+                        grad_alpha += tl.where(cols[None, :] == r * RUN + m, tl.sum(g * k, axis=0)[:, None], 0.0)
             if NEED_X:
                 tl.store(grad_x_ptr + offsets, (g * slope).to(grad_x_ptr.dtype.element_ty), mask=mask)
         if NEED_ALPHA:
@@ -489,33 +576,45 @@ class KAFTritonFunction(torch.autograd.Function):
     """KAF f(s) = sum_i alpha_i k(s - d_i) with fused Triton kernels for any of the three kernels:
     saves only the input (like :class:`KAFFunction`) and reads/writes each tensor once per pass.
     Backward: df/ds = sum_i alpha_i k'(s - d_i), dL/dalpha_ci = sum over the channel of g k(s - d_i).
-    Computes in float32 (float64 for float64 input) and returns the input's dtype and layout."""
+    With the Gaussian and an equally spaced dictionary the kernels come in runs from two exps each,
+    as in KAFFunction: a GPU's exp units (a sixteenth of its multiply-adds) would otherwise bound it.
+    Computes in float32 (float64 for float64 input) and returns the input's dtype and layout.
+    ``d_values`` is the dictionary as Python floats (the run layout is fixed at compile time)."""
 
     @staticmethod
-    def _config(x, alpha):
+    def _config(x, alpha, d_values, gamma, kernel):
         x, P, C, inner = _kaf_layout(x)
         block_c = 1 if inner > 1 else min(triton.next_power_of_2(C), 64)  # a tile is contiguous either way
         compute = tl.float64 if x.dtype == torch.float64 else tl.float32
-        return x, dict(P=P, C=C, INNER=inner, alpha_stride=0 if alpha.shape[0] == 1 else alpha.shape[1],
-                       D=alpha.shape[1], COMPUTE=compute, BLOCK_P=max(4096 // block_c, 16), BLOCK_C=block_c)
+        D = len(d_values)
+        step = (d_values[-1] - d_values[0]) / (D - 1) if D > 1 else 0.0
+        equal = all(abs((b - a) - step) <= 1e-5 * abs(step) for a, b in zip(d_values, d_values[1:]))
+        longest = _kaf_longest_run(gamma, step, D) if kernel == "gaussian" and equal else 1
+        run = max(r for r in range(1, longest + 1) if D % r == 0)  # equal runs, fixed at compile time
+        exact = torch.float64 if x.dtype == torch.float64 else torch.float32
+        scales = (torch.arange(D, device=x.device) % run * step).to(exact).square_().mul_(-gamma).exp_()
+        return x, scales, dict(P=P, C=C, INNER=inner, alpha_stride=0 if alpha.shape[0] == 1 else alpha.shape[1],
+                               step=step, log_rho_max=_kaf_log_rho_max(gamma, step, run), D=D, RUN=run,
+                               KERNEL=KAF_KERNELS.index(kernel), COMPUTE=compute,
+                               BLOCK_P=max(4096 // block_c, 16), BLOCK_C=block_c)
 
     @staticmethod
-    def forward(ctx, x, alpha, d, gamma, kernel):
-        x, cfg = KAFTritonFunction._config(x, alpha)
+    def forward(ctx, x, alpha, d, gamma, kernel, d_values):
+        x, scales, cfg = KAFTritonFunction._config(x, alpha, d_values, gamma, kernel)
         ctx.save_for_backward(x, alpha, d)
-        ctx.gamma, ctx.kernel = gamma, kernel
+        ctx.gamma, ctx.kernel, ctx.d_values = gamma, kernel, d_values
         out = torch.empty_like(x)
         if x.numel():
             grid = (triton.cdiv(cfg["P"], cfg["BLOCK_P"]), triton.cdiv(cfg["C"], cfg["BLOCK_C"]))
             with _on_device_of(x):
-                _kaf_forward_kernel[grid](x, alpha, d, out, gamma=gamma, KERNEL=KAF_KERNELS.index(kernel), **cfg)
+                _kaf_forward_kernel[grid](x, (alpha * scales).contiguous(), d, out, gamma=gamma, **cfg)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, alpha, d = ctx.saved_tensors
         need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        _, cfg = KAFTritonFunction._config(x, alpha)
+        _, scales, cfg = KAFTritonFunction._config(x, alpha, ctx.d_values, ctx.gamma, ctx.kernel)
         g = grad_out.contiguous(memory_format=torch.channels_last if cfg["INNER"] == 1 and x.dim() == 4
                                 else torch.contiguous_format)
         num_tiles = triton.cdiv(cfg["P"], cfg["BLOCK_P"])
@@ -527,14 +626,14 @@ class KAFTritonFunction(torch.autograd.Function):
         if x.numel():
             with _on_device_of(x):
                 _kaf_backward_kernel[(grid_p, grid_c)](
-                    x, g, alpha, d, grad_x if need_x else x, partial, gamma=ctx.gamma, num_tiles=num_tiles,
-                    D_PAD=triton.next_power_of_2(cfg["D"]), KERNEL=KAF_KERNELS.index(ctx.kernel),
-                    NEED_X=need_x, NEED_ALPHA=need_alpha, **cfg)
+                    x, g, (alpha * scales).contiguous(), d, grad_x if need_x else x, partial, gamma=ctx.gamma,
+                    num_tiles=num_tiles, D_PAD=triton.next_power_of_2(cfg["D"]), NEED_X=need_x,
+                    NEED_ALPHA=need_alpha, **cfg)
         grad_alpha = None
         if need_alpha:
-            grad_alpha = partial.sum(0)
+            grad_alpha = partial.sum(0).mul_(scales.to(partial.dtype))  # the constants folded into alpha
             grad_alpha = (grad_alpha.sum(0, keepdim=True) if alpha.shape[0] == 1 else grad_alpha).to(alpha.dtype)
-        return grad_x, grad_alpha, None, None, None
+        return grad_x, grad_alpha, None, None, None, None
 
 
 _compiling = getattr(torch.compiler, "is_compiling", lambda: False)  # torch < 2.3 has no such query
@@ -564,7 +663,7 @@ def _triton_kaf_check(device):
         alpha = torch.randn(3, 7, generator=gen).to(device).requires_grad_(True)
         d, gamma = kaf_dictionary(7, 3.0)
         d, g = d.to(device), torch.randn(x.shape, generator=gen).to(device)
-        got = KAFTritonFunction.apply(x, alpha, d, gamma, "gaussian")
+        got = KAFTritonFunction.apply(x, alpha, d, gamma, "gaussian", tuple(d.tolist()))
         ref = kaf_naive(x, alpha, d, gamma)
         pairs = zip((got, *torch.autograd.grad(got, (x, alpha), g)), (ref, *torch.autograd.grad(ref, (x, alpha), g)))
         ok, reason = max(float((a - b).detach().abs().max()) for a, b in pairs) < 1e-3, "they disagree with the plain version"
@@ -639,7 +738,8 @@ class KAF(nn.Module):
         if impl == "triton":
             if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
                 raise RuntimeError("kaf impl 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run it on CPU)")
-            return KAFTritonFunction.apply(x, self.alpha, self.dictionary, self.gamma, self.kernel)
+            return KAFTritonFunction.apply(x, self.alpha, self.dictionary, self.gamma, self.kernel,
+                                           self.dictionary_values)
         if impl == "naive":
             return kaf_naive(x, self.alpha.to(x.dtype), self.dictionary.to(x.dtype), self.gamma, self.kernel)
         return KAFFunction.apply(x, self.alpha, self.dictionary, self.gamma, self.dictionary_values)

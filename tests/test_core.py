@@ -1,5 +1,6 @@
 """Core: activations, models, attacks, FGSM training end to end, eval.py and checkpoints."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,12 +76,13 @@ def test_parametric_units_keep_only_their_input_for_backward(name):
 
 
 def test_kaf_memory_efficient_matches_naive_and_gradcheck():
-    d, gamma = activations.kaf_dictionary(20, 3.0)
+    _, gamma = activations.kaf_dictionary(20, 3.0)
+    d = torch.linspace(-3, 3, 20, dtype=torch.float64)  # equally spaced to float64 precision
     alpha = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
     x = (2 * torch.randn(2, 3, 4, 4, dtype=torch.float64)).requires_grad_(True)
-    fn = lambda x, a: activations.KAFFunction.apply(x, a, d.double(), gamma, tuple(d.tolist()))
+    fn = lambda x, a: activations.KAFFunction.apply(x, a, d, gamma, tuple(d.tolist()))
     assert torch.autograd.gradcheck(fn, (x, alpha))
-    ref = activations.kaf_naive(x, alpha, d.double(), gamma)
+    ref = activations.kaf_naive(x, alpha, d, gamma)
     out = fn(x, alpha)
     assert torch.allclose(out, ref, atol=1e-12)
     g = torch.randn_like(out)
@@ -95,8 +97,8 @@ def test_kaf_loop_in_row_chunks_matches_naive(monkeypatch):
     original = activations.KAFFunction._row_chunks
     monkeypatch.setattr(activations.KAFFunction, "_row_chunks", staticmethod(lambda x: original(x, elements=3 * 2 * 5 * 5)))
     assert len(activations.KAFFunction._row_chunks(torch.zeros(7, 2, 5, 5))) == 3  # rows 0-2, 3-5, 6
-    d, gamma = activations.kaf_dictionary(20, 3.0)
-    d = d.double()
+    _, gamma = activations.kaf_dictionary(20, 3.0)
+    d = torch.linspace(-3, 3, 20, dtype=torch.float64)
     for memory_format in (torch.contiguous_format, torch.channels_last):
         x = (2 * torch.randn(7, 2, 5, 5, dtype=torch.float64)).to(memory_format=memory_format).requires_grad_(True)
         alpha = torch.randn(2, 20, dtype=torch.float64, requires_grad=True)
@@ -106,6 +108,42 @@ def test_kaf_loop_in_row_chunks_matches_naive(monkeypatch):
         got, want = torch.autograd.grad(out, (x, alpha), g), torch.autograd.grad(ref, (x, alpha), g)
         assert torch.allclose(out, ref, atol=1e-12)
         assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("size,gamma_rule", [(20, "paper"), (20, "code"), (50, "paper"), (120, "code")])
+def test_kaf_loop_runs_stay_finite_and_exact_far_out(size, gamma_rule):
+    """The loop evaluates runs of equally spaced kernels from two exps each (E <- E rho): in float32,
+    inputs from the dictionary's middle to +-1e4 give the float64 reference to float32 accuracy,
+    with no overflow (the one-exp-per-kernel form gave NaN from D=50), and both gradients too;
+    +-inf gives 0 (its gradient is NaN, as the reference's)."""
+    d, gamma = activations.kaf_dictionary(size, 3.0, gamma_rule)
+    kaf = lambda x, alpha: activations.KAFFunction.apply(x, alpha, d, gamma, tuple(d.tolist()))
+    assert all(length <= 15 for _, length, _, _ in activations.KAFFunction._runs(tuple(d.tolist()), gamma))
+    s = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([-1e4, -50.0, 50.0, 1e4])])
+    x = s.view(1, 1, -1).repeat(2, 3, 1).requires_grad_(True)
+    alpha = torch.randn(3, size, requires_grad=True)
+    assert torch.equal(kaf(torch.tensor([[-math.inf, math.inf]]), alpha[:1]), torch.zeros(1, 2))
+    out = kaf(x, alpha)
+    xd, ad = x.detach().double().requires_grad_(True), alpha.detach().double().requires_grad_(True)
+    ref = activations.kaf_naive(xd, ad, d.double(), gamma)
+    g = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, (x, alpha), g), torch.autograd.grad(ref, (xd, ad), g.double())
+    for a, b in [(out, ref), *zip(got, want)]:
+        assert torch.isfinite(a).all()
+        assert (a.double() - b).abs().max() <= 2e-5 * b.abs().max(), (a.double() - b).abs().max() / b.abs().max()
+
+
+def test_kaf_loop_handles_unequally_spaced_dictionaries():
+    """A dictionary that is not equally spaced is cut into runs of equal spacing (here of one or
+    two kernels), with the same result and gradients as the reference."""
+    d = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 4.0], dtype=torch.float64)
+    runs = activations.KAFFunction._runs(tuple(d.tolist()), 2.0)
+    assert [(first, length) for first, length, _, _ in runs] == [(0, 2), (2, 5), (7, 1)]
+    x = (2 * torch.randn(3, 2, 5, dtype=torch.float64)).requires_grad_(True)
+    alpha = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, a: activations.KAFFunction.apply(x, a, d, 2.0, tuple(d.tolist()))
+    assert torch.autograd.gradcheck(fn, (x, alpha))
+    assert torch.allclose(fn(x, alpha), activations.kaf_naive(x, alpha, d, 2.0), rtol=0, atol=1e-12)
 
 
 def test_kaf_elu_init_approximates_elu_on_dictionary_range():

@@ -27,7 +27,7 @@ def _both(act, x, alpha, kernel, need=(True, True), memory_format=torch.contiguo
     x = x.to(DEVICE, memory_format=memory_format).requires_grad_(need[0])
     alpha = alpha.to(DEVICE).requires_grad_(need[1])
     inputs = [t for t, n in zip((x, alpha), need) if n]
-    fused = act.KAFTritonFunction.apply(x, alpha, d, GAMMA, kernel)
+    fused = act.KAFTritonFunction.apply(x, alpha, d, GAMMA, kernel, tuple(d.tolist()))
     ref = act.kaf_naive(x.to(alpha.dtype), alpha, d, GAMMA, kernel)
     g = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     return (fused, torch.autograd.grad(fused, inputs, g.to(fused.dtype))), (ref, torch.autograd.grad(ref, inputs, g))
@@ -53,6 +53,27 @@ def test_fused_kaf_matches_naive_in_every_layout(triton_runs, shape, channels, m
         assert torch.allclose(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("size,gamma_rule,equal", [(20, "code", True), (50, "paper", True), (8, "paper", False)])
+def test_fused_gaussian_runs_stay_exact_far_out(triton_runs, size, gamma_rule, equal):
+    """The Gaussian kernels come in runs from two exps each: from the dictionary's middle to +-1e4
+    the float64 reference to float32 accuracy, both gradients too; an unequally spaced dictionary
+    falls back to one exp per kernel with the same result."""
+    d, gamma = activations.kaf_dictionary(size, 3.0, gamma_rule)
+    if not equal:
+        d = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 4.0])
+    s = torch.cat([torch.linspace(-12, 12, 301), torch.tensor([-1e4, -50.0, 50.0, 1e4])])
+    x = s.view(1, 1, -1).repeat(2, 3, 1).to(DEVICE).requires_grad_(True)
+    alpha = torch.randn(3, size, generator=torch.Generator().manual_seed(0)).to(DEVICE).requires_grad_(True)
+    out = activations.KAFTritonFunction.apply(x, alpha, d.to(DEVICE), gamma, "gaussian", tuple(d.tolist()))
+    xd, ad = x.detach().double().requires_grad_(True), alpha.detach().double().requires_grad_(True)
+    ref = activations.kaf_naive(xd, ad, d.double().to(DEVICE), gamma)
+    g = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    got, want = torch.autograd.grad(out, (x, alpha), g.float()), torch.autograd.grad(ref, (xd, ad), g)
+    for a, b in [(out, ref), *zip(got, want)]:
+        assert torch.isfinite(a).all()
+        assert (a.double() - b).abs().max() <= 2e-5 * b.abs().max(), (a.double() - b).abs().max() / b.abs().max()
+
+
 @pytest.mark.parametrize("need", [(True, False), (False, True)])
 def test_fused_kaf_computes_only_the_gradients_asked_for(triton_runs, need):
     gen = torch.Generator().manual_seed(0)
@@ -76,7 +97,8 @@ def test_fused_kaf_gradcheck_float64(triton_runs, kernel):
     d = d.to(DEVICE, torch.float64)
     x = (2 * torch.randn(1, 2, 2, 3, dtype=torch.float64, device=DEVICE)).requires_grad_(True)
     alpha = torch.randn(2, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, a: activations.KAFTritonFunction.apply(x, a, d, gamma, kernel), (x, alpha))
+    assert torch.autograd.gradcheck(lambda x, a: activations.KAFTritonFunction.apply(x, a, d, gamma, kernel, tuple(d.tolist())),
+                                     (x, alpha))
 
 
 def test_kaf_module_trains_the_same_with_fused_and_loop_kernels(triton_runs):
@@ -118,7 +140,7 @@ def test_triton_usable_only_where_it_can_run_and_only_when_it_works(triton_runs,
     # a kernel that runs but computes something else is refused the same way
     activations._TRITON_KAF_OK.clear()
     monkeypatch.setattr(activations.KAFTritonFunction, "forward",  # e.g. a miscompiled kernel: wrong bandwidth
-                        staticmethod(lambda ctx, x, alpha, d, gamma, kernel: right(ctx, x, alpha, d, 2 * gamma, kernel)))
+                        staticmethod(lambda ctx, x, alpha, d, gamma, *rest: right(ctx, x, alpha, d, 2 * gamma, *rest)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert not activations.triton_kaf_usable(DEVICE)
