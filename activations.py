@@ -323,13 +323,22 @@ def kaf_naive(x, alpha, d, gamma, kernel="gaussian"):
 
 
 def _kaf_longest_run(gamma, step, at_most):
-    """Most equally spaced Gaussian kernels one pair of exps may cover (see KAFFunction._runs)."""
-    return min(at_most, 1 + int(5 / math.sqrt(gamma * step * step))) if step else at_most
+    """Most equally spaced Gaussian kernels one pair of exps may cover: (L-1) Delta <= 4/sqrt(gamma)
+    (10 for the paper's gamma; see KAFFunction._runs)."""
+    return min(at_most, 1 + int(4 / math.sqrt(gamma * step * step))) if step else at_most
 
 
-def _kaf_log_rho_max(gamma, step, length):
-    """Clamp for log rho = 2 gamma Delta t, past which every kernel of the run is below exp(-40)."""
-    return 2 * gamma * abs(step) * ((length - 1) * abs(step) + math.sqrt(40 / gamma))
+def _kaf_equally_spaced(d_values, i, j, float64):
+    """Whether d_i..d_j have the spacing of d_i, d_i+1 to the precision of the computation (so a
+    float32 dictionary counts as equally spaced in float32, not in float64)."""
+    step = d_values[i + 1] - d_values[i]
+    tol = (1e-12 if float64 else 1e-5) * abs(step)
+    return all(abs((d_values[k + 1] - d_values[k]) - step) <= tol for k in range(i, j))
+
+
+def _kaf_t_max(gamma, float64):
+    """|s - c| past which a run's first kernel exp(-gamma t^2) would leave the normal floats."""
+    return math.sqrt((700.0 if float64 else 87.0) / gamma)
 
 
 class KAFFunction(torch.autograd.Function):
@@ -340,33 +349,34 @@ class KAFFunction(torch.autograd.Function):
         k_m(s) = exp(-gamma (t - m Delta)^2) = P rho^m exp(-gamma m^2 Delta^2),
         P = exp(-gamma t^2),  rho = exp(2 gamma Delta t),  t = s - c,
     so each kernel costs one multiply (E <- E rho) and one multiply-add, and the constants
-    exp(-gamma m^2 Delta^2) go into the coefficients.  Runs are kept short (:meth:`_runs`) so that
-    nothing under- or overflows where it matters; a dictionary that is not equally spaced gets
-    runs of one (one exp per kernel).  Backward uses the closed forms
-        df/ds        = sum_i alpha_i (-2 gamma (s - d_i)) k_i(s) = -2 gamma (s f(s) - sum_i alpha_i d_i k_i(s))
+    exp(-gamma m^2 Delta^2) go into the coefficients.  Runs are short and t is clamped
+    (:meth:`_runs`) so that nothing under- or overflows; a dictionary that is not equally spaced
+    gets shorter runs (down to one exp per kernel).  Backward uses the closed forms
+        df/ds        = sum_i alpha_i (-2 gamma (s - d_i)) k_i(s),   s - d_i = t - m Delta in a run,
         dL/dalpha_ci = sum_{n,h,w} g * k_i(s)          (per channel c; over everything for shared alpha).
     Computes in float32 (float64 when given float64) whatever the autocast dtype and returns the
     input's dtype.  Peak extra memory is a few tensors of the input's size instead of D of them."""
 
     @staticmethod
-    def _runs(d_values, gamma):
-        """(first index, length, spacing, clamp for log rho) of each run of equally spaced centres.
+    def _runs(d_values, gamma, float64=False):
+        """(first index, length, spacing) of each run of equally spaced centres.
 
-        A run's first kernel P underflows in float32 once gamma t^2 > 87; its largest term is then
-        exp(-gamma (t - (L-1) Delta)^2), below exp(-18) (1e-8) when (L-1) Delta <= 5/sqrt(gamma):
-        13 kernels for the paper's gamma, so D=20 is two runs of 10.  log rho is clamped where
-        every kernel of the run is below exp(-40) anyway, so that rho stays finite."""
+        t = s - c is clamped to +-sqrt(87/gamma) (700 in float64), where the run's first kernel
+        reaches exp(-87), the smallest normal float32: no exp ever underflows (one whose result does
+        is 6-15x slower on a CPU) and rho <= exp(2 sqrt(87 gamma Delta^2)) cannot overflow.  Past the
+        clamp a run's kernels keep their values there, at most exp(-(sqrt(87) - 4)^2) = 5e-13 when
+        it spans (L-1) Delta <= 4/sqrt(gamma): 10 kernels for the paper's gamma (D=20: two runs)."""
         runs, i, n = [], 0, len(d_values)
         while i < n:
             j = i + 1  # extend while the spacing stays that of the first pair
-            while j + 1 < n and abs((d_values[j + 1] - d_values[j]) - (d_values[i + 1] - d_values[i])) <= 1e-5 * abs(d_values[i + 1] - d_values[i]):
+            while j + 1 < n and _kaf_equally_spaced(d_values, i, j + 1, float64):
                 j += 1
             length = j - i + 1 if j < n else 1
             step = (d_values[i + length - 1] - d_values[i]) / max(1, length - 1)
             pieces = -(-length // _kaf_longest_run(gamma, step, length))
             for p in range(pieces):
                 a, b = i + p * length // pieces, i + (p + 1) * length // pieces
-                runs.append((a, b - a, step, _kaf_log_rho_max(gamma, step, b - a)))
+                runs.append((a, b - a, step))
             i += length
         return runs
 
@@ -374,22 +384,22 @@ class KAFFunction(torch.autograd.Function):
     def _scales(runs, gamma, x):
         """exp(-gamma m^2 Delta^2) for kernel first + m of each run, shape (D,): k_i = scale_i E.
         Made on x's device (a tensor from a Python list would be a host-to-GPU copy per call)."""
-        m_delta = torch.cat([torch.arange(length, dtype=x.dtype, device=x.device) * step for _, length, step, _ in runs])
+        m_delta = torch.cat([torch.arange(length, dtype=x.dtype, device=x.device) * step for _, length, step in runs])
         return m_delta.square_().mul_(-gamma).exp_()
 
     @staticmethod
-    def _kernels(xs, run, gamma, d_values, t, e):
-        """Yield (index, centre, E) for the kernels of one run, E = k_i(s) / exp(-gamma m^2 Delta^2),
-        reusing the buffers t and e (input-sized)."""
-        first, length, step, clamp = run
-        torch.sub(xs, d_values[first], out=t)
+    def _kernels(xs, run, gamma, t_max, d_values, t, rho, e):
+        """Yield (index, m, E) for the kernels of one run, E = k_i(s) / exp(-gamma m^2 Delta^2),
+        in the buffers t (the clamped s - c, kept for backward), rho and e (input-sized)."""
+        first, length, step = run
+        torch.sub(xs, d_values[first], out=t).clamp_(-t_max, t_max)
         torch.mul(t, t, out=e).mul_(-gamma).exp_()
         if length > 1:
-            t.mul_(2 * gamma * step).clamp_(max=clamp).exp_()  # t is rho from here on
+            torch.mul(t, 2 * gamma * step, out=rho).exp_()
         for m in range(length):
             if m:
-                e.mul_(t)
-            yield first + m, d_values[first] + m * step, e
+                e.mul_(rho)
+            yield first + m, m, e
 
     @staticmethod
     def _row_chunks(x, elements=2 ** 18):
@@ -408,14 +418,15 @@ class KAFFunction(torch.autograd.Function):
         ctx.save_for_backward(x, alpha)
         ctx.gamma, ctx.d_values = gamma, d_values
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        runs = KAFFunction._runs(d_values, gamma)
+        float64 = xf.dtype == torch.float64
+        runs, t_max = KAFFunction._runs(d_values, gamma, float64), _kaf_t_max(gamma, float64)
         w = alpha.to(xf.dtype) * KAFFunction._scales(runs, gamma, xf)
         out = torch.zeros_like(xf)
         for rows in KAFFunction._row_chunks(xf):
             xs, o = xf[rows], out[rows]
-            t, e = torch.empty_like(xs), torch.empty_like(xs)
+            t, rho, e = torch.empty_like(xs), torch.empty_like(xs), torch.empty_like(xs)
             for run in runs:
-                for i, _, k in KAFFunction._kernels(xs, run, gamma, d_values, t, e):
+                for i, _, k in KAFFunction._kernels(xs, run, gamma, t_max, d_values, t, rho, e):
                     o.addcmul_(k, _per_channel(w[:, i], xs))
         return out.to(x.dtype)
 
@@ -424,7 +435,8 @@ class KAFFunction(torch.autograd.Function):
         x, alpha = ctx.saved_tensors
         gamma, d_values = ctx.gamma, ctx.d_values
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        runs = KAFFunction._runs(d_values, gamma)
+        float64 = xf.dtype == torch.float64
+        runs, t_max = KAFFunction._runs(d_values, gamma, float64), _kaf_t_max(gamma, float64)
         scales = KAFFunction._scales(runs, gamma, xf)
         w = alpha.to(xf.dtype) * scales
         g = grad_out.to(xf.dtype)
@@ -435,18 +447,24 @@ class KAFFunction(torch.autograd.Function):
         reduce_dims = [0] + list(range(2, x.dim())) if per_channel else list(range(x.dim()))
         for rows in KAFFunction._row_chunks(xf):
             xs, gs = xf[rows], g[rows]
-            f, s2 = (torch.zeros_like(xs), torch.zeros_like(xs)) if need_x else (None, None)
-            t, e, gk = torch.empty_like(xs), torch.empty_like(xs), torch.empty_like(xs)
+            t, rho, e, gk = (torch.empty_like(xs) for _ in range(4))
+            if need_x:  # per run: slope -= 2 gamma sum_m w_m k_m (t - m Delta), with the clamped t
+                slope, f, fm = torch.zeros_like(xs), torch.empty_like(xs), torch.empty_like(xs)
             for run in runs:
-                for i, centre, k in KAFFunction._kernels(xs, run, gamma, d_values, t, e):
+                if need_x:
+                    f.zero_()
+                    fm.zero_()
+                for i, m, k in KAFFunction._kernels(xs, run, gamma, t_max, d_values, t, rho, e):
                     if need_x:
                         wi = _per_channel(w[:, i], xs)
                         f.addcmul_(k, wi)
-                        s2.addcmul_(k, wi, value=centre)
+                        fm.addcmul_(k, wi, value=m)
                     if need_alpha:
                         grad_alpha[:, i] += torch.mul(gs, k, out=gk).sum(reduce_dims).reshape(-1)
+                if need_x:
+                    slope.addcmul_(t, f).sub_(fm, alpha=run[2])
             if need_x:
-                grad_x[rows] = f.mul_(xs).sub_(s2).mul_(gs).mul_(-2 * gamma)
+                grad_x[rows] = slope.mul_(gs).mul_(-2 * gamma)
         if need_x:
             grad_x = grad_x.to(x.dtype)
         if need_alpha:
@@ -484,13 +502,14 @@ if triton is not None:
         return offsets, (p < P)[:, None] & (c < C)[None, :], c
 
     @triton.jit
-    def _kaf_run_start(x, d_first, gamma, log_rho_step, log_rho_max, KERNEL: tl.constexpr):
+    def _kaf_run_start(x, d_first, gamma, step, t_max, KERNEL: tl.constexpr):
         """t = x - c at a run's first centre c and, for the Gaussian, E = exp(-gamma t^2) and
-        rho = exp(2 gamma Delta t): the run's kernels are E, E rho, E rho^2, ... times constants
-        folded into alpha (as in KAFFunction; two exps per run instead of one per kernel)."""
+        rho = exp(2 gamma Delta t) with t clamped to +-t_max: the run's kernels are E, E rho,
+        E rho^2, ... times constants folded into alpha (as in KAFFunction; two exps per run)."""
         t = x - d_first
         if KERNEL == 0:
-            return t, tl.exp(-gamma * t * t), tl.exp(tl.minimum(log_rho_step * t, log_rho_max))
+            t = tl.minimum(tl.maximum(t, -t_max), t_max)
+            return t, tl.exp(-gamma * t * t), tl.exp(2.0 * gamma * step * t)
         else:
             return t, t, t
 
@@ -504,14 +523,13 @@ if triton is not None:
 
     @triton.jit
     def _kaf_forward_kernel(x_ptr, alpha_ptr, d_ptr, out_ptr, P, C, INNER, alpha_stride, gamma, step,
-                            log_rho_max, D: tl.constexpr, RUN: tl.constexpr, KERNEL: tl.constexpr,
+                            t_max, D: tl.constexpr, RUN: tl.constexpr, KERNEL: tl.constexpr,
                             COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
         offsets, mask, c = _kaf_tile(tl.program_id(0), tl.program_id(1), P, C, INNER, BLOCK_P, BLOCK_C)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
         f = tl.zeros((BLOCK_P, BLOCK_C), COMPUTE)
         for r in tl.static_range(D // RUN):
-            t, e, rho = _kaf_run_start(x, tl.load(d_ptr + r * RUN).to(COMPUTE), gamma, 2.0 * gamma * step,
-                                       log_rho_max, KERNEL)
+            t, e, rho = _kaf_run_start(x, tl.load(d_ptr + r * RUN).to(COMPUTE), gamma, step, t_max, KERNEL)
             for m in tl.static_range(RUN):
                 if KERNEL == 0:
                     if m > 0:
@@ -523,7 +541,7 @@ if triton is not None:
 
     @triton.jit
     def _kaf_backward_kernel(x_ptr, g_ptr, alpha_ptr, d_ptr, grad_x_ptr, partial_ptr, P, C, INNER, alpha_stride,
-                             gamma, step, log_rho_max, num_tiles, D: tl.constexpr, D_PAD: tl.constexpr,
+                             gamma, step, t_max, num_tiles, D: tl.constexpr, D_PAD: tl.constexpr,
                              RUN: tl.constexpr, KERNEL: tl.constexpr, COMPUTE: tl.constexpr,
                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NEED_X: tl.constexpr,
                              NEED_ALPHA: tl.constexpr):
@@ -539,8 +557,7 @@ if triton is not None:
             g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)  # 0 outside: no contribution
             slope = tl.zeros((BLOCK_P, BLOCK_C), COMPUTE)
             for r in tl.static_range(D // RUN):
-                t, e, rho = _kaf_run_start(x, tl.load(d_ptr + r * RUN).to(COMPUTE), gamma, 2.0 * gamma * step,
-                                           log_rho_max, KERNEL)
+                t, e, rho = _kaf_run_start(x, tl.load(d_ptr + r * RUN).to(COMPUTE), gamma, step, t_max, KERNEL)
                 for m in tl.static_range(RUN):
                     if KERNEL == 0:
                         if m > 0:
@@ -585,16 +602,16 @@ class KAFTritonFunction(torch.autograd.Function):
     def _config(x, alpha, d_values, gamma, kernel):
         x, P, C, inner = _kaf_layout(x)
         block_c = 1 if inner > 1 else min(triton.next_power_of_2(C), 64)  # a tile is contiguous either way
-        compute = tl.float64 if x.dtype == torch.float64 else tl.float32
-        D = len(d_values)
+        D, float64 = len(d_values), x.dtype == torch.float64
+        compute = tl.float64 if float64 else tl.float32
         step = (d_values[-1] - d_values[0]) / (D - 1) if D > 1 else 0.0
-        equal = all(abs((b - a) - step) <= 1e-5 * abs(step) for a, b in zip(d_values, d_values[1:]))
+        equal = D > 1 and _kaf_equally_spaced(d_values, 0, D - 1, float64)
         longest = _kaf_longest_run(gamma, step, D) if kernel == "gaussian" and equal else 1
         run = max(r for r in range(1, longest + 1) if D % r == 0)  # equal runs, fixed at compile time
-        exact = torch.float64 if x.dtype == torch.float64 else torch.float32
+        exact = torch.float64 if float64 else torch.float32
         scales = (torch.arange(D, device=x.device) % run * step).to(exact).square_().mul_(-gamma).exp_()
         return x, scales, dict(P=P, C=C, INNER=inner, alpha_stride=0 if alpha.shape[0] == 1 else alpha.shape[1],
-                               step=step, log_rho_max=_kaf_log_rho_max(gamma, step, run), D=D, RUN=run,
+                               step=step, t_max=_kaf_t_max(gamma, float64), D=D, RUN=run,
                                KERNEL=KAF_KERNELS.index(kernel), COMPUTE=compute,
                                BLOCK_P=max(4096 // block_c, 16), BLOCK_C=block_c)
 

@@ -115,14 +115,15 @@ def test_kaf_loop_runs_stay_finite_and_exact_far_out(size, gamma_rule):
     """The loop evaluates runs of equally spaced kernels from two exps each (E <- E rho): in float32,
     inputs from the dictionary's middle to +-1e4 give the float64 reference to float32 accuracy,
     with no overflow (the one-exp-per-kernel form gave NaN from D=50), and both gradients too;
-    +-inf gives 0 (its gradient is NaN, as the reference's)."""
+    +-inf gives ~0 (its gradient is NaN, as the reference's)."""
     d, gamma = activations.kaf_dictionary(size, 3.0, gamma_rule)
     kaf = lambda x, alpha: activations.KAFFunction.apply(x, alpha, d, gamma, tuple(d.tolist()))
-    assert all(length <= 15 for _, length, _, _ in activations.KAFFunction._runs(tuple(d.tolist()), gamma))
+    assert all(length <= 12 for _, length, _ in activations.KAFFunction._runs(tuple(d.tolist()), gamma))
     s = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([-1e4, -50.0, 50.0, 1e4])])
     x = s.view(1, 1, -1).repeat(2, 3, 1).requires_grad_(True)
     alpha = torch.randn(3, size, requires_grad=True)
-    assert torch.equal(kaf(torch.tensor([[-math.inf, math.inf]]), alpha[:1]), torch.zeros(1, 2))
+    far = kaf(torch.tensor([[-math.inf, math.inf]]), alpha[:1])  # the values at the clamp: < 5e-13 |alpha|
+    assert far.abs().max() <= 5e-13 * alpha.abs().max()
     out = kaf(x, alpha)
     xd, ad = x.detach().double().requires_grad_(True), alpha.detach().double().requires_grad_(True)
     ref = activations.kaf_naive(xd, ad, d.double(), gamma)
@@ -138,7 +139,7 @@ def test_kaf_loop_handles_unequally_spaced_dictionaries():
     two kernels), with the same result and gradients as the reference."""
     d = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 4.0], dtype=torch.float64)
     runs = activations.KAFFunction._runs(tuple(d.tolist()), 2.0)
-    assert [(first, length) for first, length, _, _ in runs] == [(0, 2), (2, 5), (7, 1)]
+    assert [(first, length) for first, length, _ in runs] == [(0, 2), (2, 5), (7, 1)]
     x = (2 * torch.randn(3, 2, 5, dtype=torch.float64)).requires_grad_(True)
     alpha = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
     fn = lambda x, a: activations.KAFFunction.apply(x, a, d, 2.0, tuple(d.tolist()))
