@@ -149,6 +149,23 @@ def _float(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _grads_needed(ctx):
+    """Which inputs' gradients this backward pass uses: ``ctx.needs_input_grad`` and, where torch can
+    tell, whether the pass goes on from that input.  An attack's ``torch.autograd.grad(loss, x)``
+    needs no parameter gradient, and for KAF dL/dalpha is a third of the backward's work (the
+    reductions).  Torch cannot tell for a leaf that autograd.grad asked for, under torch.compile's
+    tracing or in old versions: then every requires-grad input counts as needed."""
+    needed = list(ctx.needs_input_grad)
+    for i, need in enumerate(needed):
+        if need:
+            try:
+                node = ctx.next_functions[i][0]
+                needed[i] = node is None or bool(torch._C._will_engine_execute_node(node))
+            except (AttributeError, RuntimeError, TypeError):
+                pass
+    return needed
+
+
 class ShiftedSiLUFunction(torch.autograd.Function):
     """f(x) = x (sigmoid(a x) - b) / (1 - b) for broadcastable a > 0, 0 <= b < 1 (b None: 0, PSiLU),
     keeping only x, a and b for backward (autograd on the formula keeps about 3 tensors of x's size):
@@ -170,7 +187,7 @@ class ShiftedSiLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, a, b = ctx.saved_tensors
-        need_x, need_a, need_b = ctx.needs_input_grad
+        need_x, need_a, need_b = _grads_needed(ctx)
         xf, g = _float(x), _float(grad_out)
         s = torch.mul(a, xf).sigmoid_()
         t = s.neg().add_(1).mul_(s).mul_(g).mul_(xf)  # g x s (1 - s)
@@ -206,11 +223,12 @@ class ScaledSoftplusFunction(torch.autograd.Function):
         x, a, out = ctx.saved_tensors
         xf, g = _float(x), _float(grad_out)
         s = torch.mul(a, xf).sigmoid_()
+        need_x, need_a = _grads_needed(ctx)
         grad_a = None
-        if ctx.needs_input_grad[1]:
+        if need_a:
             f = out if out is not None else F.softplus(torch.mul(a, xf)).div_(a)
             grad_a = torch.mul(xf, s).sub_(f).mul_(g).sum_to_size(a.shape) / a  # a constant over the sum
-        grad_x = s.mul_(g).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_x = s.mul_(g).to(x.dtype) if need_x else None
         return grad_x, grad_a
 
 
@@ -441,7 +459,7 @@ class KAFFunction(torch.autograd.Function):
         w = alpha.to(xf.dtype) * scales
         g = grad_out.to(xf.dtype)
         per_channel = alpha.shape[0] > 1
-        need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_x, need_alpha = _grads_needed(ctx)[:2]
         grad_x = torch.empty_like(xf) if need_x else None
         grad_alpha = torch.zeros(alpha.shape, dtype=xf.dtype, device=x.device) if need_alpha else None
         reduce_dims = [0] + list(range(2, x.dim())) if per_channel else list(range(x.dim()))
@@ -630,7 +648,7 @@ class KAFTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, alpha, d = ctx.saved_tensors
-        need_x, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_x, need_alpha = _grads_needed(ctx)[:2]
         _, scales, cfg = KAFTritonFunction._config(x, alpha, ctx.d_values, ctx.gamma, ctx.kernel)
         g = grad_out.contiguous(memory_format=torch.channels_last if cfg["INNER"] == 1 and x.dim() == 4
                                 else torch.contiguous_format)

@@ -147,6 +147,30 @@ def test_kaf_loop_handles_unequally_spaced_dictionaries():
     assert torch.allclose(fn(x, alpha), activations.kaf_naive(x, alpha, d, 2.0), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["kaf", "psilu", "psoftplus", "pssilu"])
+def test_backward_skips_parameter_gradients_an_attack_does_not_use(name, monkeypatch):
+    """torch.autograd.grad(loss, x), as in every attack step, makes the written-out backwards skip
+    their parameter gradients (for KAF a third of the work); backward() and autograd.grad w.r.t. the
+    parameters still get them, equal to autograd on the naive formula."""
+    asked = []
+    original = activations._grads_needed
+    monkeypatch.setattr(activations, "_grads_needed", lambda ctx: asked.append(original(ctx)) or asked[-1])
+    act = activations.make_factory(name, scope="channel")(3).double()
+    params = list(act.parameters())
+    x0 = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(act(x0 * 1.0).sum(), [x0])
+    assert asked[-1][0] and not any(asked[-1][1:])
+    grads = torch.autograd.grad(act(x0 * 1.0).sum(), params)
+    assert not asked[-1][0] and all(asked[-1][1:1 + len(params)])
+    act(x0 * 1.0).sum().backward()
+    assert all(asked[-1][:1 + len(params)])
+    if name == "kaf":
+        ref = activations.kaf_naive(x0 * 1.0, act.alpha, act.dictionary, act.gamma).sum()
+        want_x, *want = torch.autograd.grad(ref, [x0, *params])
+        assert torch.allclose(gx, want_x, atol=1e-6) and torch.allclose(grads[0], want[0], atol=1e-6)
+    assert torch.allclose(x0.grad, gx) and all(torch.allclose(p.grad, g) for p, g in zip(params, grads))
+
+
 def test_kaf_elu_init_approximates_elu_on_dictionary_range():
     kaf = activations.KAF(channels=4, init="elu")
     s = torch.linspace(-3, 3, 301).view(1, 1, -1).expand(1, 4, -1)
