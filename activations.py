@@ -152,8 +152,7 @@ def _float(t):
 def _grads_needed(ctx):
     """Which inputs' gradients this backward pass uses: ``ctx.needs_input_grad`` and, where torch can
     tell, whether the pass goes on from that input.  An attack's ``torch.autograd.grad(loss, x)``
-    needs no parameter gradient, and for KAF dL/dalpha is a third of the backward's work (the
-    reductions).  Torch cannot tell for a leaf that autograd.grad asked for, under torch.compile's
+    needs no parameter gradient, and for KAF dL/dalpha costs a product and a reduction per kernel.  Torch cannot tell for a leaf that autograd.grad asked for, under torch.compile's
     tracing or in old versions: then every requires-grad input counts as needed."""
     needed = list(ctx.needs_input_grad)
     for i, need in enumerate(needed):
@@ -406,6 +405,15 @@ class KAFFunction(torch.autograd.Function):
         return m_delta.square_().mul_(-gamma).exp_()
 
     @staticmethod
+    def _terms(x, gamma, d_values):
+        """What forward and backward both start from: x in float32 (float64 stays), the runs, the
+        clamp for t and the per-kernel scales."""
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        float64 = xf.dtype == torch.float64
+        runs = KAFFunction._runs(d_values, gamma, float64)
+        return xf, runs, _kaf_t_max(gamma, float64), KAFFunction._scales(runs, gamma, xf)
+
+    @staticmethod
     def _kernels(xs, run, gamma, t_max, d_values, t, rho, e):
         """Yield (index, m, E) for the kernels of one run, E = k_i(s) / exp(-gamma m^2 Delta^2),
         in the buffers t (the clamped s - c, kept for backward), rho and e (input-sized)."""
@@ -435,10 +443,8 @@ class KAFFunction(torch.autograd.Function):
         # wait for the host at every KAF layer, forward and backward
         ctx.save_for_backward(x, alpha)
         ctx.gamma, ctx.d_values = gamma, d_values
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        float64 = xf.dtype == torch.float64
-        runs, t_max = KAFFunction._runs(d_values, gamma, float64), _kaf_t_max(gamma, float64)
-        w = alpha.to(xf.dtype) * KAFFunction._scales(runs, gamma, xf)
+        xf, runs, t_max, scales = KAFFunction._terms(x, gamma, d_values)
+        w = alpha.to(xf.dtype) * scales
         out = torch.zeros_like(xf)
         for rows in KAFFunction._row_chunks(xf):
             xs, o = xf[rows], out[rows]
@@ -452,10 +458,7 @@ class KAFFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, alpha = ctx.saved_tensors
         gamma, d_values = ctx.gamma, ctx.d_values
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        float64 = xf.dtype == torch.float64
-        runs, t_max = KAFFunction._runs(d_values, gamma, float64), _kaf_t_max(gamma, float64)
-        scales = KAFFunction._scales(runs, gamma, xf)
+        xf, runs, t_max, scales = KAFFunction._terms(x, gamma, d_values)
         w = alpha.to(xf.dtype) * scales
         g = grad_out.to(xf.dtype)
         per_channel = alpha.shape[0] > 1
@@ -532,12 +535,16 @@ if triton is not None:
             return t, t, t
 
     @triton.jit
-    def _kaf_run_kernel(t, e, m, step, gamma, KERNEL: tl.constexpr):
-        """k and k' (up to the folded constant) of kernel m of a run, centre c + m step."""
+    def _kaf_run_kernel(t, e, rho, m: tl.constexpr, step, gamma, KERNEL: tl.constexpr):
+        """E for kernel m of a run (E rho after the first) and that kernel's k and k' (up to the
+        folded constant), centre c + m step."""
         if KERNEL == 0:
-            return e, -2.0 * gamma * (t - m * step) * e
+            if m > 0:
+                e = e * rho
+            return e, e, -2.0 * gamma * (t - m * step) * e
         else:
-            return _kaf_kernel_and_slope(t - m * step, gamma, KERNEL)
+            k, dk = _kaf_kernel_and_slope(t - m * step, gamma, KERNEL)
+            return e, k, dk
 
     @triton.jit
     def _kaf_forward_kernel(x_ptr, alpha_ptr, d_ptr, out_ptr, P, C, INNER, alpha_stride, gamma, step,
@@ -549,10 +556,7 @@ if triton is not None:
         for r in tl.static_range(D // RUN):
             t, e, rho = _kaf_run_start(x, tl.load(d_ptr + r * RUN).to(COMPUTE), gamma, step, t_max, KERNEL)
             for m in tl.static_range(RUN):
-                if KERNEL == 0:
-                    if m > 0:
-                        e = e * rho
-                k, _ = _kaf_run_kernel(t, e, m, step, gamma, KERNEL)
+                e, k, _ = _kaf_run_kernel(t, e, rho, m, step, gamma, KERNEL)
                 a = tl.load(alpha_ptr + c * alpha_stride + r * RUN + m, mask=c < C, other=0.0).to(COMPUTE)
                 f += a[None, :] * k
         tl.store(out_ptr + offsets, f.to(out_ptr.dtype.element_ty), mask=mask)
@@ -577,10 +581,7 @@ if triton is not None:
             for r in tl.static_range(D // RUN):
                 t, e, rho = _kaf_run_start(x, tl.load(d_ptr + r * RUN).to(COMPUTE), gamma, step, t_max, KERNEL)
                 for m in tl.static_range(RUN):
-                    if KERNEL == 0:
-                        if m > 0:
-                            e = e * rho
-                    k, dk = _kaf_run_kernel(t, e, m, step, gamma, KERNEL)
+                    e, k, dk = _kaf_run_kernel(t, e, rho, m, step, gamma, KERNEL)
                     if NEED_X:
                         a = tl.load(alpha_ptr + c * alpha_stride + r * RUN + m, mask=c < C, other=0.0).to(COMPUTE)
                         slope += a[None, :] * dk
