@@ -330,8 +330,8 @@ def kaf_ridge_init(d, gamma, target=F.elu, eps=1e-4, kernel="gaussian"):
 def kaf_naive(x, alpha, d, gamma, kernel="gaussian"):
     """Reference KAF: f(s) = sum_i alpha_i k(s - d_i) with an explicit kernel tensor of shape
     x.shape + (D,) (:func:`kaf_kernel`; Gaussian k(u) = exp(-gamma u^2) by default).  Autograd keeps
-    that tensor for backward (about D times ReLU's memory); used for the relu / softplus kernels and
-    in tests, :class:`KAFFunction` is what a Gaussian KAF uses."""
+    that tensor for backward (about D times ReLU's memory): the reference for tests and
+    ``impl='naive'``; :class:`KAFFunction` is what a KAF uses without the fused kernels."""
     a = alpha.reshape((1, alpha.shape[0]) + (1,) * (x.dim() - 2) + (alpha.shape[1],))
     if alpha.shape[0] == 1:
         a = alpha.reshape(alpha.shape[1])
@@ -359,7 +359,7 @@ def _kaf_t_max(gamma, float64):
 
 
 class KAFFunction(torch.autograd.Function):
-    """Memory-efficient Gaussian KAF: saves only the input and recomputes the kernels in backward.
+    """Memory-efficient KAF: saves only the input and recomputes the kernels in backward.
 
     An exp costs about ten times an add on a CPU, so the kernels are not evaluated one exp each.
     Equally spaced centres c + m Delta (m = 0..L-1, a *run*) follow from two exps per run:
@@ -371,11 +371,13 @@ class KAFFunction(torch.autograd.Function):
     gets shorter runs (down to one exp per kernel).  Backward uses the closed forms
         df/ds        = sum_i alpha_i (-2 gamma (s - d_i)) k_i(s),   s - d_i = t - m Delta in a run,
         dL/dalpha_ci = sum_{n,h,w} g * k_i(s)          (per channel c; over everything for shared alpha).
+    The relu and softplus kernels (``kernel``) have no such runs: one kernel at a time, with
+    df/ds = sum_i alpha_i k'(s - d_i), k' = 1[u > 0] or sigmoid(u).
     Computes in float32 (float64 when given float64) whatever the autocast dtype and returns the
     input's dtype.  Peak extra memory is a few tensors of the input's size instead of D of them."""
 
     @staticmethod
-    def _runs(d_values, gamma, float64=False):
+    def _runs(d_values, gamma, float64=False, kernel="gaussian"):
         """(first index, length, spacing) of each run of equally spaced centres.
 
         t = s - c is clamped to +-sqrt(87/gamma) (700 in float64), where the run's first kernel
@@ -383,6 +385,8 @@ class KAFFunction(torch.autograd.Function):
         is 6-15x slower on a CPU) and rho <= exp(2 sqrt(87 gamma Delta^2)) cannot overflow.  Past the
         clamp a run's kernels keep their values there, at most exp(-(sqrt(87) - 4)^2) = 5e-13 when
         it spans (L-1) Delta <= 4/sqrt(gamma): 10 kernels for the paper's gamma (D=20: two runs)."""
+        if kernel != "gaussian":  # nothing to share between kernels: each is a run of one
+            return [(i, 1, 0.0) for i in range(len(d_values))]
         runs, i, n = [], 0, len(d_values)
         while i < n:
             j = i + 1  # extend while the spacing stays that of the first pair
@@ -405,19 +409,36 @@ class KAFFunction(torch.autograd.Function):
         return m_delta.square_().mul_(-gamma).exp_()
 
     @staticmethod
-    def _terms(x, gamma, d_values):
+    def _terms(x, gamma, d_values, kernel):
         """What forward and backward both start from: x in float32 (float64 stays), the runs, the
         clamp for t and the per-kernel scales."""
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         float64 = xf.dtype == torch.float64
-        runs = KAFFunction._runs(d_values, gamma, float64)
-        return xf, runs, _kaf_t_max(gamma, float64), KAFFunction._scales(runs, gamma, xf)
+        runs = KAFFunction._runs(d_values, gamma, float64, kernel)
+        t_max = _kaf_t_max(gamma, float64) if kernel == "gaussian" else math.inf
+        return xf, runs, t_max, KAFFunction._scales(runs, gamma, xf)
 
     @staticmethod
-    def _kernels(xs, run, gamma, t_max, d_values, t, rho, e):
+    def _kernels(xs, run, gamma, t_max, d_values, t, rho, e, kernel="gaussian", value=True, derivative=False):
         """Yield (index, m, E) for the kernels of one run, E = k_i(s) / exp(-gamma m^2 Delta^2),
-        in the buffers t (the clamped s - c, kept for backward), rho and e (input-sized)."""
+        in the buffers t (the clamped s - c, kept for backward), rho and e (input-sized).  For the
+        relu / softplus kernels: (i, 0, k(s - d_i)) if ``value`` (else e is not written), and with
+        ``derivative`` rho = k'(s - d_i)."""
         first, length, step = run
+        if kernel != "gaussian":
+            u = torch.sub(xs, d_values[first], out=t)
+            if kernel == "relu":
+                if value:
+                    torch.clamp(u, min=0, out=e)
+                if derivative:
+                    torch.sign(u, out=rho).clamp_(min=0)  # 0 at u = 0, as autograd's relu
+            else:  # max(u, 0) + log(1 + exp(-|u|)): on a CPU torch's softplus and log1p are 4x slower
+                if value:
+                    torch.abs(u, out=e).neg_().exp_().add_(1).log_().add_(torch.clamp(u, min=0, out=rho))
+                if derivative:
+                    torch.sigmoid(u, out=rho)
+            yield first, 0, e
+            return
         torch.sub(xs, d_values[first], out=t).clamp_(-t_max, t_max)
         torch.mul(t, t, out=e).mul_(-gamma).exp_()
         if length > 1:
@@ -438,27 +459,29 @@ class KAFFunction(torch.autograd.Function):
         return [slice(i, i + rows) for i in range(0, n, rows)] or [slice(0, 0)]
 
     @staticmethod
-    def forward(ctx, x, alpha, d, gamma, d_values):
+    def forward(ctx, x, alpha, d, gamma, d_values, kernel="gaussian"):
         # d_values: the dictionary as Python floats; reading d itself (.tolist()) would make the GPU
         # wait for the host at every KAF layer, forward and backward
+        if kernel not in KAF_KERNELS:
+            raise ValueError(f"kaf kernel must be one of {', '.join(KAF_KERNELS)}, got {kernel!r}")
         ctx.save_for_backward(x, alpha)
-        ctx.gamma, ctx.d_values = gamma, d_values
-        xf, runs, t_max, scales = KAFFunction._terms(x, gamma, d_values)
+        ctx.gamma, ctx.d_values, ctx.kernel = gamma, d_values, kernel
+        xf, runs, t_max, scales = KAFFunction._terms(x, gamma, d_values, kernel)
         w = alpha.to(xf.dtype) * scales
         out = torch.zeros_like(xf)
         for rows in KAFFunction._row_chunks(xf):
             xs, o = xf[rows], out[rows]
             t, rho, e = torch.empty_like(xs), torch.empty_like(xs), torch.empty_like(xs)
             for run in runs:
-                for i, _, k in KAFFunction._kernels(xs, run, gamma, t_max, d_values, t, rho, e):
+                for i, _, k in KAFFunction._kernels(xs, run, gamma, t_max, d_values, t, rho, e, kernel):
                     o.addcmul_(k, _per_channel(w[:, i], xs))
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, alpha = ctx.saved_tensors
-        gamma, d_values = ctx.gamma, ctx.d_values
-        xf, runs, t_max, scales = KAFFunction._terms(x, gamma, d_values)
+        gamma, d_values, kernel = ctx.gamma, ctx.d_values, ctx.kernel
+        xf, runs, t_max, scales = KAFFunction._terms(x, gamma, d_values, kernel)
         w = alpha.to(xf.dtype) * scales
         g = grad_out.to(xf.dtype)
         per_channel = alpha.shape[0] > 1
@@ -466,31 +489,37 @@ class KAFFunction(torch.autograd.Function):
         grad_x = torch.empty_like(xf) if need_x else None
         grad_alpha = torch.zeros(alpha.shape, dtype=xf.dtype, device=x.device) if need_alpha else None
         reduce_dims = [0] + list(range(2, x.dim())) if per_channel else list(range(x.dim()))
+        gaussian = kernel == "gaussian"
         for rows in KAFFunction._row_chunks(xf):
             xs, gs = xf[rows], g[rows]
             t, rho, e, gk = (torch.empty_like(xs) for _ in range(4))
-            if need_x:  # per run: slope -= 2 gamma sum_m w_m k_m (t - m Delta), with the clamped t
-                slope, f, fm = torch.zeros_like(xs), torch.empty_like(xs), torch.empty_like(xs)
+            if need_x:
+                slope = torch.zeros_like(xs)
+            if need_x and gaussian:  # per run: slope -= 2 gamma sum_m w_m k_m (t - m Delta), clamped t
+                f, fm = torch.empty_like(xs), torch.empty_like(xs)
             for run in runs:
-                if need_x:
+                if need_x and gaussian:
                     f.zero_()
                     fm.zero_()
-                for i, m, k in KAFFunction._kernels(xs, run, gamma, t_max, d_values, t, rho, e):
-                    if need_x:
+                for i, m, k in KAFFunction._kernels(xs, run, gamma, t_max, d_values, t, rho, e, kernel,
+                                                    value=gaussian or need_alpha, derivative=need_x):
+                    if need_x and gaussian:
                         wi = _per_channel(w[:, i], xs)
                         f.addcmul_(k, wi)
                         fm.addcmul_(k, wi, value=m)
+                    elif need_x:  # rho holds k'(s - d_i)
+                        slope.addcmul_(rho, _per_channel(w[:, i], xs))
                     if need_alpha:
                         grad_alpha[:, i] += torch.mul(gs, k, out=gk).sum(reduce_dims).reshape(-1)
-                if need_x:
+                if need_x and gaussian:
                     slope.addcmul_(t, f).sub_(fm, alpha=run[2])
             if need_x:
-                grad_x[rows] = slope.mul_(gs).mul_(-2 * gamma)
+                grad_x[rows] = slope.mul_(gs).mul_(-2 * gamma if gaussian else 1)
         if need_x:
             grad_x = grad_x.to(x.dtype)
         if need_alpha:
             grad_alpha = grad_alpha.mul_(scales).to(alpha.dtype)
-        return grad_x, grad_alpha, None, None, None
+        return grad_x, grad_alpha, None, None, None, None
 
 
 # Fused KAF kernels (Triton).  One pass over the input per direction, all D kernels in registers:
@@ -724,10 +753,9 @@ class KAF(nn.Module):
     "different kernels" future work (see :func:`kaf_kernel`).
 
     ``impl`` picks the computation, all with the same result: 'triton' the fused kernels
-    (:class:`KAFTritonFunction`), 'loop' the memory-efficient :class:`KAFFunction` (Gaussian only),
-    'naive' :func:`kaf_naive` (keeps D times the input for backward); 'auto' (default) takes
-    triton on a GPU where :func:`triton_kaf_usable` (not inside torch.compile), else loop for the
-    Gaussian, naive otherwise."""
+    (:class:`KAFTritonFunction`), 'loop' the memory-efficient :class:`KAFFunction`, 'naive'
+    :func:`kaf_naive` (keeps D times the input for backward); 'auto' (default) takes triton on a
+    GPU where :func:`triton_kaf_usable` (not inside torch.compile), else loop."""
 
     def __init__(self, channels=1, size=20, boundary=3.0, init="elu", gamma_rule="paper", impl="auto", kernel="gaussian"):
         super().__init__()
@@ -745,8 +773,6 @@ class KAF(nn.Module):
             raise ValueError(f"kaf impl must be one of {', '.join(KAF_IMPLS)}, got {impl!r}")
         if impl == "triton" and triton is None:
             raise ValueError("kaf impl 'triton' needs the triton package (pip install triton)")
-        if impl == "loop" and kernel != "gaussian":
-            raise ValueError(f"kaf impl 'loop' computes the gaussian kernel only, not {kernel!r}")
         d, gamma = kaf_dictionary(size, boundary, gamma_rule)
         self.register_buffer("dictionary", d)
         self.dictionary_values = tuple(d.tolist())  # fixed by (size, boundary): no device read per pass
@@ -767,7 +793,7 @@ class KAF(nn.Module):
         # under torch.compile the plain versions, which the compiler fuses itself and can trace
         if x.is_cuda and not compiling and triton_kaf_usable(x.device):
             return "triton"
-        return "loop" if self.kernel == "gaussian" else "naive"
+        return "loop"
 
     def forward(self, x):
         impl = self.impl_for(x)
@@ -778,7 +804,7 @@ class KAF(nn.Module):
                                            self.dictionary_values)
         if impl == "naive":
             return kaf_naive(x, self.alpha.to(x.dtype), self.dictionary.to(x.dtype), self.gamma, self.kernel)
-        return KAFFunction.apply(x, self.alpha, self.dictionary, self.gamma, self.dictionary_values)
+        return KAFFunction.apply(x, self.alpha, self.dictionary, self.gamma, self.dictionary_values, self.kernel)
 
     def extra_repr(self):
         return (f"channels={self.channels}, D={self.dictionary.numel()}, B={self.dictionary[-1].item():g}, "

@@ -75,7 +75,7 @@ MIB = 2 ** 20
 
 
 def get_args(argv=None):
-    p = utils.Parser(description=__doc__.split("\n\n")[0] + " Flags it does not know go to the training scripts.")
+    p = utils.Parser(description=__doc__.split("\n\n")[0] + " Flags it does not know go to the training scripts (an activation's own options, e.g. --kaf-kernel, to its rows only).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if present, else cpu")
     p.add_argument("--dataset", default="cifar10", choices=list(utils.DATASETS),
                    help="shape of the synthetic data: channels, size, classes, normalisation, augmentation (default cifar10)")
@@ -232,6 +232,25 @@ def _forever(batches):
 
 
 # ------------------------------------------------------------------------------ one configuration
+OPTION_FLAG_OWNERS = ("kaf", "softplus", "kwta")  # --kaf-size, --softplus-beta, ...: one activation's options
+
+
+def flags_for(extra, act):
+    """The user's extra flags without other activations' options, so that e.g. ``--acts relu kaf
+    --kaf-kernel softplus`` compares ReLU with a softplus-kernel KAF (the scripts refuse
+    --kaf-kernel for --act relu)."""
+    out, i = [], 0
+    while i < len(extra):
+        owner = extra[i][2:].split("-")[0] if extra[i].startswith("--") else None
+        if owner in OPTION_FLAG_OWNERS and owner != act:
+            has_value = "=" not in extra[i] and i + 1 < len(extra) and not extra[i + 1].startswith("--")
+            i += 2 if has_value else 1
+            continue
+        out.append(extra[i])
+        i += 1
+    return out
+
+
 def script_argv(args, regime, act):
     """The training script's flags for one configuration (the user's extra flags last, so they win).
     ``act`` is an activation name, or kaf:IMPL for a KAF computed by IMPL (``--kaf-impl``)."""
@@ -248,7 +267,7 @@ def script_argv(args, regime, act):
         argv += ["--replays", str(args.replays)]
     if regime == "pgd" and args.attack_iters is not None:
         argv += ["--attack-iters", str(args.attack_iters)]
-    return argv + list(args.extra)
+    return argv + flags_for(args.extra, act)
 
 
 def make_run(regime, script_args):

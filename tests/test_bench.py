@@ -122,6 +122,13 @@ def test_kaf_impl_variants_are_separate_rows_of_the_same_activation():
     assert argv[1][argv[1].index("--act") + 1] == "kaf" and "--kaf-impl" not in argv[1]
     assert argv[2][argv[2].index("--act") + 1:argv[2].index("--act") + 2] == ["kaf"]
     assert argv[2][argv[2].index("--kaf-impl") + 1] == "loop" and argv[3][argv[3].index("--kaf-impl") + 1] == "naive"
+    # one activation's options go to its rows only; other unknown flags to every row
+    args = bench.get_args(["--device", "cpu", "--acts", "relu", "kaf:loop", "softplus", "--kaf-kernel", "relu",
+                           "--epsilon", "0.1", "--softplus-beta=10", "--kaf-boundary", "-4"])
+    argv = {c["act"]: c["argv"] for c in bench.configs(args)}
+    assert argv["relu"][-2:] == ["--epsilon", "0.1"] and "--kaf-kernel" not in argv["relu"]
+    assert argv["kaf:loop"][-6:] == ["--kaf-kernel", "relu", "--epsilon", "0.1", "--kaf-boundary", "-4"]
+    assert argv["softplus"][-3:] == ["--epsilon", "0.1", "--softplus-beta=10"]
 
 
 def test_saved_for_backward_counts_storages_once_and_frees_them():
@@ -136,15 +143,17 @@ def test_saved_for_backward_counts_storages_once_and_frees_them():
         del w  # a graph dropped without backward is freed too
         assert saved.current == 0
     assert saved.peak == 2 * x.numel() * 4
-    # the naive KAF keeps the x D kernel tensor; the memory-efficient one only its input
+    # the naive KAF keeps the x D kernel tensor; the memory-efficient one only its input, whatever
+    # the kernel
     s = torch.randn(8, 4, 6, 6, requires_grad=True)
-    peaks = {}
-    for naive in (False, True):
-        kaf = activations.KAF(4, impl="naive" if naive else "loop")
-        with bench.SavedForBackward() as saved:
-            kaf(s).sum().backward()
-        peaks[naive] = saved.peak
-    assert peaks[False] < 2 * s.numel() * 4 and peaks[True] > 15 * s.numel() * 4
+    for kernel in activations.KAF_KERNELS:
+        peaks = {}
+        for naive in (False, True):
+            kaf = activations.KAF(4, impl="naive" if naive else "auto", kernel=kernel)
+            with bench.SavedForBackward() as saved:
+                kaf(s).sum().backward()
+            peaks[naive] = saved.peak
+        assert peaks[False] < 2 * s.numel() * 4 and peaks[True] > 15 * s.numel() * 4, (kernel, peaks)
 
 
 def test_synthetic_like_gives_the_dataset_shape_without_files(tmp_path):
@@ -338,10 +347,11 @@ def test_fp16_loss_scaler_costs_at_most_one_sync_per_step(tmp_path, monkeypatch)
     assert set(counter.where) <= {"item"} and len(counter.where) <= steps
 
 
-def test_compiled_kaf_model_matches_eager():
+@pytest.mark.parametrize("kernel", ["gaussian", "relu"])
+def test_compiled_kaf_model_matches_eager(kernel):
     """--compile traces the KAF autograd function (its Python loop unrolled) and gives the same step."""
     torch.manual_seed(0)
-    model = models.build("lenet", "kaf", 10, 1, 28, act_options={"size": 4})
+    model = models.build("lenet", "kaf", 10, 1, 28, act_options={"size": 4, "kernel": kernel})
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
     results = []
     for forward in (torch.compile(model), model):

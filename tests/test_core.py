@@ -91,9 +91,11 @@ def test_kaf_memory_efficient_matches_naive_and_gradcheck():
     assert torch.allclose(gx, rx, atol=1e-10) and torch.allclose(ga, ra, atol=1e-10)
 
 
-def test_kaf_loop_in_row_chunks_matches_naive(monkeypatch):
+@pytest.mark.parametrize("kernel", activations.KAF_KERNELS)
+def test_kaf_loop_in_row_chunks_matches_naive(monkeypatch, kernel):
     """On a CPU the loop works through the batch a few rows at a time (cache-sized); the result and
-    both gradients are those of the whole-tensor reference, for uneven chunks and channels_last."""
+    both gradients are those of the whole-tensor reference, for uneven chunks and channels_last,
+    with each kernel."""
     original = activations.KAFFunction._row_chunks
     monkeypatch.setattr(activations.KAFFunction, "_row_chunks", staticmethod(lambda x: original(x, elements=3 * 2 * 5 * 5)))
     assert len(activations.KAFFunction._row_chunks(torch.zeros(7, 2, 5, 5))) == 3  # rows 0-2, 3-5, 6
@@ -102,12 +104,14 @@ def test_kaf_loop_in_row_chunks_matches_naive(monkeypatch):
     for memory_format in (torch.contiguous_format, torch.channels_last):
         x = (2 * torch.randn(7, 2, 5, 5, dtype=torch.float64)).to(memory_format=memory_format).requires_grad_(True)
         alpha = torch.randn(2, 20, dtype=torch.float64, requires_grad=True)
-        out = activations.KAFFunction.apply(x, alpha, d, gamma, tuple(d.tolist()))
-        ref = activations.kaf_naive(x, alpha, d, gamma)
+        out = activations.KAFFunction.apply(x, alpha, d, gamma, tuple(d.tolist()), kernel)
+        ref = activations.kaf_naive(x, alpha, d, gamma, kernel)
         g = torch.randn_like(ref)
         got, want = torch.autograd.grad(out, (x, alpha), g), torch.autograd.grad(ref, (x, alpha), g)
         assert torch.allclose(out, ref, atol=1e-12)
         assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(got, want))
+        (x_only,) = torch.autograd.grad(activations.KAFFunction.apply(x, alpha, d, gamma, tuple(d.tolist()), kernel), x, g)
+        assert torch.allclose(x_only, want[0], atol=1e-10)  # an attack's pass: no kernel values computed
 
 
 @pytest.mark.parametrize("size,gamma_rule", [(20, "paper"), (20, "code"), (50, "paper"), (120, "code")])

@@ -122,7 +122,7 @@ def test_non_finite_gradient_norm_is_caught_with_grad_clip(tmp_path):
     (["train_fast.py", "--epsilon", "-0.1"], "--epsilon must be > 0"),
     (["train_fast.py", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["train_free.py", "--resume", "--lr-find"], "cannot be combined"),
-    (["train_fast.py", "--act", "kaf", "--kaf-impl", "loop", "--kaf-kernel", "relu"], "gaussian kernel only"),
+    (["train_fast.py", "--act", "kaf", "--kaf-size", "1"], "kaf dictionary size must be >= 2"),
     (["train_fast.py", "--act", "kaf", "--kaf-impl", "triton", "--device", "cpu"], "runs on CUDA only"),
 ])
 def test_bad_flags_are_refused_up_front_in_one_line(argv, message):
