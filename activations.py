@@ -290,6 +290,11 @@ def kaf_dictionary(size=20, boundary=3.0, gamma_rule="paper"):
 KAF_KERNELS = ("gaussian", "relu", "softplus")
 
 
+def _check_kaf_kernel(kernel):
+    if kernel not in KAF_KERNELS:
+        raise ValueError(f"kaf kernel must be one of {', '.join(KAF_KERNELS)}, got {kernel!r}")
+
+
 def kaf_kernel(u, kernel="gaussian", gamma=1.0):
     """The kernel k(u) of a KAF evaluated at u = s - d_i:
         gaussian  exp(-gamma u^2)      (Scardapane et al. 2019; the default, bounded)
@@ -298,13 +303,12 @@ def kaf_kernel(u, kernel="gaussian", gamma=1.0):
     gamma only matters for the Gaussian; the other two kernels have no bandwidth in the reference
     code.  With relu / softplus kernels f grows linearly to the right of the dictionary (slope
     sum_i alpha_i) and vanishes to its left, so unlike the Gaussian KAF it is unbounded."""
+    _check_kaf_kernel(kernel)
     if kernel == "gaussian":
         return torch.exp(-gamma * u * u)
     if kernel == "relu":
         return F.relu(u)
-    if kernel == "softplus":
-        return F.softplus(u)
-    raise ValueError(f"kaf kernel must be one of {', '.join(KAF_KERNELS)}, got {kernel!r}")
+    return F.softplus(u)
 
 
 def kaf_ridge_init(d, gamma, target=F.elu, eps=1e-4, kernel="gaussian"):
@@ -462,8 +466,7 @@ class KAFFunction(torch.autograd.Function):
     def forward(ctx, x, alpha, d, gamma, d_values, kernel="gaussian"):
         # d_values: the dictionary as Python floats; reading d itself (.tolist()) would make the GPU
         # wait for the host at every KAF layer, forward and backward
-        if kernel not in KAF_KERNELS:
-            raise ValueError(f"kaf kernel must be one of {', '.join(KAF_KERNELS)}, got {kernel!r}")
+        _check_kaf_kernel(kernel)  # _kernels would take any other name for softplus
         ctx.save_for_backward(x, alpha)
         ctx.gamma, ctx.d_values, ctx.kernel = gamma, d_values, kernel
         xf, runs, t_max, scales = KAFFunction._terms(x, gamma, d_values, kernel)
@@ -490,20 +493,21 @@ class KAFFunction(torch.autograd.Function):
         grad_alpha = torch.zeros(alpha.shape, dtype=xf.dtype, device=x.device) if need_alpha else None
         reduce_dims = [0] + list(range(2, x.dim())) if per_channel else list(range(x.dim()))
         gaussian = kernel == "gaussian"
+        run_sums = need_x and gaussian  # per run: slope -= 2 gamma sum_m w_m k_m (t - m Delta), clamped t
         for rows in KAFFunction._row_chunks(xf):
             xs, gs = xf[rows], g[rows]
             t, rho, e, gk = (torch.empty_like(xs) for _ in range(4))
             if need_x:
                 slope = torch.zeros_like(xs)
-            if need_x and gaussian:  # per run: slope -= 2 gamma sum_m w_m k_m (t - m Delta), clamped t
+            if run_sums:
                 f, fm = torch.empty_like(xs), torch.empty_like(xs)
             for run in runs:
-                if need_x and gaussian:
+                if run_sums:
                     f.zero_()
                     fm.zero_()
                 for i, m, k in KAFFunction._kernels(xs, run, gamma, t_max, d_values, t, rho, e, kernel,
                                                     value=gaussian or need_alpha, derivative=need_x):
-                    if need_x and gaussian:
+                    if run_sums:
                         wi = _per_channel(w[:, i], xs)
                         f.addcmul_(k, wi)
                         fm.addcmul_(k, wi, value=m)
@@ -511,7 +515,7 @@ class KAFFunction(torch.autograd.Function):
                         slope.addcmul_(rho, _per_channel(w[:, i], xs))
                     if need_alpha:
                         grad_alpha[:, i] += torch.mul(gs, k, out=gk).sum(reduce_dims).reshape(-1)
-                if need_x and gaussian:
+                if run_sums:
                     slope.addcmul_(t, f).sub_(fm, alpha=run[2])
             if need_x:
                 grad_x[rows] = slope.mul_(gs).mul_(-2 * gamma if gaussian else 1)
@@ -767,8 +771,7 @@ class KAF(nn.Module):
             raise ValueError(f"kaf init must be 'elu' or 'random', got {init!r}")
         if gamma_rule not in ("paper", "code"):
             raise ValueError(f"kaf gamma_rule must be 'paper' or 'code', got {gamma_rule!r}")
-        if kernel not in KAF_KERNELS:
-            raise ValueError(f"kaf kernel must be one of {', '.join(KAF_KERNELS)}, got {kernel!r}")
+        _check_kaf_kernel(kernel)
         if impl not in KAF_IMPLS:
             raise ValueError(f"kaf impl must be one of {', '.join(KAF_IMPLS)}, got {impl!r}")
         if impl == "triton" and triton is None:

@@ -232,17 +232,15 @@ def _forever(batches):
 
 
 # ------------------------------------------------------------------------------ one configuration
-OPTION_FLAG_OWNERS = ("kaf", "softplus", "kwta")  # --kaf-size, --softplus-beta, ...: one activation's options
-
-
 def flags_for(extra, act):
-    """The user's extra flags without other activations' options, so that e.g. ``--acts relu kaf
-    --kaf-kernel softplus`` compares ReLU with a softplus-kernel KAF (the scripts refuse
-    --kaf-kernel for --act relu)."""
+    """The user's extra flags without other activations' options (utils.ACT_OPTION_FLAGS), so that
+    e.g. ``--acts relu kaf --kaf-kernel softplus`` compares ReLU with a softplus-kernel KAF (the
+    scripts refuse --kaf-kernel for --act relu)."""
     out, i = [], 0
     while i < len(extra):
-        owner = extra[i][2:].split("-")[0] if extra[i].startswith("--") else None
-        if owner in OPTION_FLAG_OWNERS and owner != act:
+        dest = extra[i][2:].split("=")[0].replace("-", "_") if extra[i].startswith("--") else None
+        owner = utils.ACT_OPTION_FLAGS.get(dest, (act,))[0]
+        if owner != act:
             has_value = "=" not in extra[i] and i + 1 < len(extra) and not extra[i + 1].startswith("--")
             i += 2 if has_value else 1
             continue

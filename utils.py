@@ -429,13 +429,16 @@ def parse_args(parser, argv=None):
     return args
 
 
+# flag dest -> (the activation it belongs to, its constructor option)
+ACT_OPTION_FLAGS = {"kaf_size": ("kaf", "size"), "kaf_boundary": ("kaf", "boundary"), "kaf_init": ("kaf", "init"),
+                    "kaf_gamma": ("kaf", "gamma_rule"), "kaf_kernel": ("kaf", "kernel"), "kaf_impl": ("kaf", "impl"),
+                    "softplus_beta": ("softplus", "beta"), "kwta_gamma": ("kwta", "gamma")}
+
+
 def act_options(args):
     """Activation constructor options from the flags; an option for another activation is refused."""
-    flag_map = {"kaf_size": ("kaf", "size"), "kaf_boundary": ("kaf", "boundary"), "kaf_init": ("kaf", "init"),
-                "kaf_gamma": ("kaf", "gamma_rule"), "kaf_kernel": ("kaf", "kernel"), "kaf_impl": ("kaf", "impl"),
-                "softplus_beta": ("softplus", "beta"), "kwta_gamma": ("kwta", "gamma")}
     options = {}
-    for flag, (act, key) in flag_map.items():
+    for flag, (act, key) in ACT_OPTION_FLAGS.items():
         value = getattr(args, flag, None)
         if value is None:
             continue
