@@ -130,35 +130,60 @@ def fgsm(model, x, y, eps, loss="ce"):
 
 
 def pgd(model, x, y, eps, alpha, steps, restarts=1, norm="linf", loss="ce", random_init=True):
-    """Projected Gradient Descent (Madry et al. 2018), L-inf or L2.
+    """Projected Gradient Descent (Madry et al. 2018), L-inf or L2, with the early stop of Wong, Rice
+    & Kolter 2020 ("Fast is better than free", attack_pgd in locuslab/fast_adversarial).
 
-    Each of ``restarts`` runs starts at a random point of the ball (or at x if random_init=False)
-    and takes ``steps`` steps of size ``alpha`` (sign of the gradient for L-inf, normalised gradient
-    for L2), projecting onto the ball and [0,1] after each.  Per example, the result is the worst
-    case over restarts: the first point found that is misclassified, else the one of highest loss.
-    ``loss`` is 'ce' (cross-entropy), 'cw' (Carlini-Wagner margin) or 'dlr'."""
+    Each of ``restarts`` runs starts at a random point x^(0) of the ball (or at x if
+    random_init=False) and takes ``steps`` steps of size alpha, with P the projection onto the ball
+    and [0, 1]:
+
+        x^(k+1) = P(x^(k) + alpha sign(grad_x f(x^(k))))          (L-inf)
+        x^(k+1) = P(x^(k) + alpha grad / ||grad||_2)              (L2)
+
+    An example stops moving at the first iterate the model misclassifies (x^(0) included): a later
+    step could make it correct again.  Per example, the result is the first run's first
+    misclassified iterate; an example no run fools gets the last iterate of the run that ended with
+    the highest loss.  Fooled examples are not attacked by later runs.  ``loss`` is 'ce'
+    (cross-entropy), 'cw' (Carlini-Wagner margin), 'dlr' or a callable (see per_example_loss)."""
     with eval_float32(model):
         x = x.float().detach()
         best = x.clone()
         best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in range(restarts):
-            x_adv = random_start(x, eps, norm) if random_init else x.clone()
-            for _ in range(steps):
-                grad, _, _ = _input_grad(model, x_adv, y, loss)
+            live = (~fooled).nonzero().squeeze(1)
+            if live.numel() == 0:
+                break
+            xs, ys = x[live], y[live]
+            x_adv = random_start(xs, eps, norm) if random_init else xs.clone()
+            stopped = torch.zeros(live.numel(), dtype=torch.bool, device=x.device)
+            run_loss = torch.empty(live.numel(), device=x.device)
+            for k in range(steps + 1):
+                # only the examples not yet fooled are evaluated (eval mode: each row is independent)
+                run = (~stopped).nonzero().squeeze(1)
+                if run.numel() == 0:
+                    break
+                if k < steps:
+                    grad, logits, losses = _input_grad(model, x_adv[run], ys[run], loss)
+                else:  # the last iterate: its prediction and loss only
+                    with torch.no_grad():
+                        logits = model(x_adv[run]).float()
+                        losses = per_example_loss(logits, ys[run], loss)
+                run_loss[run] = losses
+                now = logits.argmax(1) != ys[run]
+                stopped[run[now]] = True
+                if k == steps:
+                    break
+                move, grad = run[~now], grad[~now]
                 if norm == "linf":
                     step = alpha * grad.sign()
                 else:
                     step = alpha * grad / _l2_norm(grad)
-                x_adv = project(x_adv + step, x, eps, norm).detach()
-            with torch.no_grad():
-                logits = model(x_adv)
-                losses = per_example_loss(logits, y, loss)
-                now_fooled = logits.argmax(1) != y
-            take = ~fooled & (now_fooled | (losses > best_loss))
-            best[take] = x_adv[take]
-            best_loss = torch.where(take, losses, best_loss)
-            fooled |= now_fooled
+                x_adv[move] = project(x_adv[move] + step, xs[move], eps, norm).detach()
+            take = stopped | (run_loss > best_loss[live])
+            best[live[take]] = x_adv[take]
+            best_loss[live[take]] = run_loss[take]
+            fooled[live[stopped]] = True
         return best
 
 
@@ -449,11 +474,19 @@ def nonsense_rate(model, n, shape, threshold=0.9, seed=0, mean=0.5, std=0.25, ba
             "threshold": threshold, "n": n, "predicted_class_counts": torch.bincount(pred).tolist()}
 
 
-def input_gradient_stats(model, x, y, loss="ce"):
-    """Mean |d loss / d x| over a batch and the share of examples whose input gradient is exactly 0
-    (eval mode, float32).  Gradients that vanish everywhere (e.g. a quantising, shattering input
-    layer) make gradient attacks report robustness that is not there."""
+def input_gradient_stats(model, x, y, loss="ce", batch_size=256, device=None):
+    """Mean |d loss / d x| over (x, y) and the share of examples whose input gradient is exactly 0
+    (eval mode, float32, batched; x, y may live on the CPU, batches go to ``device``, default the
+    model's).  Gradients that vanish (e.g. a quantising, shattering input layer) make gradient
+    attacks report robustness that is not there, on every image where they vanish.
+    Returns {mean_abs_grad, zero_grad_share, n}."""
+    device = device or next(model.parameters()).device
+    total, zero = 0.0, 0
     with eval_float32(model):
-        grad, _, _ = _input_grad(model, x.float(), y, loss)
-    flat = grad.flatten(1).abs()
-    return {"mean_abs_grad": flat.mean().item(), "zero_grad_share": (flat.amax(1) == 0).float().mean().item()}
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i:i + batch_size].to(device).float(), y[i:i + batch_size].to(device)
+            grad, _, _ = _input_grad(model, xb, yb, loss)
+            flat = grad.flatten(1).abs()
+            total += flat.mean(1).sum().item()
+            zero += int((flat.amax(1) == 0).sum())
+    return {"mean_abs_grad": total / len(x), "zero_grad_share": zero / len(x), "n": len(x)}

@@ -332,6 +332,34 @@ def test_restarts_never_raise_accuracy(trained_lenet):
     assert results[1].float().mean() <= results[0].float().mean()
 
 
+class Window(torch.nn.Module):
+    """A toy model of images whose mean brightness m starts at 0.5, 3 classes, label 0.  Class 1 wins
+    only while m lies in (0.515, 0.525); the cross-entropy gradient always points to brighter images
+    (through class 2's logit, which never wins), so fixed-step PGD from x (step 0.01) walks through
+    the window (iterate 2) and out of it again (iterates 3 to 5)."""
+
+    def forward(self, x):
+        m = x.mean((1, 2, 3))
+        window = ((m > 0.515) & (m < 0.525)).float()  # no gradient through the comparison
+        return torch.stack([torch.zeros_like(m), 10 * window - 5, m - 20], 1)
+
+
+def test_pgd_keeps_the_first_misclassified_iterate():
+    model = Window()
+    model.dummy = torch.nn.Parameter(torch.zeros(1))  # attacks look up the model's device
+    x, y = torch.full((3, 1, 2, 2), 0.5), torch.zeros(3, dtype=torch.long)
+    x[2] = 0.3  # far from the window: never fooled within eps
+    assert (attacks.predict(model, x) == y).all()
+    for norm, alpha in (("linf", 0.01), ("l2", 0.02)):  # L2: a step of 0.02 moves every pixel by 0.01
+        adv = attacks.pgd(model, x, y, 0.05 if norm == "linf" else 0.1, alpha, 5, norm=norm, random_init=False)
+        assert attacks.predict(model, adv).tolist() == [1, 1, 0], norm  # the last iterate (m = 0.55) is correct again
+        assert torch.allclose(adv[:2], torch.full_like(adv[:2], 0.52)), norm  # the early success is kept
+        assert torch.allclose(adv[2], torch.full_like(adv[2], 0.35)), norm  # the rest: the last iterate
+    # restarts: an example fooled by one run keeps that run's point
+    adv = attacks.pgd(model, x, y, 0.05, 0.01, 5, restarts=3, random_init=False)
+    assert attacks.predict(model, adv).tolist() == [1, 1, 0]
+
+
 def test_cw_margin_loss():
     logits = torch.tensor([[2.0, 1.0, 0.5], [0.0, 3.0, 1.0]])
     y = torch.tensor([0, 0])
