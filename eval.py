@@ -9,12 +9,18 @@ and under every attack), so it is never above any single attack's accuracy.
 Presets (--preset; --attacks replaces the attack list, or adds to it with +NAME):
   basic     (default when neither --preset nor --attacks is given) clean, FGSM, PGD --pgd-steps x
             --pgd-restarts; no extras
-  quick     clean, FGSM, PGD-20, APGD-CE (50 iterations); noise, nonsense and accuracy-vs-eps (PGD-10)
-  standard  clean, FGSM, PGD-20, PGD-50 x 10 restarts, APGD-CE + APGD-DLR (100 iterations), Square
-            (5000 queries; black-box, for sanity check 4); noise, nonsense, accuracy-vs-eps (PGD-20)
+  quick     clean, FGSM, PGD-20, APGD-CE and APGD-T (50 iterations; APGD-T: 9 target classes, AutoAttack's
+            targets at half its iterations); noise, nonsense and accuracy-vs-eps (PGD-10)
+  standard  clean, FGSM, PGD-20, PGD-50 x 10 restarts, APGD-CE + APGD-DLR (100 iterations), APGD-T
+            (100 iterations x 9 target classes: AutoAttack's budget), Square (5000 queries; black-box,
+            for sanity check 4); noise, nonsense, accuracy-vs-eps (PGD-20)
+APGD-T is in both presets because untargeted attacks can be led to the runner-up class and stop there
+while another class is within reach: without it, the standard worst case sat 2-3 points above
+AutoAttack's on small lenets, and quick's more than twice too high on an rbf-insert lenet.
 Attack names: fgsm, pgd (= --pgd-steps x --pgd-restarts), pgdK or pgdKxR (e.g. pgd50x10), apgd-ce,
-apgd-dlr, apgd-t (targeted DLR, 9 target classes), square, autoattack (standard AutoAttack from the
-optional pyautoattack package, a cross-check).  PGD steps are --pgd-alpha (default eps/4).
+apgd-dlr, apgd-t (targeted DLR towards each of the --apgd-targets most likely classes after the top
+one), square, autoattack (standard AutoAttack from the optional pyautoattack package, a cross-check,
+seeded with --seed).  PGD steps are --pgd-alpha (default eps/4).
 
 Extras: accuracy on clip(x + N(0, sigma^2)) for --noise-sigmas; the nonsense rate (Zhao & Griffin
 2016): the share of --nonsense-n pure Gaussian-noise images classified with max softmax confidence
@@ -26,9 +32,10 @@ adversarial robustness"), each PASS / FAIL / SKIP, in the JSON and next to the h
   2 more_iterations           more PGD steps / restarts (and APGD-CE with at least PGD's budget) never
                               raise accuracy (up to --check-tol)
   3 iterative_vs_single_step  PGD accuracy <= FGSM accuracy (+ tol)
-  4 black_box_vs_white_box    Square (black-box) accuracy >= best white-box accuracy (- tol)
-  5 input_gradients           mean |d CE / d x| > 1e-10 on a batch and < half of the examples with an
-                              all-zero gradient
+  4 black_box_vs_white_box    Square (black-box) breaks at most --square-only-max (0.2%, AutoAttack's
+                              flag) of the images that every white-box attack left standing
+  5 input_gradients           mean |d CE / d x| > 1e-10 over the evaluated images and at most
+                              --zero-grad-max (1%) of them with an all-zero gradient
 The checks only ask that stronger attacks are not weaker.  A warning (not a check) is added when an
 attack's accuracy is more than --gap-warn (0.10) above the worst case: that attack -- typically
 fixed-step PGD on a bounded or symmetric unit -- overstates the model's robustness, so numbers
@@ -55,11 +62,12 @@ import models
 import utils
 
 PRESETS = {
-    "basic": dict(attacks=["fgsm", "pgd"], apgd_iters=100, square_queries=5000, curve_steps=20, extras=False),
-    "quick": dict(attacks=["fgsm", "pgd20", "apgd-ce"], apgd_iters=50, square_queries=1000, curve_steps=10,
-                  extras=True),
-    "standard": dict(attacks=["fgsm", "pgd20", "pgd50x10", "apgd-ce", "apgd-dlr", "square"], apgd_iters=100,
-                     square_queries=5000, curve_steps=20, extras=True),
+    "basic": dict(attacks=["fgsm", "pgd"], apgd_iters=100, apgd_targets=9, square_queries=5000, curve_steps=20,
+                  extras=False),
+    "quick": dict(attacks=["fgsm", "pgd20", "apgd-ce", "apgd-t"], apgd_iters=50, apgd_targets=9,
+                  square_queries=1000, curve_steps=10, extras=True),
+    "standard": dict(attacks=["fgsm", "pgd20", "pgd50x10", "apgd-ce", "apgd-dlr", "apgd-t", "square"], apgd_iters=100,
+                     apgd_targets=9, square_queries=5000, curve_steps=20, extras=True),
 }
 ATTACK_NAME = re.compile(r"^(fgsm|pgd|pgd(\d+)(?:x(\d+))?|apgd-ce|apgd-dlr|apgd-t|square|autoattack)$")
 DEFAULT_SIGMAS = [0.02, 0.05, 0.1, 0.2, 0.3]
@@ -82,6 +90,8 @@ def get_args(argv=None):
     p.add_argument("--pgd-alpha", type=utils.fraction, default=None, help="PGD step of every PGD attack (default eps/4)")
     p.add_argument("--apgd-iters", type=int, default=None, help="APGD iterations (default: 100; 50 in quick)")
     p.add_argument("--apgd-restarts", type=int, default=1)
+    p.add_argument("--apgd-targets", type=int, default=None,
+                   help="target classes of APGD-T, the most likely after the top one (default 9, as AutoAttack)")
     p.add_argument("--square-queries", type=int, default=None, help="Square attack queries per image (default 5000)")
     p.add_argument("--square-p-init", type=float, default=0.8, help="Square attack initial square share p")
     p.add_argument("--noise-sigmas", type=utils.fraction, nargs="*", default=None,
@@ -95,6 +105,10 @@ def get_args(argv=None):
     p.add_argument("--large-eps", type=utils.fraction, default=None,
                    help="eps of sanity check 1 (default 0.5 with extras; 0 = skip)")
     p.add_argument("--check-tol", type=float, default=0.01, help="accuracy tolerance of the sanity checks")
+    p.add_argument("--square-only-max", type=float, default=0.002,
+                   help="check 4 fails when Square alone breaks more than this share of the images (AutoAttack: 0.2%%)")
+    p.add_argument("--zero-grad-max", type=float, default=0.01,
+                   help="check 5 fails when more than this share of the images has an all-zero input gradient")
     p.add_argument("--gap-warn", type=float, default=0.10,
                    help="warn when an attack's accuracy is this far above the worst case (it overstates robustness)")
     p.add_argument("--n-eval", type=int, default=None, help="first N test images (default: all)")
@@ -122,6 +136,7 @@ def get_args(argv=None):
     # ---- budgets and extras not given: the preset's
     extras = preset["extras"]
     args.apgd_iters = args.apgd_iters if args.apgd_iters is not None else preset["apgd_iters"]
+    args.apgd_targets = args.apgd_targets if args.apgd_targets is not None else preset["apgd_targets"]
     args.square_queries = args.square_queries if args.square_queries is not None else preset["square_queries"]
     args.curve_steps = args.curve_steps if args.curve_steps is not None else preset["curve_steps"]
     args.noise_sigmas = args.noise_sigmas if args.noise_sigmas is not None else (DEFAULT_SIGMAS if extras else [])
@@ -129,8 +144,8 @@ def get_args(argv=None):
     args.large_eps = args.large_eps if args.large_eps is not None else (0.5 if extras else 0.0)
     args.curve_default = args.curve_eps is None and extras  # eps multiples, once eps is known
     args.curve_eps = args.curve_eps or []
-    if min(args.apgd_iters, args.square_queries, args.curve_steps) < 1:
-        p.error("--apgd-iters, --square-queries and --curve-steps must be >= 1")
+    if min(args.apgd_iters, args.apgd_targets, args.square_queries, args.curve_steps) < 1:
+        p.error("--apgd-iters, --apgd-targets, --square-queries and --curve-steps must be >= 1")
     if args.nonsense_n < 0 or args.large_eps < 0 or any(s < 0 for s in args.noise_sigmas) or any(e < 0 for e in args.curve_eps):
         p.error("--nonsense-n, --large-eps, --noise-sigmas and --curve-eps must be >= 0")
     return args
@@ -146,20 +161,25 @@ def _pgd_config(name, args):
     return None
 
 
-def _autoattack(eps, device):
+def _autoattack(eps, device, seed):
     """Standard AutoAttack as an attack(model, xb, yb) -> x_adv, from the original package (import
-    name autoattack) or PyPI's pyautoattack; ImportError when neither is installed."""
+    name autoattack) or PyPI's pyautoattack; ImportError when neither is installed.  Seeded with
+    ``seed`` (AutoAttack's default seeds from the clock)."""
     try:
         from autoattack import AutoAttack  # github.com/fra31/auto-attack
-        make = lambda m: AutoAttack(m, norm="Linf", eps=eps, version="standard", device=str(device), verbose=False)
+        make = lambda m: AutoAttack(m, norm="Linf", eps=eps, version="standard", device=str(device), verbose=False,
+                                    seed=seed)
         run = lambda adversary, xb, yb: adversary.run_standard_evaluation(xb, yb, bs=len(xb))
     except ImportError:
         from pyautoattack import AutoAttack  # pip install pyautoattack
-        make = lambda m: AutoAttack(m, norm="Linf", eps=eps, version="standard", device=str(device))
+        make = lambda m: AutoAttack(m, norm="Linf", eps=eps, version="standard", device=str(device), seed=seed)
         run = lambda adversary, xb, yb: adversary.run_standard_evaluation(xb, yb, batch_size=len(xb))[0]
 
     def attack(model, xb, yb):
-        with attacks.eval_float32(model):
+        # AutoAttack reseeds torch's global generator before each of its attacks; fork_rng hands the
+        # previous state back afterwards, so the attacks after it draw the same numbers as without it
+        cuda = [xb.device] if xb.device.type == "cuda" else []
+        with attacks.eval_float32(model), torch.random.fork_rng(devices=cuda):
             return run(make(model), xb, yb).to(xb.device).float()
     return attack
 
@@ -181,9 +201,9 @@ def build_attacks(args, eps, device, square_queries_seen):
             out.append((name, f"APGD-{loss.upper()} ({args.apgd_iters} it. x {args.apgd_restarts})",
                         lambda m, xb, yb, l=loss: attacks.apgd(m, xb, yb, eps, args.apgd_iters, l, args.apgd_restarts)))
         elif name == "apgd-t":
-            out.append((name, f"APGD-T ({args.apgd_iters} it., 9 targets)",
+            out.append((name, f"APGD-T ({args.apgd_iters} it. x {args.apgd_restarts}, {args.apgd_targets} targets)",
                         lambda m, xb, yb: attacks.apgd(m, xb, yb, eps, args.apgd_iters, "dlr", args.apgd_restarts,
-                                                       targeted=True)))
+                                                       targeted=True, n_target_classes=args.apgd_targets)))
         elif name == "square":
             def square(m, xb, yb):
                 adv, q = attacks.square(m, xb, yb, eps, args.square_queries, args.square_p_init, return_queries=True)
@@ -192,14 +212,17 @@ def build_attacks(args, eps, device, square_queries_seen):
             out.append(("square", f"Square ({args.square_queries} queries)", square))
         elif name == "autoattack":
             try:
-                out.append(("autoattack", "AutoAttack (standard)", _autoattack(eps, device)))
+                out.append(("autoattack", f"AutoAttack (standard, seed {args.seed})", _autoattack(eps, device, args.seed)))
             except ImportError:
                 print(AUTOATTACK_MISSING, flush=True)
     return out
 
 
-def sanity_checks(acc, pgd_configs, apgd_budget, large, grad_stats, tol, large_max=0.05):
-    """The gradient-masking checks: {name: {status: PASS|FAIL|SKIP, detail}} (see the module docstring)."""
+def sanity_checks(acc, pgd_configs, apgd_budget, large, grad_stats, tol, large_max=0.05, square_only=None,
+                  square_only_max=0.002, zero_grad_max=0.01):
+    """The gradient-masking checks: {name: {status: PASS|FAIL|SKIP, detail}} (see the module docstring).
+    ``square_only``: the share of the evaluated images that Square breaks and every white-box attack
+    misses (None: not measured); ``grad_stats``: attacks.input_gradient_stats."""
     checks = {}
 
     def put(name, ok, detail):
@@ -229,20 +252,25 @@ def sanity_checks(acc, pgd_configs, apgd_budget, large, grad_stats, tol, large_m
             ", ".join(f"{k} {acc[k]:.4f}" for k in pgd_configs) + f" <= fgsm {acc['fgsm']:.4f}")
     else:
         put("iterative_vs_single_step", None, "needs FGSM and PGD")
-    # 4: black-box no better than white-box
+    # 4: the black box finds (almost) nothing the white-box attacks missed.  Per example, as
+    # AutoAttack's flag (Square lowering the accuracy left by its white-box attacks by > 0.2%):
+    # comparing accuracies alone passes when Square breaks a different, smaller set of images
     white = {k: v for k, v in acc.items() if k not in ("clean", "square")}
-    if "square" in acc and white:
+    if "square" in acc and white and square_only is not None:
         best = min(reversed(list(white)), key=white.get)  # on ties, the later (stronger) attack
-        put("black_box_vs_white_box", acc["square"] >= white[best] - tol,
-            f"square {acc['square']:.4f} vs best white-box {best} {white[best]:.4f}")
+        put("black_box_vs_white_box", square_only <= square_only_max,
+            f"{100 * square_only:.2f}% of the images broken by Square alone (must be <= {100 * square_only_max:g}%); "
+            f"square {acc['square']:.4f}, best white-box {best} {white[best]:.4f}")
     else:
         put("black_box_vs_white_box", None, "needs Square and a white-box attack")
-    # 5: non-zero input gradients
+    # 5: non-zero input gradients.  An all-zero gradient leaves a gradient attack nothing to follow
+    # from that image (AutoAttack warns at the first one), so more than a small share fails
     if grad_stats is None:
         put("input_gradients", None, "not run")
     else:
-        put("input_gradients", grad_stats["mean_abs_grad"] > 1e-10 and grad_stats["zero_grad_share"] < 0.5,
-            f"mean |grad| {grad_stats['mean_abs_grad']:.3g}, share of all-zero gradients {grad_stats['zero_grad_share']:.3f}")
+        put("input_gradients", grad_stats["mean_abs_grad"] > 1e-10 and grad_stats["zero_grad_share"] <= zero_grad_max,
+            f"mean |grad| {grad_stats['mean_abs_grad']:.3g}, share of all-zero gradients "
+            f"{grad_stats['zero_grad_share']:.4f} (must be <= {zero_grad_max:g}) over {grad_stats['n']} images")
     return checks
 
 
@@ -258,7 +286,9 @@ def evaluate(model, x, y, args, eps, progress=True):
               "config": {"pgd_alpha": args.pgd_alpha if args.pgd_alpha is not None else eps / 4,
                          "apgd_iters": args.apgd_iters, "apgd_restarts": args.apgd_restarts,
                          "square_queries": args.square_queries, "square_p_init": args.square_p_init,
-                         "curve_steps": args.curve_steps, "check_tol": args.check_tol, "batch_size": args.batch_size,
+                         "apgd_targets": args.apgd_targets, "curve_steps": args.curve_steps, "check_tol": args.check_tol,
+                         "square_only_max": args.square_only_max, "zero_grad_max": args.zero_grad_max,
+                         "batch_size": args.batch_size,
                          "seed": args.seed, "device": str(device)}}
     if "autoattack" in args.attack_list and "autoattack" not in result["attacks"]:
         result["skipped"] = {"autoattack": "not installed (pip install pyautoattack)"}
@@ -277,11 +307,13 @@ def evaluate(model, x, y, args, eps, progress=True):
         q = q[q > 0].tolist()
         result["square_queries_used"] = {"mean": statistics.fmean(q) if q else 0.0,
                                          "median": statistics.median(q) if q else 0.0, "budget": args.square_queries}
+    square_only = None
     if "square" in correct:
         others = [v for k, v in correct.items() if k not in ("clean", "square")]
         if others:  # images that only the black-box attack breaks: a sign of gradient masking
             only = correct["clean"] & ~correct["square"] & torch.stack(others).all(0)
             result["square_only_breaks"] = int(only.sum())
+            square_only = result["square_only_breaks"] / len(y)
     # ---- accuracy vs eps, and the large-eps check
     curve_eps = list(args.curve_eps) or ([m * eps for m in CURVE_MULTIPLES] if args.curve_default else [])
     large = None
@@ -318,8 +350,7 @@ def evaluate(model, x, y, args, eps, progress=True):
         print(f"  nonsense   {result['nonsense']['rate']:.4f} of {args.nonsense_n} noise images with confidence > "
               f"{args.nonsense_threshold:g} (mean confidence {result['nonsense']['mean_confidence']:.3f})", flush=True)
     # ---- sanity checks
-    b = min(args.batch_size, len(y))
-    grad_stats = attacks.input_gradient_stats(model, x[:b].to(device), y[:b].to(device))
+    grad_stats = attacks.input_gradient_stats(model, x, y, batch_size=args.batch_size)
     result["input_gradients"] = grad_stats
     pgd_configs = {}
     for name in args.attack_list:
@@ -327,7 +358,8 @@ def evaluate(model, x, y, args, eps, progress=True):
         if cfg:
             pgd_configs[f"pgd{cfg[0]}x{cfg[1]}"] = cfg
     checks = sanity_checks(result["accuracy"], pgd_configs, args.apgd_iters * args.apgd_restarts, large, grad_stats,
-                           args.check_tol)
+                           args.check_tol, square_only=square_only, square_only_max=args.square_only_max,
+                           zero_grad_max=args.zero_grad_max)
     result["sanity_checks"] = checks
     result["sanity_failed"] = [k for k, v in checks.items() if v["status"] == "FAIL"]
     result["gap_warn"] = args.gap_warn

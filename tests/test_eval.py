@@ -2,6 +2,8 @@
 gradient-masking sanity checks and eval.py's presets (CPU, small)."""
 import json
 import sys
+import time
+import types
 
 import pytest
 import torch
@@ -39,6 +41,47 @@ class Quantised(nn.Module):
 
     def forward(self, x):
         return self.net(torch.round(x * self.k) / self.k)
+
+
+class PartlyBlind(nn.Module):
+    """The same function as ``net``, but the images brighter than ``threshold`` (mean pixel) pass
+    their input detached: their input gradient is exactly 0, so gradient attacks cannot move them,
+    while a black-box attack finds them as vulnerable as the others."""
+
+    def __init__(self, net, threshold):
+        super().__init__()
+        self.net, self.threshold = net, threshold
+
+    def forward(self, x):
+        bright = (x.mean((1, 2, 3)) > self.threshold).view(-1, 1, 1, 1)
+        return self.net(torch.where(bright, x.detach(), x))
+
+
+class TargetedOnly(nn.Module):
+    """4 classes, label 0, on images whose mean pixel is 0.5 + s (s = 0 clean).  Logits
+
+        z = (0, -1 - 9 s, -4 + 48 s, -10)
+
+    Within eps 0.1 class 1 never wins (z_1 <= -0.1) and class 2 wins for s > 1/12.  Near s = 0 the
+    cross-entropy, the untargeted DLR loss and the CW margin all rise towards s < 0 (towards class 1,
+    the runner-up), so untargeted gradient attacks walk to s = -eps and stay correct; the targeted DLR
+    loss towards class 2 rises towards s > 0 and wins.  A local trap, not gradient masking: the
+    gradients are exact and never zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))  # attacks look up the model's device
+
+    def forward(self, x):
+        s = x.mean((1, 2, 3)) - 0.5
+        return torch.stack([torch.zeros_like(s), -1 - 9 * s, -4 + 48 * s, torch.full_like(s, -10.0)], 1)
+
+
+def targeted_only_data(n=8):
+    """Images of 16 x 16 pixels around 0.5 with mean exactly 0.5 (s = 0), label 0: a random start
+    moves s by a few thousandths only, far from where the untargeted gradients turn (s ~ 0.023)."""
+    noise = 0.02 * torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    return 0.5 + noise - noise.mean((1, 2, 3), keepdim=True), torch.zeros(n, dtype=torch.long)
 
 
 # ------------------------------------------------------------------------------------------- APGD
@@ -80,6 +123,25 @@ def test_apgd_at_most_pgd20(trained_lenet):
     for loss in ("ce", "dlr"):
         apgd, _ = attacks.robust_accuracy(model, x, y, lambda m, a, b: attacks.apgd(m, a, b, EPS, 100, loss))
         assert apgd <= pgd, (loss, apgd, pgd)
+
+
+@pytest.mark.parametrize("preset", ["quick", "standard"])
+def test_headline_catches_a_model_only_the_targeted_attack_breaks(preset):
+    """Both presets run APGD-T, and the per-example worst case takes it: on TargetedOnly FGSM, PGD,
+    APGD-CE and APGD-DLR leave every image standing and APGD-T breaks them all."""
+    model, (x, y) = TargetedOnly().eval(), targeted_only_data()
+    assert (attacks.predict(model, x) == y).all()
+    torch.manual_seed(0)
+    args = eval_args("--preset", preset, "--apgd-iters", "20", "--square-queries", "100", "--large-eps", "0",
+                     "--curve-eps", "--noise-sigmas", "--nonsense-n", "0")
+    result = eval_script.evaluate(model, x, y, args, EPS, progress=False)
+    acc = result["accuracy"]
+    assert "apgd-t" in acc
+    untargeted = [k for k in acc if k not in ("clean", "apgd-t", "square")]
+    assert len(untargeted) >= (3 if preset == "quick" else 5)
+    assert all(acc[k] == 1.0 for k in untargeted), acc  # the trap holds every untargeted white-box attack
+    assert acc["apgd-t"] == 0.0 and result["robust_accuracy"] == 0.0
+    assert result["headline"].startswith("robust acc 0.0000")
 
 
 # ----------------------------------------------------------------------------------------- Square
@@ -140,6 +202,35 @@ def test_sanity_checks_pass_on_trained_model_and_fail_on_masked_one(trained_lene
         assert all(result["robust_accuracy"] <= a for a in result["accuracy"].values())
 
 
+def test_sharper_checks_fail_on_a_partly_masked_model(trained_lenet):
+    """A fifth of the images has no input gradient: a share of all-zero gradients far below the half
+    the old check 5 allowed, and images that only Square breaks, while Square's accuracy stays above
+    the white-box attacks' (so comparing accuracies, the old check 4, passed)."""
+    model, x, y = trained_lenet
+    x, y = x[:64], y[:64]
+    masked = PartlyBlind(model, x.mean((1, 2, 3)).quantile(0.8).item()).eval()
+    torch.manual_seed(0)
+    args = eval_args(*CHECK_ARGS, "--square-queries", "1000")
+    result = eval_script.evaluate(masked, x, y, args, EPS, progress=False)
+    checks, acc = result["sanity_checks"], result["accuracy"]
+    assert 0.1 < result["input_gradients"]["zero_grad_share"] < 0.5  # the old check 5 passed ...
+    assert result["input_gradients"]["mean_abs_grad"] > 1e-10
+    assert checks["input_gradients"]["status"] == "FAIL"  # ... the new one fails
+    assert acc["square"] >= min(v for k, v in acc.items() if k not in ("clean", "square")) - 0.01  # old 4 passed ...
+    assert result["square_only_breaks"] >= 2 and checks["black_box_vs_white_box"]["status"] == "FAIL"  # ... new fails
+    assert "Square alone" in checks["black_box_vs_white_box"]["detail"]
+
+
+def test_sanity_check_thresholds():
+    acc = {"clean": 0.9, "apgd-ce": 0.3, "square": 0.35}
+    grads = lambda share: {"mean_abs_grad": 1e-3, "zero_grad_share": share, "n": 1000}
+    run = lambda only, share: {k: v["status"] for k, v in eval_script.sanity_checks(
+        acc, {}, None, None, grads(share), 0.01, square_only=only).items()}
+    assert run(0.002, 0.01)["black_box_vs_white_box"] == "PASS" and run(0.002, 0.01)["input_gradients"] == "PASS"
+    assert run(0.003, 0.011)["black_box_vs_white_box"] == "FAIL" and run(0.003, 0.011)["input_gradients"] == "FAIL"
+    assert run(None, 0.0)["black_box_vs_white_box"] == "SKIP"  # Square not compared per example
+
+
 def test_attack_gap_warnings_name_attacks_far_above_the_worst_case():
     acc = {"clean": 0.77, "fgsm": 0.67, "pgd20x1": 0.361, "pgd50x10": 0.2765, "apgd-ce": 0.079, "square": 0.2895}
     warnings = eval_script.attack_gap_warnings(acc, 0.073, 0.10)
@@ -180,7 +271,12 @@ def test_noise_and_nonsense_match_direct_computation():
 # ---------------------------------------------------------------------------------------- eval.py
 def test_attack_list_flags():
     assert eval_args().attack_list == ["fgsm", "pgd"]  # no preset, no --attacks: the basic report
-    assert eval_args("--preset", "quick", "--attacks", "+square").attack_list == ["fgsm", "pgd20", "apgd-ce", "square"]
+    quick = eval_args("--preset", "quick", "--attacks", "+square")
+    assert quick.attack_list == ["fgsm", "pgd20", "apgd-ce", "apgd-t", "square"]
+    assert quick.apgd_iters == 50 and quick.apgd_targets == 9
+    standard = eval_args("--preset", "standard")
+    assert standard.attack_list == ["fgsm", "pgd20", "pgd50x10", "apgd-ce", "apgd-dlr", "apgd-t", "square"]
+    assert standard.apgd_iters == 100 and standard.apgd_targets == 9  # AutoAttack's APGD-T budget
     args = eval_args("--preset", "standard", "--attacks", "apgd-ce,pgd50x10", "apgd-t")
     assert args.attack_list == ["apgd-ce", "pgd50x10", "apgd-t"] and args.apgd_iters == 100 and args.large_eps == 0.5
     assert eval_args("--preset", "quick").apgd_iters == 50
@@ -197,6 +293,29 @@ def test_autoattack_missing_gives_one_line_message(trained_lenet, monkeypatch, c
     assert eval_script.AUTOATTACK_MISSING in capsys.readouterr().out
 
 
+def test_autoattack_is_seeded_from_seed_and_leaves_the_global_generator_alone(trained_lenet, monkeypatch):
+    seeds = []
+
+    class FakeAutoAttack:  # the original package's interface; reseeds the global generator as it does
+        def __init__(self, model, norm, eps, version, device, verbose=True, seed=None):
+            seeds.append(seed)
+            self.seed = seed if seed is not None else time.time()
+
+        def run_standard_evaluation(self, x, y, bs):
+            torch.manual_seed(int(self.seed))
+            return x
+
+    monkeypatch.setitem(sys.modules, "autoattack", types.SimpleNamespace(AutoAttack=FakeAutoAttack))
+    model, x, y = trained_lenet
+    torch.manual_seed(1)
+    result = eval_script.evaluate(model, x[:32], y[:32], eval_args("--attacks", "autoattack", "--seed", "7"), EPS,
+                                  progress=False)
+    after = torch.rand(4)
+    torch.manual_seed(1)
+    assert seeds == [7] and "autoattack" in result["accuracy"]
+    assert torch.equal(after, torch.rand(4))  # the global generator is where it was before AutoAttack
+
+
 def test_eval_quick_preset_end_to_end(tmp_path):
     out = tmp_path / "run"
     train_fast.main(["--dataset", "synthetic", "--model", "lenet", "--epochs", "1", "--n-train", "256", "--n-eval", "64",
@@ -207,7 +326,7 @@ def test_eval_quick_preset_end_to_end(tmp_path):
                                "--curve-eps", "0.05", "--curve-steps", "5", "--noise-sigmas", "0.1", "0.3",
                                "--nonsense-n", "64", "--device", "cpu", "--out", str(path)])
     acc = result["accuracy"]
-    assert set(acc) == {"clean", "fgsm", "pgd20x1", "apgd-ce"} and result["eps"] == pytest.approx(0.1)
+    assert set(acc) == {"clean", "fgsm", "pgd20x1", "apgd-ce", "apgd-t"} and result["eps"] == pytest.approx(0.1)
     assert all(result["robust_accuracy"] <= a for a in acc.values())
     assert set(result["sanity_checks"]) == set(eval_script.CHECKS)
     assert all(c["status"] in ("PASS", "FAIL", "SKIP") and c["detail"] for c in result["sanity_checks"].values())
