@@ -833,6 +833,7 @@ REGISTRY = {
     "kwta": (KWTA, "none", "Xiao et al. 2020"),
 }
 NAMES = sorted(REGISTRY)
+CLASSES = tuple(dict.fromkeys(cls for cls, _, _ in REGISTRY.values()))  # every activation module class
 SCOPES = ("network", "layer", "channel")
 # Options each activation accepts (anything else is refused, so a typo never passes silently).
 OPTIONS = {
@@ -876,9 +877,8 @@ def make_factory(name, scope=None, **options):
 def activation_modules(model):
     """The distinct activation modules of a model (a network-scope instance is listed once)."""
     seen, out = set(), []
-    classes = tuple({cls for cls, _, _ in REGISTRY.values()})
     for m in model.modules():
-        if isinstance(m, classes) and id(m) not in seen:
+        if isinstance(m, CLASSES) and id(m) not in seen:
             seen.add(id(m))
             out.append(m)
     return out

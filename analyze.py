@@ -33,14 +33,7 @@ import activations
 import attacks
 import models
 import utils
-
-try:
-    from tqdm import tqdm
-except ImportError:  # tqdm is optional
-    def tqdm(iterable=None, **kwargs):
-        return iterable
-
-ACT_CLASSES = tuple({cls for cls, _, _ in activations.REGISTRY.values()})
+from utils import tqdm
 
 
 def get_args(argv=None):
@@ -59,7 +52,7 @@ def get_args(argv=None):
     p.add_argument("--bins", type=int, default=60, help="histogram bins of the pre-activations")
     p.add_argument("--max-samples", type=int, default=200_000, help="pre-activation values kept per layer for percentiles and histograms")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=utils.DEFAULT_DEVICE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true", help="JSON only")
     args = p.parse_args(argv)
@@ -67,8 +60,8 @@ def get_args(argv=None):
         p.error("--n-eval, --pgd-steps, --power-iters, --bins, --max-samples and --batch-size must be >= 1")
     if args.range <= 0 or (args.eps is not None and args.eps <= 0):
         p.error("--range and --eps must be > 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda asked for but CUDA is not available; use --device cpu")
+    if utils.device_problem(args.device):
+        p.error(utils.device_problem(args.device))
     if not (args.shapes or args.preacts or args.lipschitz):
         args.shapes = args.preacts = args.lipschitz = True
     return args
@@ -79,21 +72,10 @@ def activation_layers(model):
     ``uses`` > 1 for a network-scope module shared by several layers."""
     names, uses = {}, {}
     for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, ACT_CLASSES):
+        if isinstance(m, activations.CLASSES):
             names.setdefault(id(m), name or "model")
             uses[id(m)] = uses.get(id(m), 0) + 1
     return [(names[id(m)], m, uses[id(m)]) for m in activations.activation_modules(model)]
-
-
-def _pyplot():
-    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        return None
 
 
 def _floats(t, digits=6):
@@ -428,7 +410,7 @@ def chain(module, name="model"):
     c = lambda child: chain(getattr(module, child), f"{name}.{child}")
     if isinstance(module, models.Normalized):
         return [("affine", lambda v: (v - module.mean) / module.std, f"{name}.normalize")] + c("net")
-    if isinstance(module, ACT_CLASSES):
+    if isinstance(module, activations.CLASSES):
         return [("act", module, name)]
     if isinstance(module, AFFINE):
         return [("affine", module, name)]
@@ -615,11 +597,11 @@ def main(argv=None):
     train_args = model.checkpoint.get("args", {})
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "analysis")
     os.makedirs(out_dir, exist_ok=True)
-    plt = None if args.no_plot else _pyplot()
+    plt = None if args.no_plot else utils.pyplot()
     if plt is None and not args.no_plot:
         print("matplotlib is not installed: writing JSON only (pip install matplotlib for the PNGs)")
     cfg = model.config
-    print(f"analyze: {cfg['arch']} {cfg.get('saf_insert') or cfg['act']} from {args.checkpoint} on {args.device} -> {out_dir}", flush=True)
+    print(f"analyze: {cfg['arch']} {models.act_label(cfg['act'], cfg.get('saf_insert'))} from {args.checkpoint} on {args.device} -> {out_dir}", flush=True)
     results = {}
     save = lambda key, result, plot: (utils.write_json(result, os.path.join(out_dir, f"{key}.json")),
                                       plt and plot(result, os.path.join(out_dir, f"{key}.png"), plt))

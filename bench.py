@@ -1,11 +1,11 @@
 """Speed benchmark: training-step time, images/s and peak memory per regime and activation.
 
-Times the training scripts' own steps -- ``train_fast.make_train_step``, ``train_free.FreeStep`` and
-``train_pgd.make_train_step`` on a ``utils.Run`` built from the scripts' own flags -- so what is
-measured is what training runs.  The data is synthetic but shaped like --dataset: the same image
-size, channels, classes, normalisation and augmentation (crop+flip on the device for the CIFAR
-shapes), generated with ``utils.synthetic_data`` and handed to ``utils.Run`` in place of the real
-files, so nothing is downloaded.
+Times the training scripts' own steps -- ``train_fast.train_step``, ``train_free.train_minibatch``
+(m replays) and ``train_pgd.train_step`` on the set-up ``utils.setup`` builds from the scripts' own
+flags -- so what is measured is what training runs.  The data is synthetic but shaped like
+--dataset: the same image size, channels, classes, normalisation and augmentation (crop+flip on the
+device for the CIFAR shapes), generated with ``utils.synthetic_data`` and passed to ``utils.setup``
+(or to the script's ``main``) in place of the real files, so nothing is downloaded.
 
 Per configuration (regime x activation): --warmup steps, then --steps timed steps (a step is one
 minibatch through ``train_step``: FGSM = 2 forward/backward passes, Free = m replays, PGD = k + 1;
@@ -44,7 +44,6 @@ pass others to override) so that no configuration diverges while it is timed.
     python bench.py --device cuda --end-to-end --regimes fast --acts relu kaf --epochs 15 --batch-size 128
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -63,6 +62,7 @@ import train_fast
 import train_free
 import train_pgd
 import utils
+import tricks
 from utils import tqdm
 
 REGIMES = {"fast": train_fast, "free": train_free, "pgd": train_pgd}
@@ -76,7 +76,7 @@ MIB = 2 ** 20
 
 def get_args(argv=None):
     p = utils.Parser(description=__doc__.split("\n\n")[0] + " Flags it does not know go to the training scripts (an activation's own options, e.g. --kaf-kernel, to its rows only).")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if present, else cpu")
+    p.add_argument("--device", default=utils.DEFAULT_DEVICE, help="cuda if present, else cpu")
     p.add_argument("--dataset", default="cifar10", choices=list(utils.DATASETS),
                    help="shape of the synthetic data: channels, size, classes, normalisation, augmentation (default cifar10)")
     p.add_argument("--model", default="preactresnet18", choices=models.ARCH_NAMES, help="default preactresnet18")
@@ -109,8 +109,8 @@ def get_args(argv=None):
                  if getattr(args, name) is not None and getattr(args, name) < 1]
     if args.warmup < 0:
         problems.append("--warmup must be >= 0")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        problems.append("--device cuda asked for but CUDA is not available; use --device cpu")
+    if utils.device_problem(args.device):
+        problems.append(utils.device_problem(args.device))
     if problems:
         p.error("; ".join(problems))
     return args
@@ -124,21 +124,9 @@ def synthetic_images(dataset, n, seed, chunk=8192):
     return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
 
-@contextlib.contextmanager
 def synthetic_like(dataset, n_train, n_test):
-    """Within the block, ``utils.load_split`` returns synthetic data of ``dataset``'s shape
-    (generated here, once, before any timing) instead of reading the real files."""
-    data = {True: synthetic_images(dataset, n_train, seed=0), False: synthetic_images(dataset, n_test, seed=1)}
-    real = utils.load_split
-
-    def load_split(name, data_dir, train):
-        return data[bool(train)] if name == dataset else real(name, data_dir, train)
-
-    utils.load_split = load_split
-    try:
-        yield
-    finally:
-        utils.load_split = real
+    """(x_train, y_train, x_test, y_test): synthetic data of ``dataset``'s shape, for utils.setup."""
+    return (*synthetic_images(dataset, n_train, seed=0), *synthetic_images(dataset, n_test, seed=1))
 
 
 # ------------------------------------------------------------------------------------ measurements
@@ -226,11 +214,6 @@ def device_description(device):
     return f"{name}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
-def _forever(batches):
-    while True:
-        yield from batches
-
-
 # ------------------------------------------------------------------------------ one configuration
 def flags_for(extra, act):
     """The user's extra flags without other activations' options (utils.ACT_OPTION_FLAGS), so that
@@ -268,23 +251,19 @@ def script_argv(args, regime, act):
     return argv + flags_for(args.extra, act)
 
 
-def make_run(regime, script_args):
-    """The Run a training script builds for these flags (Free: m optimiser steps per minibatch)."""
-    if regime == "free":
-        return utils.Run(script_args, "train_free", steps_per_batch=script_args.replays,
-                         epochs_budget=train_free.passes(script_args))
-    return utils.Run(script_args, f"train_{regime}")
-
-
 def make_train_step(regime, run, script_args):
+    """``step(x, y) -> loss``: the script's own training of one minibatch (Free: its m replays) at the
+    LR the optimiser holds."""
+    tr = tricks.TrainingTricks.for_run(script_args, run)
     if regime == "free":
-        return train_free.FreeStep(run, script_args.epsilon, script_args.replays)
-    return REGIMES[regime].make_train_step(run, script_args)
+        delta = torch.zeros((script_args.batch_size, *run.batches.x.shape[1:]), device=run.device)
+        return lambda x, y: train_free.train_minibatch(run, tr, x, y, delta, script_args)[0]
+    return lambda x, y: REGIMES[regime].train_step(run, tr, x, y, script_args)[0]
 
 
 def count_forwards(run):
-    """From now on count the model calls the regime makes (through run.forward and, where Run has
-    one, run.attack_forward); returns a one-element list holding the count."""
+    """From now on count the model calls the regime makes (through run.forward and run.attack_forward);
+    returns a one-element list holding the count."""
     count = [0]
     for name in ("forward", "attack_forward"):
         fn = getattr(run, name, None)
@@ -301,11 +280,13 @@ def bench_steps(cfg):
     regime, device = cfg["regime"], torch.device(cfg["device"])
     cuda = device.type == "cuda"
     n_train = cfg["batch_size"] * 4  # a few full batches, cycled
-    with tempfile.TemporaryDirectory() as tmp, synthetic_like(cfg["dataset"], n_train, 64):
+    data = synthetic_like(cfg["dataset"], n_train, 64)
+    with tempfile.TemporaryDirectory() as tmp:
         script_args = REGIMES[regime].get_args(cfg["argv"] + ["--out-dir", tmp])
-        run = make_run(regime, script_args)
+        run = utils.setup(script_args, f"train_{regime}", data=data)
         train_step = make_train_step(regime, run, script_args)
-    batches = _forever(run.train_batches)
+    utils.scheduled_lr(run.opt, 0, 1, script_args)  # --lr-schedule constant: --lr-max throughout
+    batches = utils.forever(run.batches)
     run.model.train()
     if cuda:
         torch.cuda.synchronize(device)
@@ -318,7 +299,7 @@ def bench_steps(cfg):
         torch.cuda.synchronize(device)
     tic = time.perf_counter()
     for _ in range(cfg["steps"]):
-        loss, _ = train_step(*next(batches))
+        loss = train_step(*next(batches))
     if cuda:
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - tic
@@ -351,12 +332,13 @@ def bench_end_to_end(cfg):
     """Time one whole training run (``train_<regime>.main``) on synthetic data; returns the result row."""
     regime, device = cfg["regime"], torch.device(cfg["device"])
     cuda = device.type == "cuda"
-    with tempfile.TemporaryDirectory() as tmp, synthetic_like(cfg["dataset"], cfg["n_train"], cfg["n_eval"]):
+    data = synthetic_like(cfg["dataset"], cfg["n_train"], cfg["n_eval"])
+    with tempfile.TemporaryDirectory() as tmp:
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         tic = time.perf_counter()
-        summary = REGIMES[regime].main(cfg["argv"] + ["--out-dir", tmp])
+        summary = REGIMES[regime].main(cfg["argv"] + ["--out-dir", tmp], data=data)
         if cuda:
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - tic

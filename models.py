@@ -8,6 +8,8 @@ rebuilds one from a checkpoint file alone.
 
 Imports only torch and activations.py.
 """
+import pickle
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -216,17 +218,37 @@ class CheckpointError(Exception):
     """A checkpoint file that is missing, unreadable or does not match its model."""
 
 
+def act_label(act, saf_insert=None):
+    """How a model's activation is named in run folders and tables: 'rbf-insert' for a SAF-insert model."""
+    return f"{saf_insert}-insert" if saf_insert else act
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """The dict saved in checkpoint ``path``, loaded as data (``weights_only=True``: tensors and plain
+    values only, never arbitrary pickled objects, so loading cannot run code).  Problems are
+    CheckpointErrors with a one-line message."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except pickle.UnpicklingError as e:  # what weights_only refuses: anything but tensors and plain values
+        what = str(e).split("Unsupported global: ")[-1].splitlines()[0][:120] if "Unsupported global" in str(e) else "objects"
+        raise CheckpointError(f"refusing to load {path}: it holds {what}, not only tensors and plain values (a "
+                              f"checkpoint of an older version of this project, or one changed by someone); "
+                              f"loading it could run code") from None
+    except Exception as e:  # truncated or not a torch file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a checkpoint of this project")
+    return ckpt
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Rebuild the model saved in checkpoint ``path`` (written by the training scripts) and return it
     in eval mode, with no other information needed.  The file's other entries (flags, optimiser
     state, dataset) are in ``model.checkpoint``."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # truncated or not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model_state" not in ckpt:
+    ckpt = read_checkpoint(path, map_location)
+    if "model_config" not in ckpt or "model_state" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no model_config/model_state)")
     config = dict(ckpt["model_config"])
     # how a KAF was computed (impl) is not part of the model: rebuild with the default for this machine

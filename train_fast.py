@@ -13,20 +13,27 @@ the run stops with the best weights.  Optional fixes: N-FGSM (de Jorge et al. 20
     python train_fast.py --dataset fashionmnist --data-dir /usr/share/datasets/fashion-mnist \\
         --model lenet --act relu --epochs 3 --epsilon 0.1
 """
+import copy
+import os
+import time
+
 import torch
 import torch.nn.functional as F
 
+import tricks
 import utils
 
 
 def get_args(argv=None):
-    p = utils.base_parser(__doc__.split("\n\n")[0], epochs=15, lr_max=0.2, lr_schedule="cyclic")
+    p = utils.parser(__doc__.split("\n\n")[0])
     g = p.add_argument_group("FGSM training")
     g.add_argument("--alpha", type=utils.fraction, default=None, help="FGSM step (default 1.25 * eps; eps with --nfgsm)")
     g.add_argument("--init", default="random", choices=["random", "zero"], help="start of the FGSM step (zero = plain FGSM training)")
     g.add_argument("--nfgsm", action="store_true", help="N-FGSM: noise U(-2eps, 2eps), step eps, no projection to the eps-ball")
     g.add_argument("--grad-align", type=float, default=0.0, help="GradAlign weight lambda (0.2 at 8/255; 0 = off)")
-    args = utils.parse_args(p, argv)
+    utils.add_shared_flags(p, epochs=15, lr_max=0.2, lr_schedule="cyclic")
+    tricks.add_flags(p)
+    args = utils.parse_args(p, argv, checks=[tricks.flag_problems])
     if args.alpha is not None and args.alpha <= 0:
         p.error("--alpha must be > 0")
     if args.grad_align < 0:
@@ -70,33 +77,87 @@ def grad_align_penalty(run, x, y, eps):
     return (1 - cos).mean()
 
 
-def make_train_step(run, args):
-    """``train_step(x, y) -> (loss, n_correct)`` for Run.fit: FGSM(-RS / N-FGSM) perturbation, then one
-    SGD step on the perturbed batch (plus the GradAlign penalty when asked)."""
+def train_step(run, tr, x, y, args):
+    """One minibatch: the FGSM(-RS / N-FGSM) perturbation, then one SGD step on the perturbed batch
+    (plus the GradAlign and mean-training terms when asked), at the LR the optimiser holds.
+    Returns the loss, the number of correct predictions and a non-finite flag, as device tensors."""
     eps = args.epsilon
     alpha = args.alpha if args.alpha is not None else (eps if args.nfgsm else 1.25 * eps)
+    delta = fgsm_delta(run, x, y, eps, alpha, args.init, args.nfgsm)
+    with run.autocast():
+        logits = run.forward(x + delta)
+        loss = F.cross_entropy(logits, y)
+    total = loss
+    if args.grad_align > 0:
+        total = total + args.grad_align * grad_align_penalty(run, x, y, eps)
+    if tr.mean_copies:
+        total = total + tr.mean_loss(run.model, run.forward, run.autocast)
+    run.scaler.scale(total).backward()  # fp16: scaled, so that small gradients do not underflow
+    bad = ~torch.isfinite(loss.detach().float())
+    if args.grad_clip > 0:
+        bad = bad | utils.clip_gradients(run, args.grad_clip)
+    run.scaler.step(run.opt)  # skipped by the fp16 scaler when the gradients overflowed
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    return loss.detach(), (logits.argmax(1) == y).sum(), bad
 
-    def train_step(x, y):
-        delta = fgsm_delta(run, x, y, eps, alpha, args.init, args.nfgsm)
-        with run.autocast():
-            logits = run.forward(x + delta)
-            loss = F.cross_entropy(logits, y)
-        total = loss
-        if args.grad_align > 0:
-            total = loss + args.grad_align * grad_align_penalty(run, x, y, eps)
-        run.step(total)
-        return loss.detach(), (logits.argmax(1) == y).sum()
 
-    return train_step
-
-
-def main(argv=None):
+def main(argv=None, data=None):
+    """Train; ``data`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench.py)."""
     args = get_args(argv)
-    run = utils.Run(args, "train_fast")
-    train_step = make_train_step(run, args)
+    run = utils.setup(args, "train_fast", data)  # device, data on it, model, SGD, AMP scaler, out dir
+    tr = tricks.TrainingTricks.for_run(args, run)  # random / mean training, extra data: no-ops unless asked
     if args.lr_find:
-        return utils.lr_range_test(run, train_step)
-    return run.fit(train_step)
+        return tricks.lr_range_test(run, args, lambda x, y: train_step(run, tr, x, y, args)[0])
+    total_steps = args.epochs * len(run.batches)
+    start, it, history, best, train_time, guard = 0, 0, [], None, 0.0, None
+    if args.resume and (ckpt := utils.load_for_resume(run, args, args.epochs)):
+        start, it, history, best, train_time, guard = (ckpt[k] for k in ("epoch", "iteration", "history", "best", "train_time_s", "guard"))
+
+    def save(path, epoch):  # everything eval.py and --resume need
+        utils.save_checkpoint(run, args, path, epoch=epoch, iteration=it, history=history, best=best,
+                              train_time_s=train_time, guard=guard)
+
+    summary = utils.start_summary(run, args, args.epochs)
+    summary["catastrophic_overfitting"] = guard
+    epoch = start
+    try:
+        while epoch < args.epochs and guard is None:  # a run the guard stopped stays stopped
+            epoch += 1
+            run.model.train()
+            meter = utils.EpochMeter(run, epoch, args.epochs)
+            tic = time.time()
+            for x, y in meter.bar:
+                x, y = tr.mix(x, y)
+                lr = utils.scheduled_lr(run.opt, it, total_steps, args)
+                loss, correct, bad = train_step(run, tr, x, y, args)
+                it += 1
+                meter.add(loss, correct, len(y), bad, lr)
+            train_loss, train_acc = meter.result()
+            train_time += time.time() - tic
+            utils.sync_buffers(run)
+            held = utils.held_out_pgd(run, args.epsilon)
+            history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, held_pgd_acc=held, lr=lr,
+                                time_s=round(train_time, 2)))
+            utils.log(run, f"epoch {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  held-out PGD-10 acc {held:.4f}  "
+                           f"lr {lr:.4g}  time {train_time:.1f}s")
+            if utils.collapsed(held, best, args.co_guard):  # catastrophic overfitting: back to the best epoch, stop
+                guard = dict(epoch=epoch, held_pgd_acc=held, best_held_pgd_acc=best["held_pgd_acc"], restored_epoch=best["epoch"])
+                utils.log(run, f"catastrophic overfitting detected in epoch {epoch}: held-out PGD accuracy fell from "
+                               f"{best['held_pgd_acc']:.3f} to {held:.3f}; restoring the weights of epoch {best['epoch']} and stopping")
+                run.model.load_state_dict(best["model_state"])
+                break
+            if best is None or held >= best["held_pgd_acc"]:
+                best = dict(epoch=epoch, held_pgd_acc=held, model_state=copy.deepcopy(run.model.state_dict()))
+            save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
+    except (utils.Diverged, KeyboardInterrupt) as stop:
+        done = len(history)  # completed epochs
+        summary.update(utils.results(run, args, done, train_time, history, dict(optimizer_steps=it), evaluated=False))
+        raise utils.record_stop(run, stop, summary, done, lambda path: save(path, done)) from None
+    save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
+    summary.update(catastrophic_overfitting=guard, stopped_early=guard and f"catastrophic overfitting in epoch {guard['epoch']}")
+    summary.update(utils.results(run, args, epoch, train_time, history, dict(optimizer_steps=it), evaluated=False))
+    return utils.finish(run, args, summary)
 
 
 if __name__ == "__main__":

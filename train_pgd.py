@@ -23,20 +23,27 @@ al. and TRADES train 76-200 epochs with a piecewise LR from 0.1: --lr-schedule p
     python train_pgd.py --act psilu --attack-iters 7
     python train_pgd.py --act pssilu --loss trades --trades-beta 6
 """
+import copy
+import os
+import time
+
 import torch
 import torch.nn.functional as F
 
+import tricks
 import utils
 
 
 def get_args(argv=None):
-    p = utils.base_parser(__doc__.split("\n\n")[0], epochs=15, lr_max=0.2, lr_schedule="cyclic")
+    p = utils.parser(__doc__.split("\n\n")[0])
     g = p.add_argument_group("PGD training")
     g.add_argument("--attack-iters", type=int, default=10, help="k: PGD steps per minibatch")
     g.add_argument("--attack-step", type=utils.fraction, default=2 / 255, help="alpha: PGD step size, e.g. 2/255")
     g.add_argument("--loss", default="ce", choices=["ce", "trades"], help="ce: Madry et al.; trades: Zhang et al.")
     g.add_argument("--trades-beta", type=float, default=6.0, help="TRADES weight of the KL term")
-    args = utils.parse_args(p, argv)
+    utils.add_shared_flags(p, epochs=15, lr_max=0.2, lr_schedule="cyclic")
+    tricks.add_flags(p)
+    args = utils.parse_args(p, argv, checks=[tricks.flag_problems])
     if args.attack_iters < 1:
         p.error("--attack-iters must be >= 1")
     if args.attack_step <= 0:
@@ -78,34 +85,90 @@ def trades_loss(run, x, y, eps, alpha, iters, beta):
     return F.cross_entropy(logits.float(), y) + beta * robust, logits_adv, steps
 
 
-def make_train_step(run, args):
-    """``train_step`` for Run.fit; counts the attack's steps in run.counts['attack_steps']."""
+def train_step(run, tr, x, y, args):
+    """One minibatch: the PGD (or TRADES) perturbation, then one SGD step on its loss (plus the
+    mean-training term when asked), at the LR the optimiser holds.  Returns the loss, the number of
+    correct predictions on x + delta, a non-finite flag (device tensors) and the attack's steps."""
     eps, alpha, k = args.epsilon, args.attack_step, args.attack_iters
-    run.counts["attack_steps"] = 0
+    if args.loss == "trades":
+        loss, logits, steps = trades_loss(run, x, y, eps, alpha, k, args.trades_beta)
+    else:
+        ce = lambda logits: F.cross_entropy(logits, y)
+        delta, steps = pgd_delta(run, x, ce, eps, alpha, k, torch.empty_like(x).uniform_(-eps, eps))
+        with run.autocast():
+            logits = run.forward(x + delta)
+            loss = F.cross_entropy(logits, y)
+    total = loss + tr.mean_loss(run.model, run.forward, run.autocast) if tr.mean_copies else loss
+    run.scaler.scale(total).backward()  # fp16: scaled, so that small gradients do not underflow
+    bad = ~torch.isfinite(loss.detach().float())
+    if args.grad_clip > 0:
+        bad = bad | utils.clip_gradients(run, args.grad_clip)
+    run.scaler.step(run.opt)  # skipped by the fp16 scaler when the gradients overflowed
+    run.scaler.update()
+    run.opt.zero_grad(set_to_none=True)
+    return loss.detach(), (logits.argmax(1) == y).sum(), bad, steps
 
-    def train_step(x, y):
-        if args.loss == "trades":
-            loss, logits, steps = trades_loss(run, x, y, eps, alpha, k, args.trades_beta)
-        else:
-            ce = lambda logits: F.cross_entropy(logits, y)
-            delta, steps = pgd_delta(run, x, ce, eps, alpha, k, torch.empty_like(x).uniform_(-eps, eps))
-            with run.autocast():
-                logits = run.forward(x + delta)
-                loss = F.cross_entropy(logits, y)
-        run.counts["attack_steps"] += steps
-        run.step(loss)
-        return loss.detach(), (logits.argmax(1) == y).sum()
 
-    return train_step
-
-
-def main(argv=None):
+def main(argv=None, data=None):
+    """Train; ``data`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench.py)."""
     args = get_args(argv)
-    run = utils.Run(args, "train_pgd")
-    train_step = make_train_step(run, args)
+    run = utils.setup(args, "train_pgd", data)  # device, data on it, model, SGD, AMP scaler, out dir
+    tr = tricks.TrainingTricks.for_run(args, run)  # random / mean training, extra data: no-ops unless asked
     if args.lr_find:
-        return utils.lr_range_test(run, train_step)
-    return run.fit(train_step)
+        return tricks.lr_range_test(run, args, lambda x, y: train_step(run, tr, *tr.mix(x, y), args)[0])
+    total_steps = args.epochs * len(run.batches)
+    start, it, history, best, train_time, guard, attack_steps = 0, 0, [], None, 0.0, None, 0
+    if args.resume and (ckpt := utils.load_for_resume(run, args, args.epochs)):
+        start, it, history, best, train_time, guard, attack_steps = (
+            ckpt[k] for k in ("epoch", "iteration", "history", "best", "train_time_s", "guard", "attack_steps"))
+
+    def save(path, epoch):  # everything eval.py and --resume need
+        utils.save_checkpoint(run, args, path, epoch=epoch, iteration=it, history=history, best=best,
+                              train_time_s=train_time, guard=guard, attack_steps=attack_steps)
+
+    summary = utils.start_summary(run, args, args.epochs)
+    summary["catastrophic_overfitting"] = guard
+    epoch = start
+    try:
+        while epoch < args.epochs and guard is None:  # a run the guard stopped stays stopped
+            epoch += 1
+            run.model.train()
+            meter = utils.EpochMeter(run, epoch, args.epochs)
+            tic = time.time()
+            for x, y in meter.bar:
+                x, y = tr.mix(x, y)
+                lr = utils.scheduled_lr(run.opt, it, total_steps, args)
+                loss, correct, bad, steps = train_step(run, tr, x, y, args)
+                it += 1
+                attack_steps += steps
+                meter.add(loss, correct, len(y), bad, lr)
+            train_loss, train_acc = meter.result()
+            train_time += time.time() - tic
+            utils.sync_buffers(run)
+            held = utils.held_out_pgd(run, args.epsilon)
+            history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, held_pgd_acc=held, lr=lr,
+                                time_s=round(train_time, 2)))
+            utils.log(run, f"epoch {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  held-out PGD-10 acc {held:.4f}  "
+                           f"lr {lr:.4g}  time {train_time:.1f}s")
+            if utils.collapsed(held, best, args.co_guard):  # catastrophic overfitting: back to the best epoch, stop
+                guard = dict(epoch=epoch, held_pgd_acc=held, best_held_pgd_acc=best["held_pgd_acc"], restored_epoch=best["epoch"])
+                utils.log(run, f"catastrophic overfitting detected in epoch {epoch}: held-out PGD accuracy fell from "
+                               f"{best['held_pgd_acc']:.3f} to {held:.3f}; restoring the weights of epoch {best['epoch']} and stopping")
+                run.model.load_state_dict(best["model_state"])
+                break
+            if best is None or held >= best["held_pgd_acc"]:
+                best = dict(epoch=epoch, held_pgd_acc=held, model_state=copy.deepcopy(run.model.state_dict()))
+            save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
+    except (utils.Diverged, KeyboardInterrupt) as stop:
+        done = len(history)  # completed epochs
+        counts = dict(optimizer_steps=it, attack_steps=attack_steps)
+        summary.update(utils.results(run, args, done, train_time, history, counts, evaluated=False))
+        raise utils.record_stop(run, stop, summary, done, lambda path: save(path, done)) from None
+    save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
+    summary.update(catastrophic_overfitting=guard, stopped_early=guard and f"catastrophic overfitting in epoch {guard['epoch']}")
+    counts = dict(optimizer_steps=it, attack_steps=attack_steps)
+    summary.update(utils.results(run, args, epoch, train_time, history, counts, evaluated=False))
+    return utils.finish(run, args, summary)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,21 @@
-"""What the three training scripts share: data, schedules, flags, checkpoints and the epoch loop.
+"""Stateless helpers the three training scripts share; each script keeps its own loop.
 
 * Data: every dataset is loaded once into memory as uint8 tensors (on the GPU when there is one) and
   batched by :class:`Batches`, which does random crop / flip on the device itself -- no DataLoader
   workers in the hot loop (the airbench approach).
-* Schedules: :func:`lr_at` / :func:`momentum_at`, stepped per iteration.
-* :class:`Run`: builds device, data, model, SGD, AMP; ``run.step(loss)`` is one optimiser step;
-  ``run.fit(train_step)`` runs the epochs with tqdm, the catastrophic-overfitting guard, the
-  divergence stop, per-epoch atomic checkpoints that --resume continues bit for bit, the final
-  clean/PGD evaluation and ``summary.json``; under torchrun it is DistributedDataParallel.
-* Training-data tricks (end of the file): Zhao & Griffin's random and mean training, Dai et al.'s
-  extra data, mixed into every regime's batches by :class:`TrainingTricks`.
+* Schedules: :func:`lr_at` / :func:`momentum_at`, set per iteration by :func:`set_lr`.
+* Flags: :func:`add_shared_flags` and :func:`parse_args` (one-line errors).
+* Set-up: :func:`setup` builds device, data, model, SGD and the AMP scaler (DDP under torchrun).
+* During training: :class:`EpochMeter` (loss / accuracy on the device, the divergence check),
+  :func:`held_out_pgd` (the catastrophic-overfitting probe), :func:`save_checkpoint` /
+  :func:`load_for_resume` (checkpoints are plain data, loaded with ``weights_only=True``).
+* At the end: :func:`evaluate`, :func:`finish` (final evaluation and summary.json),
+  :func:`record_stop` (divergence, Ctrl-C).
 
-A training script supplies only its regime: the function that turns a clean batch into a training
-loss.  Imports torch, numpy, tqdm (optional) and the project's modules.
+Imports torch, numpy, tqdm (optional) and the project's modules.
 """
 import argparse
 import atexit
-import copy
 import gzip
 import json
 import math
@@ -39,6 +38,27 @@ try:
 except ImportError:  # tqdm is optional: fall back to a silent iterator
     def tqdm(iterable=None, **kwargs):
         return iterable
+
+
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_problem(device):
+    """The one-line complaint about a --device this machine does not have, or None."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "--device cuda asked for but CUDA is not available; use --device cpu"
+    return None
+
+
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:  # plots are optional
+        return None
 
 
 class UserError(Exception):
@@ -234,6 +254,13 @@ class Batches:
             yield xb, self.y[idx]
 
 
+
+def forever(batches):
+    """The batches over and over, reshuffled each pass."""
+    while True:
+        yield from batches
+
+
 # --------------------------------------------------------------------------------------- schedules
 LR_SCHEDULES = ("piecewise", "cyclic", "linear", "exponential", "onecycle", "onecycle-half",
                 "onecycle-truncated", "triangular", "cosine", "sgdr", "linear-restarts", "constant")
@@ -313,6 +340,21 @@ def momentum_at(step, total_steps, schedule, momentum=0.9, high=0.95, low=0.85):
     raise ValueError(f"unknown momentum schedule {schedule!r}; choose from {', '.join(MOMENTUM_SCHEDULES)}")
 
 
+
+def set_lr(opt, lr, momentum):
+    """Put a learning rate and momentum into every parameter group of ``opt``."""
+    for group in opt.param_groups:
+        group["lr"], group["momentum"] = lr, momentum
+
+
+def scheduled_lr(opt, it, total_steps, args):
+    """Set the learning rate and momentum of iteration ``it`` of ``total_steps`` (--lr-schedule,
+    --momentum-schedule); returns the learning rate."""
+    lr = lr_at(it, total_steps, args.lr_schedule, args.lr_max, args.lr_cycles, args.lr_mult)
+    set_lr(opt, lr, momentum_at(it, total_steps, args.momentum_schedule, args.momentum))
+    return lr
+
+
 # ------------------------------------------------------------------------------------------- flags
 class Parser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line (no usage dump): ``prog: error: ... (see --help)``."""
@@ -322,10 +364,16 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def base_parser(description, **defaults):
-    """The flags every training script shares; ``defaults`` override per regime."""
-    p = Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data and model")
+def parser(description):
+    """A training script's parser: a one-line usage (the groups below list every flag), defaults shown."""
+    return Parser(description=description, usage="%(prog)s [flags]   (the regime's own flags first, then the shared ones)",
+                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_shared_flags(p, **defaults):
+    """The flags every training script shares, in --help groups after the script's own; ``defaults``
+    override per regime."""
+    g = p.add_argument_group("data and model (shared)")
     g.add_argument("--dataset", default="cifar10", choices=list(DATASETS))
     g.add_argument("--data-dir", default="./data", help="dataset folder (torchvision layout, or raw IDX .gz files for (fashion)mnist)")
     g.add_argument("--model", default="preactresnet18", choices=models.ARCH_NAMES)
@@ -344,7 +392,7 @@ def base_parser(description, **defaults):
     g.add_argument("--softplus-beta", type=float, default=None, help="softplus beta (default 1; SAT also uses 10)")
     g.add_argument("--kwta-gamma", type=float, default=None, help="k-WTA share of kept units (default 0.1)")
     g.add_argument("--n-train", type=int, default=None, help="use only the first N training images")
-    g = p.add_argument_group("optimisation")
+    g = p.add_argument_group("optimisation (shared)")
     g.add_argument("--epochs", type=int, default=15)
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--lr-schedule", default="cyclic", choices=LR_SCHEDULES)
@@ -355,34 +403,17 @@ def base_parser(description, **defaults):
     g.add_argument("--momentum-schedule", default="constant", choices=MOMENTUM_SCHEDULES)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--lr-find", action="store_true",
-                   help="LR range test instead of training: sweep the LR exponentially, write lr_find.csv, suggest --lr-max")
-    g.add_argument("--lr-find-steps", type=int, default=100, help="minibatches of the LR range test")
-    g.add_argument("--lr-find-min", type=float, default=1e-4, help="first LR of the range test")
-    g.add_argument("--lr-find-max", type=float, default=10.0, help="last LR of the range test")
-    g = p.add_argument_group("adversary")
+    g = p.add_argument_group("adversary (shared)")
     g.add_argument("--epsilon", type=fraction, default=8 / 255, help="L-inf radius, e.g. 8/255 or 0.1")
-    g = p.add_argument_group("training-data tricks (off by default; see TrainingTricks)")
-    g.add_argument("--random-training", type=float, default=0.0, metavar="SHARE",
-                   help="Zhao & Griffin's random training: perturb this share of each batch with random noise")
-    g.add_argument("--random-noise", default="uniform", choices=["uniform", "gaussian"], help="random-training noise: U(-s, s) or N(0, s^2)")
-    g.add_argument("--random-strength", type=fraction, default=None, help="s, the random-training noise strength (default: --epsilon)")
-    g.add_argument("--mean-training", type=int, default=0, metavar="N",
-                   help="Zhao & Griffin's mean training: N noisy copies of the mean training image per optimiser step, trained towards uniform confidence")
-    g.add_argument("--mean-noise", type=fraction, default=0.1, help="std of the Gaussian noise on the mean-image copies")
-    g.add_argument("--mean-weight", type=float, default=1.0, help="weight of the mean-training loss KL(uniform || softmax)")
-    g.add_argument("--extra-data", default=None, metavar="NPZ",
-                   help="Dai et al.'s extra (e.g. generated) training images: .npz with images (uint8 or float in [0,1]) and labels")
-    g.add_argument("--extra-fraction", type=float, default=None, help="share of each batch drawn from --extra-data (default 0.5)")
-    g = p.add_argument_group("evaluation")
+    g = p.add_argument_group("evaluation (shared)")
     g.add_argument("--eval-pgd-steps", type=int, default=20)
     g.add_argument("--eval-pgd-restarts", type=int, default=1)
     g.add_argument("--eval-pgd-alpha", type=fraction, default=None, help="PGD step for the final evaluation (default eps/4, i.e. 2/255 at 8/255)")
     g.add_argument("--n-eval", type=int, default=None, help="evaluate on the first N test images (default: all)")
     g.add_argument("--co-guard", type=float, default=0.2,
                    help="catastrophic-overfitting guard: stop and restore the best weights when held-out PGD accuracy drops by more than this (0 = off)")
-    g = p.add_argument_group("run")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g = p.add_argument_group("run (shared)")
+    g.add_argument("--device", default=DEFAULT_DEVICE)
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision on CUDA (auto: bf16 where supported, else fp16 with a loss scaler); off on CPU")
     g.add_argument("--channels-last", type=int, default=1, choices=[0, 1], help="channels_last memory format on CUDA")
@@ -395,8 +426,9 @@ def base_parser(description, **defaults):
     return p
 
 
-def parse_args(parser, argv=None):
-    """Parse and validate; any problem becomes a one-line ``error: ...`` message and exit code 2."""
+def parse_args(parser, argv=None, checks=()):
+    """Parse and validate the shared flags, and with each function of ``checks`` (args -> list of
+    problems) those of other modules; any problem becomes a one-line ``error: ...`` and exit code 2."""
     args = parser.parse_args(argv)
     problems = []
     if args.epsilon <= 0:
@@ -409,15 +441,10 @@ def parse_args(parser, argv=None):
     for name in ("n_train", "n_eval"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
-    if args.lr_find_steps < 2:
-        problems.append("--lr-find-steps must be >= 2")
-    if not 0 < args.lr_find_min < args.lr_find_max:
-        problems.append("--lr-find-min and --lr-find-max need 0 < min < max")
-    if args.lr_find and args.resume:
-        problems.append("--resume cannot be combined with --lr-find (the LR range test always starts afresh)")
-    problems += trick_problems(args)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        problems.append("--device cuda asked for but CUDA is not available; use --device cpu")
+    for check in checks:
+        problems += check(args)
+    if device_problem(args.device):
+        problems.append(device_problem(args.device))
     if args.kaf_impl == "triton" and not args.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
         problems.append("--kaf-impl triton runs on CUDA only (or under TRITON_INTERPRET=1, slowly)")
     try:
@@ -448,21 +475,8 @@ def act_options(args):
     return options
 
 
-# ------------------------------------------------------------------------------------- checkpoints
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a kill never leaves a truncated checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
-
-def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
+# ---------------------------------------------------------------------------------------- processes
 def distributed_setup(args):
     """(rank, world size).  Under ``torchrun --nproc_per_node=N`` (WORLD_SIZE > 1) this joins the
     process group -- NCCL with one GPU per process, gloo on CPU -- and points ``args.device`` at
@@ -501,577 +515,305 @@ def amp_dtype_for(device_type, flag, bf16_supported):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[flag], flag == "fp16"
 
 
-# ------------------------------------------------------------------------------------------ the run
-class Run:
-    """One training run: device, data, model, optimiser, AMP, schedule, logging, checkpoints.
 
-    A training script builds a ``Run(args, script)``, writes its regime as ``train_step(x, y)``
-    (returning the detached loss and number of correct predictions of the batch, as tensors, and
-    calling ``run.step(loss)`` once per optimiser step), and calls ``run.fit(train_step)``.
 
-    Hooks: ``lr_override(batch) -> lr`` replaces the schedule (the LR range test uses it);
-    ``counts`` is a dict of regime counters (e.g. attack steps) copied into summary.json."""
-    lr_override = None
+# ------------------------------------------------------------------------------------------ set-up
+def run_name(args):
+    """The activation as a run is named: the SAF-insert unit (e.g. 'rbf-insert') or --act."""
+    return models.act_label(args.act, args.saf_insert)
 
-    def __init__(self, args, script, steps_per_batch=1, epochs_budget=None):
-        self.args, self.script = args, script
-        self.rank, self.world = distributed_setup(args)
-        seed_everything(args.seed)  # the same on every rank: Batches relies on it for disjoint shards
-        self.device = torch.device(args.device)
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.backends.cudnn.benchmark = True
-        # ---- data
-        channels, size, classes, mean, std, augment = DATASETS[args.dataset]
-        x_train, y_train = load_split(args.dataset, args.data_dir, train=True)
-        x_test, y_test = load_split(args.dataset, args.data_dir, train=False)
-        if args.n_train:
-            x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
-        if args.n_eval:
-            x_test, y_test = x_test[:args.n_eval], y_test[:args.n_eval]
-        self.channels_last = cuda and bool(args.channels_last)
-        self.train_batches = Batches(x_train.to(self.device), y_train.to(self.device), args.batch_size // self.world,
-                                     shuffle=True, augment=augment, channels_last=self.channels_last,
-                                     rank=self.rank, world=self.world)
-        self.tricks = TrainingTricks(args, self.train_batches.x, augment, self.channels_last, self.rank, self.world)
-        self.x_test = x_test.to(self.device).float().div_(255)
-        self.y_test = y_test.to(self.device)
-        g = torch.Generator().manual_seed(args.seed + 1)
-        held = torch.randperm(len(x_train), generator=g)[:min(512, len(x_train))]
-        self.x_held = x_train[held].to(self.device).float().div_(255)
-        self.y_held = y_train[held].to(self.device)
-        # ---- model
-        self.model = models.build(args.model, args.act, classes, channels, size, mean, std, args.act_scope,
-                                  act_options(args), args.saf_insert).to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        # attacks need input gradients only: they use the bare model, the training loss the DDP one
-        self.attack_forward = torch.compile(self.model) if args.compile else self.model
-        self.forward = self.attack_forward
-        if self.world > 1:
-            ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if cuda else None)
-            self.forward = torch.compile(ddp) if args.compile else ddp
-        # ---- optimiser (no weight decay on the activations' own parameters)
-        act_params = {id(p) for m in activations.activation_modules(self.model) for p in m.parameters()}
-        decay = [p for p in self.model.parameters() if id(p) not in act_params]
-        no_decay = [p for p in self.model.parameters() if id(p) in act_params]
-        self.opt = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
-                                    {"params": no_decay, "weight_decay": 0.0}],
-                                   lr=0.0, momentum=args.momentum, nesterov=False)
-        # ---- mixed precision: bf16 where supported, else fp16 with a loss scaler; float32 on CPU
-        self.amp_dtype, fp16 = amp_dtype_for(self.device.type, args.amp, cuda and torch.cuda.is_bf16_supported())
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
-        # ---- schedule
-        self.epochs = epochs_budget or args.epochs
-        self.steps_per_batch = steps_per_batch
-        self.total_steps = self.epochs * len(self.train_batches) * steps_per_batch
-        self.it = 0
-        self.counts = {}
-        self._set_lr()
-        self.train_time, self.best = 0.0, None  # best: the guard's {epoch, held_pgd_acc, model_state}
-        self.bad_grad = None  # set by step() when --grad-clip measures the gradient norm
-        name = args.saf_insert + "-insert" if args.saf_insert else args.act
-        self.out_dir = args.out_dir or os.path.join("runs", f"{script}_{args.dataset}_{args.model}_{name}")
-        os.makedirs(self.out_dir, exist_ok=True)
-        self.history = []
 
-    # ---- the pieces a regime uses
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+def setup(args, script, data=None):
+    """Everything a training run needs before its loop, as a plain namespace ``run``:
 
-    def _set_lr(self):
-        a = self.args
-        lr = lr_at(self.it, self.total_steps, a.lr_schedule, a.lr_max, a.lr_cycles, a.lr_mult)
-        mom = momentum_at(self.it, self.total_steps, a.momentum_schedule, a.momentum)
-        if self.lr_override is not None:  # one LR per minibatch, also when a regime steps several times on it
-            lr, mom = self.lr_override(self.it // self.steps_per_batch), a.momentum
-        for group in self.opt.param_groups:
-            group["lr"], group["momentum"] = lr, mom
-        self.lr = lr
+    script, rank, world  the script's name; this process's place under torchrun ((0, 1) without it)
+    device, out_dir      the device, and the folder of checkpoint.pt / summary.json (created)
+    batches              the training minibatches (:class:`Batches`: uint8 data on the device, this rank's shard)
+    x_test, y_test       the test set (the first --n-eval images) as floats in [0, 1] on the device
+    x_held, y_held       512 fixed training images: the catastrophic-overfitting guard's PGD probe
+    model                models.build's model (normalises inside, takes [0, 1] images)
+    forward              what the training loss calls: the model, its DDP wrapper under torchrun, compiled with --compile
+    attack_forward       what attacks call: the bare (compiled) model -- they need input gradients only
+    opt, scaler          SGD (no weight decay on the activations' own parameters) and the fp16 loss scaler
+                         (disabled unless --amp gives fp16)
+    amp_dtype, autocast  the mixed-precision dtype (None: float32) and a function returning its autocast context
+    channels_last        whether model and batches are channels_last (CUDA only)
 
-    def backward(self, loss):
-        """Backward pass of a training loss (scaled under fp16 AMP), plus the mean-training term when on."""
-        if self.tricks.mean_copies:
-            loss = loss + self.tricks.mean_loss(self.model, self.forward, self.autocast)
-        self.scaler.scale(loss).backward()
+    Seeds every RNG with --seed first, the same on every rank (Batches relies on it for disjoint
+    shards).  ``data`` = (x_train, y_train, x_test, y_test), uint8 images and int64 labels, replaces
+    loading --dataset (bench.py passes synthetic data of the dataset's shape)."""
+    rank, world = distributed_setup(args)
+    seed_everything(args.seed)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    # ---- data: uint8 on the device, converted batch by batch
+    channels, size, classes, mean, std, augment = DATASETS[args.dataset]
+    if data is None:
+        data = (*load_split(args.dataset, args.data_dir, train=True), *load_split(args.dataset, args.data_dir, train=False))
+    x_train, y_train, x_test, y_test = data
+    if args.n_train:
+        x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
+    if args.n_eval:
+        x_test, y_test = x_test[:args.n_eval], y_test[:args.n_eval]
+    channels_last = cuda and bool(args.channels_last)
+    batches = Batches(x_train.to(device), y_train.to(device), args.batch_size // world, shuffle=True, augment=augment,
+                      channels_last=channels_last, rank=rank, world=world)
+    held = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed + 1))[:min(512, len(x_train))]
+    # ---- model; attacks need input gradients only: they use the bare model, the training loss the DDP one
+    model = models.build(args.model, args.act, classes, channels, size, mean, std, args.act_scope,
+                         act_options(args), args.saf_insert).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    attack_forward = forward = torch.compile(model) if args.compile else model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        forward = torch.compile(ddp) if args.compile else ddp
+    # ---- SGD, no weight decay on the activations' own parameters
+    act_params = {id(p) for m in activations.activation_modules(model) for p in m.parameters()}
+    opt = torch.optim.SGD([{"params": [p for p in model.parameters() if id(p) not in act_params], "weight_decay": args.weight_decay},
+                           {"params": [p for p in model.parameters() if id(p) in act_params], "weight_decay": 0.0}],
+                          lr=0.0, momentum=args.momentum, nesterov=False)
+    # ---- mixed precision: bf16 where supported, else fp16 with a loss scaler; float32 on CPU
+    amp_dtype, fp16 = amp_dtype_for(device.type, args.amp, cuda and torch.cuda.is_bf16_supported())
+    out_dir = args.out_dir or os.path.join("runs", f"{script}_{args.dataset}_{args.model}_{run_name(args)}")
+    os.makedirs(out_dir, exist_ok=True)
+    run = argparse.Namespace(
+        script=script, rank=rank, world=world, device=device, out_dir=out_dir, batches=batches,
+        x_test=x_test.to(device).float().div_(255), y_test=y_test.to(device),
+        x_held=x_train[held].to(device).float().div_(255), y_held=y_train[held].to(device),
+        model=model, forward=forward, attack_forward=attack_forward, opt=opt,
+        scaler=torch.amp.GradScaler("cuda", enabled=fp16), amp_dtype=amp_dtype, channels_last=channels_last)
+    run.autocast = lambda: torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None)
+    return run
 
-    def step(self, loss=None):
-        """One optimiser step: backward of ``loss`` (if given), gradient clipping, SGD step, zero grads,
-        and the next iteration's learning rate / momentum."""
-        if loss is not None:
-            self.backward(loss)
-        if self.args.grad_clip > 0:
-            self.scaler.unscale_(self.opt)
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.grad_clip)
-            if not self.scaler.is_enabled():  # under fp16 an inf norm is the scaler's business, not divergence
-                self.bad_grad = ~torch.isfinite(norm)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        self.it += 1
-        self._set_lr()
 
-    # ---- evaluation
-    def pgd_config(self):
-        a = self.args
-        alpha = a.eval_pgd_alpha if a.eval_pgd_alpha is not None else a.epsilon / 4
-        return dict(eps=a.epsilon, alpha=alpha, steps=a.eval_pgd_steps, restarts=a.eval_pgd_restarts)
+def log(run, message, error=False):
+    """Print on rank 0 only."""
+    if run.rank == 0:
+        print(message, file=sys.stderr if error else sys.stdout, flush=True)
 
-    def held_out_robust_accuracy(self):
-        """PGD-10 accuracy on a fixed batch of training images (the catastrophic-overfitting probe)."""
-        eps = self.args.epsilon
-        attack = lambda m, x, y: attacks.pgd(m, x, y, eps, eps / 4, 10)
-        return attacks.robust_accuracy(self.model, self.x_held, self.y_held, attack)[0]
 
-    def evaluate(self):
-        """Clean and PGD accuracy on the test set (eval mode, float32)."""
-        cfg = self.pgd_config()
-        bar = lambda desc: (lambda it: tqdm(it, desc=desc, leave=False, dynamic_ncols=True))
-        clean, _ = attacks.robust_accuracy(self.model, self.x_test, self.y_test, progress=bar("eval clean"))
-        attack = lambda m, x, y: attacks.pgd(m, x, y, cfg["eps"], cfg["alpha"], cfg["steps"], cfg["restarts"])
-        robust, _ = attacks.robust_accuracy(self.model, self.x_test, self.y_test, attack,
-                                            progress=bar(f"eval PGD-{cfg['steps']}"))
-        return clean, robust
+# ---------------------------------------------------------------------------------- during training
+def clip_gradients(run, max_norm):
+    """Clip the gradient norm to ``max_norm`` (unscaled first under fp16); returns a device flag that
+    the norm was not finite (always False under fp16, where an inf norm is the scaler's business)."""
+    run.scaler.unscale_(run.opt)
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+    return ~torch.isfinite(norm) if not run.scaler.is_enabled() else torch.zeros((), dtype=torch.bool, device=norm.device)
 
-    # ---- checkpoint and summary
-    def checkpoint(self, epoch, path=None, train_step=None, guard_stopped=False):
-        """Write everything needed to rebuild the model (eval.py, models.load_checkpoint) and to
-        continue the run bit for bit (--resume): optimiser, scaler, iteration, RNG states, the
-        regime's own state (Free's perturbation), history and the guard's best weights.  Atomic."""
-        if self.rank != 0:
-            return
-        args = self.args
-        dataset = dict(name=args.dataset, **dict(zip(("channels", "size", "classes"), DATASETS[args.dataset][:3])))
-        cuda = self.device.type == "cuda"
-        save_atomic({"model_config": self.model.config, "model_state": self.model.state_dict(),
-                     "args": vars(args), "script": self.script, "dataset": dataset, "epoch": epoch,
-                     "guard_stopped": guard_stopped, "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                     "iteration": self.it, "counts": dict(self.counts), "history": self.history,
-                     "train_time_s": self.train_time, "best": self.best,
-                     "regime_state": train_step.state_dict() if hasattr(train_step, "state_dict") else None,
-                     "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else None,
-                             "numpy": np.random.get_state(), "python": random.getstate()}},
-                    path or os.path.join(self.out_dir, "checkpoint.pt"))
 
-    def resume(self, train_step):
-        """Load <out-dir>/checkpoint.pt written by the same script for the same model and continue
-        after its last completed epoch.  Returns that epoch (0 when there is nothing to resume)."""
-        path = os.path.join(self.out_dir, "checkpoint.pt")
-        if not os.path.exists(path):
-            self.log(f"--resume: no checkpoint in {self.out_dir} yet, starting from scratch")
-            return 0
-        try:
-            ckpt = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as e:
-            raise models.CheckpointError(f"cannot resume from {path}: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
-        if not isinstance(ckpt, dict) or "rng" not in ckpt or "model_config" not in ckpt:
-            raise models.CheckpointError(f"cannot resume from {path}: not a resumable checkpoint of this project")
-        if ckpt["script"] != self.script or ckpt["model_config"] != self.model.config:
-            theirs = f"{ckpt['script']} {ckpt['model_config'].get('arch')} act={ckpt['model_config'].get('act')}"
-            raise models.CheckpointError(f"cannot resume from {path}: it is a {theirs} run, not this one "
-                                         f"({self.script} {self.model.config.get('arch')} act={self.model.config.get('act')}); use another --out-dir")
-        self.model.load_state_dict(ckpt["model_state"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        if ckpt["regime_state"] is not None and hasattr(train_step, "load_state_dict"):
-            train_step.load_state_dict(ckpt["regime_state"])
-        self.it, self.history, self.train_time = ckpt["iteration"], ckpt["history"], ckpt["train_time_s"]
-        self.counts.update(ckpt["counts"])
-        self.best = ckpt["best"]
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        if rng["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        self._set_lr()
-        # a run the overfitting guard stopped stays stopped; a longer --epochs continues a finished one
-        done = self.epochs if ckpt["guard_stopped"] else ckpt["epoch"]
-        self.log(f"resumed from {path}: {ckpt['epoch']} epochs done{' (finished)' if done >= self.epochs else ''}, "
-                 f"optimizer step {self.it}")
-        return done
+class EpochMeter:
+    """One epoch's training loss and accuracy, summed on the device, and its progress bar.
 
-    def log(self, message, error=False):
-        if self.rank == 0:
-            print(message, file=sys.stderr if error else sys.stdout, flush=True)
+    ``add`` notes a minibatch; a non-finite loss (or gradient norm) is noted on the device too and
+    looked at only every ``every`` minibatches and at the last, where the bar is updated anyway: the
+    loop's only host syncs.  Then :class:`Diverged` is raised."""
 
-    def _train_epoch(self, train_step, epoch, label):
-        """One pass over the training batches.  Returns (mean loss, accuracy) or raises Diverged.
+    def __init__(self, run, epoch, epochs, label="epoch", every=50):
+        self.run, self.epoch, self.label, self.every = run, epoch, label, every
+        self.n, self.i, self.seen = len(run.batches), 0, 0
+        self.loss = torch.zeros((), device=run.device)
+        self.correct = torch.zeros((), device=run.device)
+        self.first_bad = torch.zeros((), dtype=torch.long, device=run.device)  # 1 + index of the first bad batch, 0 = none
+        self.bar = tqdm(run.batches, desc=f"{label} {epoch}/{epochs}", leave=False, dynamic_ncols=True, disable=run.rank != 0)
 
-        A non-finite loss is noted on the device (index of the first bad batch) and looked at only
-        where the progress bar already syncs, so the hot loop has no extra host syncs."""
-        self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device)
-        first_bad = torch.zeros((), dtype=torch.long, device=self.device)  # 1 + index of the first bad batch, 0 = none
-        seen, n = 0, len(self.train_batches)
-        bar = tqdm(self.train_batches, desc=f"{label} {epoch}/{self.epochs}", leave=False, dynamic_ncols=True,
-                   disable=self.rank != 0)
-        for i, (x, y) in enumerate(bar):
-            x, y = self.tricks.mix(x, y)  # random training / extra data (no-op when off)
-            loss, n_correct = train_step(x, y)
-            bad = ~torch.isfinite(loss.detach().float())
-            if self.bad_grad is not None:
-                bad = bad | self.bad_grad
-            first_bad = torch.where((first_bad == 0) & bad, i + 1, first_bad)
-            loss_sum += loss.float() * len(y)
-            correct += n_correct
-            seen += len(y)
-            if i % 50 == 0 or i == n - 1:  # the only host syncs in the loop
-                if first_bad.item():
-                    raise Diverged(epoch, int(first_bad.item()), n, label)
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}", lr=f"{self.lr:.3g}")
-        if self.device.type == "cuda":
+    def add(self, loss, n_correct, n, bad, lr):
+        self.first_bad = torch.where((self.first_bad == 0) & bad, self.i + 1, self.first_bad)
+        self.loss += loss.float() * n
+        self.correct += n_correct
+        self.seen += n
+        if self.i % self.every == 0 or self.i == self.n - 1:
+            if self.first_bad.item():
+                raise Diverged(self.epoch, int(self.first_bad.item()), self.n, self.label)
+            if hasattr(self.bar, "set_postfix"):
+                self.bar.set_postfix(loss=f"{self.loss.item() / self.seen:.3f}", acc=f"{self.correct.item() / self.seen:.3f}", lr=f"{lr:.3g}")
+        self.i += 1
+
+    def result(self):
+        """(mean loss, accuracy) of the epoch; under DDP over all ranks' minibatches."""
+        run, loss, correct, seen = self.run, self.loss, self.correct, self.seen
+        if run.device.type == "cuda":
             torch.cuda.synchronize()
-        if self.world > 1:  # every rank reports the mean over all ranks' batches
-            totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=self.device)])
+        if run.world > 1:
+            totals = torch.stack([loss, correct.float(), torch.tensor(float(seen), device=run.device)])
             torch.distributed.all_reduce(totals)
-            loss_sum, correct, seen = totals[0], totals[1], totals[2].item()
-        return loss_sum.item() / seen, correct.item() / seen
+            loss, correct, seen = totals[0], totals[1], totals[2].item()
+        return loss.item() / seen, correct.item() / seen
 
-    def _sync_buffers(self):
-        """DDP averages gradients but each rank's BatchNorm statistics drift apart: take rank 0's."""
-        if self.world > 1:
-            for b in self.model.buffers():
-                torch.distributed.broadcast(b, 0)
 
-    def fit(self, train_step, passes_label="epoch"):
-        """Train for ``self.epochs`` epochs with ``train_step(x, y) -> (loss, n_correct)``, then evaluate
-        and write checkpoint.pt and summary.json into the out dir.  Returns the summary dict.
+def sync_buffers(run):
+    """DDP averages gradients but each rank's BatchNorm statistics drift apart: take rank 0's."""
+    if run.world > 1:
+        for b in run.model.buffers():
+            torch.distributed.broadcast(b, 0)
 
-        --resume continues from the last completed epoch.  A non-finite loss (or gradient norm, with
-        --grad-clip) stops the run: checkpoint.pt keeps the last good epoch, summary.json says where it
-        broke, and :class:`Diverged` is raised (one-line error, exit code 1).  Ctrl-C leaves
-        checkpoint.pt at the last completed epoch (resumable) and the current weights in interrupted.pt."""
-        args, model = self.args, self.model
-        label = passes_label
-        summary = {"script": self.script, "flags": vars(args), "device": str(self.device),
-                   "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off",
-                   "world_size": self.world,
-                   "activation_params": activations.activation_parameter_count(model),
-                   "kaf_impl": activations.kaf_impls(model, self.device, compiled=args.compile),
-                   "model_params": sum(p.numel() for p in model.parameters()),
-                   "catastrophic_overfitting": None, "stopped_early": None, "diverged": None}
-        start = self.resume(train_step) if args.resume else 0
-        self.log(f"{self.script}: {args.dataset} {args.model} act={args.saf_insert + '-insert' if args.saf_insert else args.act} "
-                 f"eps={args.epsilon:.4g} {self.epochs} {label}{'es' if label.endswith('s') else 's'} x {len(self.train_batches)} batches "
-                 f"on {self.device}{f' x {self.world} processes' if self.world > 1 else ''} (amp {summary['amp']}"
-                 f"{', kaf ' + '+'.join(summary['kaf_impl']) if summary['kaf_impl'] else ''}), out {self.out_dir}")
-        epochs_done = start
-        try:
-            for epoch in range(start + 1, self.epochs + 1):
-                tic = time.time()
-                train_loss, train_acc = self._train_epoch(train_step, epoch, label)
-                self.train_time += time.time() - tic
-                self._sync_buffers()
-                held = self.held_out_robust_accuracy()
-                if self.world > 1:  # one decision for all ranks
-                    t = torch.tensor(held, device=self.device)
-                    torch.distributed.broadcast(t, 0)
-                    held = t.item()
-                self.history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, held_pgd_acc=held,
-                                         lr=self.lr, time_s=round(self.train_time, 2)))
-                self.log(f"{label} {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  "
-                         f"held-out PGD-10 acc {held:.4f}  lr {self.lr:.4g}  time {self.train_time:.1f}s")
-                epochs_done = epoch
-                best = self.best
-                if args.co_guard > 0 and best is not None and held < best["held_pgd_acc"] - args.co_guard:
-                    summary["catastrophic_overfitting"] = dict(epoch=epoch, held_pgd_acc=held, best_held_pgd_acc=best["held_pgd_acc"],
-                                                               restored_epoch=best["epoch"])
-                    summary["stopped_early"] = f"catastrophic overfitting in {label} {epoch}"
-                    self.log(f"catastrophic overfitting detected in {label} {epoch}: held-out PGD accuracy fell "
-                             f"from {best['held_pgd_acc']:.3f} to {held:.3f}; restoring the weights of {label} {best['epoch']} and stopping")
-                    model.load_state_dict(best["model_state"])
-                    break
-                if best is None or held >= best["held_pgd_acc"]:
-                    self.best = dict(epoch=epoch, held_pgd_acc=held, model_state=copy.deepcopy(model.state_dict()))
-                self.checkpoint(epoch, train_step=train_step)
-        except Diverged as e:
-            summary["stopped_early"] = summary["diverged"] = str(e)
-            summary.update(self._result_fields(epochs_done, self.train_time, evaluated=False))
-            if self.rank == 0:
-                write_json(summary, os.path.join(self.out_dir, "summary.json"))
-            raise Diverged(e.epoch, e.batch, e.batches, e.label,
-                           (f"; checkpoint.pt keeps {label} {epochs_done}" if epochs_done else "; no epoch completed, no checkpoint")
-                           + f", reason in {self.out_dir}/summary.json") from None
-        except KeyboardInterrupt:
-            summary["stopped_early"] = f"interrupted in {label} {epochs_done + 1}"
-            self.checkpoint(epochs_done, path=os.path.join(self.out_dir, "interrupted.pt"))
-            summary.update(self._result_fields(epochs_done, self.train_time, evaluated=False))
-            if self.rank == 0:
-                write_json(summary, os.path.join(self.out_dir, "summary.json"))
-            self.log(f"interrupted: checkpoint.pt holds {label} {epochs_done} (continue with --resume), the current "
-                     f"weights are in interrupted.pt, summary.json in {self.out_dir}", error=True)
-            raise
-        self.checkpoint(epochs_done, train_step=train_step, guard_stopped=summary["catastrophic_overfitting"] is not None)
-        if self.world > 1:
-            sums = self._rank_param_sums()
-            summary["params_identical_across_ranks"] = all(s == sums[0] for s in sums[1:])
-            summary["rank_param_sums"] = sums
-        if self.rank != 0:  # rank 0 evaluates and writes the summary; the others wait for it
-            torch.distributed.barrier()
-            return summary
-        clean, robust = self.evaluate()
-        summary.update(self._result_fields(epochs_done, self.train_time, evaluated=True))
-        summary.update(clean_acc=clean, pgd_acc=robust)
-        write_json(summary, os.path.join(self.out_dir, "summary.json"))
-        cfg = summary["pgd"]
-        self.log(f"clean acc {clean:.4f}  PGD-{cfg['steps']}x{cfg['restarts']} (eps {cfg['eps']:.4g}, step {cfg['alpha']:.4g}) "
-                 f"acc {robust:.4f}  train time {self.train_time:.1f}s  -> {self.out_dir}/summary.json")
-        if self.world > 1:
-            torch.distributed.barrier()
-        return summary
 
-    def _rank_param_sums(self):
-        """Per-tensor float64 sums of the parameters, one list per rank (the DDP test's witness)."""
-        sums = torch.stack([p.detach().double().sum() for p in self.model.parameters()])
-        gathered = [torch.empty_like(sums) for _ in range(self.world)]
+def held_out_pgd(run, eps):
+    """PGD-10 accuracy on the fixed held-out training images (the catastrophic-overfitting probe),
+    rank 0's value on every rank so that all take the same decision."""
+    attack = lambda m, x, y: attacks.pgd(m, x, y, eps, eps / 4, 10)
+    acc = attacks.robust_accuracy(run.model, run.x_held, run.y_held, attack)[0]
+    if run.world > 1:
+        t = torch.tensor(acc, device=run.device)
+        torch.distributed.broadcast(t, 0)
+        acc = t.item()
+    return acc
+
+
+def collapsed(held, best, co_guard):
+    """The catastrophic-overfitting guard: held-out PGD accuracy fell by more than ``co_guard`` below
+    the best epoch's (``best`` = {epoch, held_pgd_acc, model_state} or None)."""
+    return co_guard > 0 and best is not None and held < best["held_pgd_acc"] - co_guard
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def save_atomic(obj, path):
+    """torch.save to a temporary file of this process, then rename: a kill never leaves a truncated
+    checkpoint."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(obj, path):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def rng_states(device):
+    """Every RNG's state as tensors and plain values (so the checkpoint loads with weights_only=True)."""
+    _, key, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+            "python": random.getstate()}
+
+
+def set_rng_states(rng, device):
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate(rng["python"])
+
+
+def save_checkpoint(run, args, path, **state):
+    """Write what rebuilds the model (eval.py, models.load_checkpoint) and continues the run bit for
+    bit (--resume): model, flags, dataset, optimiser, scaler, RNG states, and the loop's ``state``
+    (epoch, iteration, history, the guard's best weights, Free's delta, ...).  Plain data only.
+    Atomic; rank 0 only."""
+    if run.rank != 0:
+        return
+    dataset = dict(name=args.dataset, **dict(zip(("channels", "size", "classes"), DATASETS[args.dataset][:3])))
+    save_atomic({"model_config": run.model.config, "model_state": run.model.state_dict(), "args": vars(args),
+                 "script": run.script, "dataset": dataset, "optimizer": run.opt.state_dict(),
+                 "scaler": run.scaler.state_dict(), "rng": rng_states(run.device), **state}, path)
+
+
+def load_for_resume(run, args, passes):
+    """Restore model, optimiser, scaler and RNG states from <out-dir>/checkpoint.pt of the same
+    script and model; returns the checkpoint (its loop state: epoch, iteration, history, ...), or
+    None when there is none yet.  ``passes``: the epochs (Free: passes) the run is to train."""
+    path = os.path.join(run.out_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        log(run, f"--resume: no checkpoint in {run.out_dir} yet, starting from scratch")
+        return None
+    ckpt = models.read_checkpoint(path, map_location=run.device)
+    if "rng" not in ckpt or "model_config" not in ckpt:
+        raise models.CheckpointError(f"cannot resume from {path}: not a resumable checkpoint of this project")
+    if ckpt["script"] != run.script or ckpt["model_config"] != run.model.config:
+        theirs = f"{ckpt['script']} {ckpt['model_config'].get('arch')} act={ckpt['model_config'].get('act')}"
+        raise models.CheckpointError(f"cannot resume from {path}: it is a {theirs} run, not this one "
+                                     f"({run.script} {run.model.config.get('arch')} act={run.model.config.get('act')}); use another --out-dir")
+    run.model.load_state_dict(ckpt["model_state"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    set_rng_states(ckpt["rng"], run.device)
+    finished = " (stopped by the overfitting guard)" if ckpt["guard"] else " (finished)" if ckpt["epoch"] >= passes else ""
+    log(run, f"resumed from {path}: {ckpt['epoch']} epochs done{finished}, optimizer step {ckpt['iteration']}")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------- summary, end
+def start_summary(run, args, passes, label="epoch"):
+    """summary.json's first fields; logs the run's first line."""
+    summary = {"script": run.script, "flags": vars(args), "device": str(run.device),
+               "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "off", "world_size": run.world,
+               "activation_params": activations.activation_parameter_count(run.model),
+               "kaf_impl": activations.kaf_impls(run.model, run.device, compiled=args.compile),
+               "model_params": sum(p.numel() for p in run.model.parameters()),
+               "catastrophic_overfitting": None, "stopped_early": None, "diverged": None}
+    log(run, f"{run.script}: {args.dataset} {args.model} act={run_name(args)} eps={args.epsilon:.4g} "
+             f"{passes} {label}{'es' if label.endswith('s') else 's'} x {len(run.batches)} batches on {run.device}"
+             f"{f' x {run.world} processes' if run.world > 1 else ''} (amp {summary['amp']}"
+             f"{', kaf ' + '+'.join(summary['kaf_impl']) if summary['kaf_impl'] else ''}), out {run.out_dir}")
+    return summary
+
+
+def pgd_config(args):
+    alpha = args.eval_pgd_alpha if args.eval_pgd_alpha is not None else args.epsilon / 4
+    return dict(eps=args.epsilon, alpha=alpha, steps=args.eval_pgd_steps, restarts=args.eval_pgd_restarts)
+
+
+def results(run, args, epochs_done, train_time, history, counts, evaluated):
+    """summary.json's fields on where training got to."""
+    return {"epochs_completed": epochs_done, "train_time_s": round(train_time, 2), "pgd": pgd_config(args),
+            "n_eval": len(run.y_test), "history": history, "evaluated": evaluated,
+            "activation_values": activations.activation_parameter_values(run.model), "counts": counts,
+            "checkpoint": os.path.join(run.out_dir, "checkpoint.pt")}
+
+
+def evaluate(run, args):
+    """Clean and PGD accuracy on the test set (eval mode, float32)."""
+    cfg = pgd_config(args)
+    bar = lambda desc: (lambda it: tqdm(it, desc=desc, leave=False, dynamic_ncols=True))
+    clean, _ = attacks.robust_accuracy(run.model, run.x_test, run.y_test, progress=bar("eval clean"))
+    attack = lambda m, x, y: attacks.pgd(m, x, y, cfg["eps"], cfg["alpha"], cfg["steps"], cfg["restarts"])
+    robust, _ = attacks.robust_accuracy(run.model, run.x_test, run.y_test, attack, progress=bar(f"eval PGD-{cfg['steps']}"))
+    return clean, robust
+
+
+def finish(run, args, summary):
+    """After training: the final clean / PGD evaluation (rank 0) and summary.json.  Returns the summary."""
+    if run.world > 1:  # the DDP test's witness: per-tensor float64 parameter sums of every rank
+        sums = torch.stack([p.detach().double().sum() for p in run.model.parameters()])
+        gathered = [torch.empty_like(sums) for _ in range(run.world)]
         torch.distributed.all_gather(gathered, sums)
-        return [g.tolist() for g in gathered]
-
-    def _result_fields(self, epochs_done, train_time, evaluated):
-        return {"epochs_completed": epochs_done, "train_time_s": round(train_time, 2), "pgd": self.pgd_config(),
-                "n_eval": len(self.y_test), "history": self.history, "evaluated": evaluated,
-                "activation_values": activations.activation_parameter_values(self.model),
-                "counts": dict(optimizer_steps=self.it, **self.counts),
-                "checkpoint": os.path.join(self.out_dir, "checkpoint.pt")}
-
-
-# ----------------------------------------------------------------------------------- LR range test
-def _centred_mean(values, width):
-    """Moving average over ``width`` points centred on each point (fewer at the ends).  Unlike an
-    EMA it does not lag, so it does not shift the loss curve towards larger learning rates."""
-    v = np.asarray(values, dtype=float)
-    idx, half = np.arange(len(v)), width // 2
-    lo, hi = np.clip(idx - half, 0, len(v)), np.clip(idx + half + 1, 0, len(v))
-    c = np.concatenate([[0.0], np.cumsum(v)])
-    return (c[hi] - c[lo]) / (hi - lo)
+        summary["rank_param_sums"] = [g.tolist() for g in gathered]
+        summary["params_identical_across_ranks"] = all(s == summary["rank_param_sums"][0] for s in summary["rank_param_sums"][1:])
+    if run.rank != 0:  # rank 0 evaluates and writes the summary; the others wait for it
+        torch.distributed.barrier()
+        return summary
+    clean, robust = evaluate(run, args)
+    summary.update(evaluated=True, clean_acc=clean, pgd_acc=robust)
+    write_json(summary, os.path.join(run.out_dir, "summary.json"))
+    cfg = summary["pgd"]
+    log(run, f"clean acc {clean:.4f}  PGD-{cfg['steps']}x{cfg['restarts']} (eps {cfg['eps']:.4g}, step {cfg['alpha']:.4g}) "
+             f"acc {robust:.4f}  train time {summary['train_time_s']:.1f}s  -> {run.out_dir}/summary.json")
+    if run.world > 1:
+        torch.distributed.barrier()
+    return summary
 
 
-def _forever(batches):
-    while True:
-        yield from batches
-
-
-def lr_range_test(run, train_step, beta=0.9, diverge=4.0):
-    """LR range test (Smith 2017, "Cyclical learning rates"; the fast-training thesis's LR finder).
-
-    Runs the regime's ``train_step`` for --lr-find-steps minibatches n with the learning rate rising
-    geometrically, lr_i = lr_min (lr_max / lr_min)^(i / (n-1)) (--lr-find-min/--lr-find-max; one LR
-    per minibatch, also for Free's m replays; constant --momentum), and records the regime's own training loss, so the
-    suggestion fits the adversarial loss, not the clean one.  It stops early once the smoothed loss
-    s_i (bias-corrected EMA, s = beta s + (1-beta) loss, as in fastai) exceeds ``diverge`` x its best
-    or is not finite.  Suggested lr_max: the LR of the steepest descent d loss / d log(lr) of the
-    centred moving average of the loss, before that average's minimum (i.e. before divergence).
-
-    Writes lr_find.csv (and lr_find.png when matplotlib is installed) into the out dir; the trained
-    weights are thrown away.  Returns {suggested_lr_max, min_loss_lr, stopped_early, csv}."""
-    a = run.args
-    n, lo, hi = a.lr_find_steps, a.lr_find_min, a.lr_find_max
-    run.lr_override = lambda i: lo * (hi / lo) ** (min(i, n - 1) / (n - 1))
-    run._set_lr()
-    run.model.train()
-    print(f"{run.script}: LR range test {lo:.3g} -> {hi:.3g} over {n} minibatches on {run.device}, out {run.out_dir}", flush=True)
-    rows, ema, best, stopped = [], 0.0, math.inf, None
-    batches = zip(range(n), _forever(run.train_batches))
-    for i, (x, y) in tqdm(batches, total=n, desc="lr find", leave=False, dynamic_ncols=True):
-        lr = run.lr  # the LR this minibatch trains with (run.step sets the next one)
-        loss = float(train_step(*run.tricks.mix(x, y))[0])
-        ema = beta * ema + (1 - beta) * loss
-        smooth = ema / (1 - beta ** (i + 1))
-        rows.append((i, lr, loss, smooth))
-        best = min(best, smooth)
-        if not math.isfinite(smooth) or smooth > diverge * best:
-            stopped = f"loss {'not finite' if not math.isfinite(smooth) else f'above {diverge:g}x its minimum'} at lr {lr:.3g}"
-            break
-    # the suggestion from the finite part of the curve
-    k = next((j for j, r in enumerate(rows) if not math.isfinite(r[2])), len(rows))
-    lrs, losses = np.array([r[1] for r in rows[:k]]), np.array([r[2] for r in rows[:k]])
-    centred = _centred_mean(losses, max(5, n // 10) | 1) if k else losses
-    if k >= 3 and np.argmin(centred) > 0:
-        m = int(np.argmin(centred))
-        slope = np.gradient(centred[:m + 1], np.log(lrs[:m + 1]))
-        suggestion, min_lr = float(lrs[int(np.argmin(slope))]), float(lrs[m])
+def record_stop(run, stop, summary, epochs_done, save, label="epoch"):
+    """A run stopped by divergence or Ctrl-C: summary.json says where, Ctrl-C also saves the current
+    weights as interrupted.pt (with ``save(path)``; checkpoint.pt keeps the last completed epoch,
+    resumable).  Returns the exception to raise: Diverged with where its last good checkpoint is."""
+    summary["stopped_early"] = f"interrupted in {label} {epochs_done + 1}" if isinstance(stop, KeyboardInterrupt) else str(stop)
+    if isinstance(stop, Diverged):
+        summary["diverged"] = str(stop)
     else:
-        suggestion = min_lr = float(lrs[0]) if k else lo
-        print(f"warning: the loss did not fall before the LR range test stopped; try a smaller --lr-find-min than {lo:g} "
-              f"or more --lr-find-steps", file=sys.stderr)
-    path = os.path.join(run.out_dir, "lr_find.csv")
-    with open(path + ".tmp", "w") as f:
-        f.write("iteration,lr,loss,smoothed_loss,centred_loss\n")
-        for j, (i, lr, loss, smooth) in enumerate(rows):
-            f.write(f"{i},{lr:.6g},{loss:.6g},{smooth:.6g},{f'{centred[j]:.6g}' if j < k else ''}\n")
-    os.replace(path + ".tmp", path)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(lrs, losses, alpha=0.3, label="loss")
-        ax.plot(lrs, centred, label="centred mean")
-        ax.axvline(suggestion, color="k", linestyle="--", label=f"suggested lr_max {suggestion:.3g}")
-        ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title=f"{run.script} LR range test")
-        ax.legend()
-        fig.savefig(os.path.join(run.out_dir, "lr_find.png"), dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    except ImportError:  # the plot is optional
-        pass
-    print(f"LR range test: {len(rows)} minibatches{', stopped: ' + stopped if stopped else ''}; loss minimum at lr {min_lr:.3g}; "
-          f"suggested --lr-max {suggestion:.3g} (steepest descent)  -> {path}", flush=True)
-    return {"suggested_lr_max": suggestion, "min_loss_lr": min_lr, "stopped_early": stopped, "csv": path}
-
-
-# ------------------------ training-data tricks (Zhao & Griffin random / mean training, Dai et al. extra data)
-# Everything here is off by default.  The Run applies it in two places only: mix() on each clean minibatch
-# before the regime sees it (so noisy and extra images are attacked and trained on like any other), and
-# mean_loss() added to the loss in Run.backward (every regime's optimiser step goes through it).
-EXTRA_IMAGE_KEYS, EXTRA_LABEL_KEYS = ("x", "image", "images", "data"), ("y", "label", "labels", "targets")
-
-
-def trick_problems(args):
-    """Validation messages for the training-data trick flags (empty when all is well)."""
-    problems = []
-    if not 0 <= args.random_training <= 1:
-        problems.append("--random-training must be a fraction in [0, 1]")
-    if args.random_strength is not None and args.random_strength <= 0:
-        problems.append("--random-strength must be > 0")
-    if args.mean_training < 0 or args.mean_noise < 0 or args.mean_weight < 0:
-        problems.append("--mean-training, --mean-noise and --mean-weight must be >= 0")
-    if args.extra_fraction is not None and args.extra_data is None:
-        problems.append("--extra-fraction needs --extra-data")
-    if args.extra_fraction is not None and not 0 < args.extra_fraction < 1:
-        problems.append("--extra-fraction must be in (0, 1)")
-    if args.extra_data is not None and not os.path.isfile(args.extra_data):
-        problems.append(f"--extra-data {args.extra_data}: no such file")
-    return problems
-
-
-def load_extra_data(path, channels, size, classes):
-    """(uint8 NCHW images, int64 labels) of an extra-data file (Dai et al. 2021 add generated images).
-
-    The .npz holds an image array under one of the keys x / image / images / data (uint8, or float in
-    [0, 1] which is rounded to uint8 like the real data; NCHW, NHWC -- the layout generated-data
-    files usually have -- or NHW for one channel) and a label array under y / label / labels /
-    targets.  Anything else is a UserError naming the problem."""
-    try:
-        f = np.load(path)
-        if not isinstance(f, np.lib.npyio.NpzFile):
-            raise ValueError("a single array, not an .npz archive")
-        with f:
-            xk = next((k for k in EXTRA_IMAGE_KEYS if k in f.files), None)
-            yk = next((k for k in EXTRA_LABEL_KEYS if k in f.files), None)
-            if xk is None or yk is None:
-                raise UserError(f"--extra-data {path}: needs an image array ({', '.join(EXTRA_IMAGE_KEYS)}) and a label "
-                                f"array ({', '.join(EXTRA_LABEL_KEYS)}); found {', '.join(f.files) or 'nothing'}")
-            x, y = f[xk], f[yk]
-    except (OSError, ValueError, EOFError) as e:  # not an npz, truncated, pickled objects
-        raise UserError(f"--extra-data {path}: cannot read it as .npz ({str(e).splitlines()[0][:120]})") from None
-    want = (channels, size, size)
-    if x.ndim == 3 and channels == 1:
-        x = x[:, None]
-    if x.ndim == 4 and x.shape[1:] != want and x.shape[1:] == (size, size, channels):
-        x = x.transpose(0, 3, 1, 2)
-    if x.ndim != 4 or x.shape[1:] != want:
-        raise UserError(f"--extra-data {path}: images of shape {tuple(x.shape[1:])}, the dataset needs "
-                        f"{channels}x{size}x{size} (NCHW or NHWC)")
-    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or len(y) == 0 or y.min() < 0 or y.max() >= classes:
-        raise UserError(f"--extra-data {path}: needs one integer label in [0, {classes}) per image")
-    if np.issubdtype(x.dtype, np.floating):
-        if x.min() < 0 or x.max() > 1:
-            raise UserError(f"--extra-data {path}: float images must lie in [0, 1], found [{x.min():.3g}, {x.max():.3g}]")
-        x = np.rint(x * 255)
-    elif x.dtype != np.uint8:
-        raise UserError(f"--extra-data {path}: images must be uint8 or float in [0, 1], not {x.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)), torch.from_numpy(y.astype(np.int64))
-
-
-def dataset_mean_image(x, chunk=4096):
-    """Per-pixel mean of a uint8 image set, in [0, 1] (summed in chunks: no float copy of the whole set)."""
-    total = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
-    for i in range(0, len(x), chunk):
-        total += x[i:i + chunk].sum(0, dtype=torch.float64)
-    return (total / (255 * len(x))).float()
-
-
-class TrainingTricks:
-    """The training-data tricks, each off by default.
-
-    Random training (Zhao & Griffin 2016, "R"): a share p = --random-training of each minibatch
-    (round(p n) images, chosen at random) becomes clip(x + e, 0, 1), e ~ U(-s, s) or N(0, s^2)
-    per pixel (--random-noise, s = --random-strength, default --epsilon); labels are kept.
-
-    Mean training (Zhao & Griffin 2016, "M"): N = --mean-training noisy copies of the training set's
-    mean image, m_j = clip(mean + sigma e_j, 0, 1), e_j ~ N(0, I), sigma = --mean-noise, drawn afresh for
-    every optimiser step, are nonsense inputs the model should not be confident about.  Their loss
-        L_mean = lambda * (1/N) sum_j KL(U || softmax(f(m_j))) = lambda * (1/N) sum_j (-log K - (1/K) sum_k log p_jk),
-    lambda = --mean-weight, is zero exactly when the model answers uniformly.  The paper adds the
-    copies to the training set under a hybrid loss that keeps nonsense outputs small; KL to uniform
-    is our reading for a softmax classifier.  The copies are not attacked and go through the model in
-    eval mode: in train mode BatchNorm would normalise a batch of near-identical images by its own
-    tiny variance and write that into its running statistics.
-
-    Extra data (Dai et al. 2021, who add generated images to adversarial training): round(f n) images
-    of each minibatch, f = --extra-fraction, are replaced by images drawn uniformly with replacement
-    from --extra-data (with the dataset's augmentation).  The batch size and the number of optimiser
-    steps stay as they are, and an epoch uses about (1 - f) of the real images, a new random subset
-    each epoch (the fixed real : generated ratio per batch of Gowal et al. 2021's recipe).
-
-    Extra images replace rows first, then random training perturbs its own random rows, so noise
-    reaches real and extra images alike.  Under distributed training every rank draws a different
-    slice of one shared random draw, so the ranks do not train on the same extra images or copies."""
-
-    def __init__(self, args, x_train, augment="none", channels_last=False, rank=0, world=1):
-        self.random_share, self.random_noise = args.random_training, args.random_noise
-        self.random_strength = args.random_strength if args.random_strength is not None else args.epsilon
-        self.mean_copies, self.mean_noise, self.mean_weight = args.mean_training, args.mean_noise, args.mean_weight
-        self.extra_fraction = args.extra_fraction if args.extra_fraction is not None else 0.5
-        self.channels_last, self.rank, self.world = channels_last, rank, world
-        self.mean_image = dataset_mean_image(x_train) if self.mean_copies else None
-        self.extra = None
-        if args.extra_data:
-            channels, size, classes = DATASETS[args.dataset][:3]
-            x, y = load_extra_data(args.extra_data, channels, size, classes)
-            self.extra = Batches(x.to(x_train.device), y.to(x_train.device), 1, augment=augment)
-
-    def _rank_part(self, draw, n):
-        """This rank's n of a draw of n * world (the same draw on every rank, which share a seed)."""
-        return draw(n * self.world)[self.rank * n:(self.rank + 1) * n]
-
-    def mix(self, x, y):
-        """The minibatch the regime trains on: extra images in, then random-training noise."""
-        n = len(x)
-        k = round(self.extra_fraction * n) if self.extra is not None else 0
-        if k:
-            idx = self._rank_part(lambda m: torch.randint(len(self.extra.x), (m,), device=x.device), k)
-            xe = self.extra.x[idx].float().div_(255)
-            if self.extra.augment == "crop+flip":
-                xe = self.extra._augment(xe)
-            x, y = x.clone(), y.clone()
-            x[:k], y[:k] = xe, self.extra.y[idx]
-        k = round(self.random_share * n)
-        if k:
-            rows = torch.randperm(n, device=x.device)[:k]
-            e = torch.randn_like(x[rows]) if self.random_noise == "gaussian" else torch.rand_like(x[rows]).mul_(2).sub_(1)
-            x = x.clone()
-            x[rows] = (x[rows] + self.random_strength * e).clamp_(0, 1)
-        return x, y
-
-    def mean_batch(self):
-        """N fresh noisy copies of the mean image, clip(mean + sigma e, 0, 1)."""
-        noise = self._rank_part(lambda m: torch.randn((m, *self.mean_image.shape), device=self.mean_image.device),
-                                self.mean_copies)
-        x = (self.mean_image + self.mean_noise * noise).clamp_(0, 1)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def mean_loss(self, model, forward, autocast):
-        """lambda * mean_j KL(U || softmax(forward(m_j))) on fresh copies, ``model`` in eval mode meanwhile."""
-        was_training = model.training
-        model.eval()
-        try:
-            with autocast():
-                logits = forward(self.mean_batch())
-        finally:
-            model.train(was_training)
-        logp = F.log_softmax(logits.float(), dim=1)
-        return self.mean_weight * (-logp.mean(1) - math.log(logp.shape[1])).mean()
+        save(os.path.join(run.out_dir, "interrupted.pt"))
+    if run.rank == 0:
+        write_json(summary, os.path.join(run.out_dir, "summary.json"))
+    if isinstance(stop, KeyboardInterrupt):
+        log(run, f"interrupted: checkpoint.pt holds {label} {epochs_done} (continue with --resume), the current "
+                 f"weights are in interrupted.pt, summary.json in {run.out_dir}", error=True)
+        return stop
+    return Diverged(stop.epoch, stop.batch, stop.batches, stop.label,
+                    (f"; checkpoint.pt keeps {label} {epochs_done}" if epochs_done else "; no epoch completed, no checkpoint")
+                    + f", reason in {run.out_dir}/summary.json")

@@ -37,10 +37,11 @@ def test_bench_isolated_run_writes_json_with_the_fields(tmp_path):
 
 def test_bench_in_process_uses_the_scripts_steps_and_computes_ratios(monkeypatch):
     made = []
-    real = train_fast.make_train_step
-    monkeypatch.setattr(train_fast, "make_train_step", lambda run, args: made.append(args) or real(run, args))
+    real = train_fast.train_step
+    monkeypatch.setattr(train_fast, "train_step", lambda run, tr, x, y, args: made.append(args) or real(run, tr, x, y, args))
     result = bench.main(LENET + ["--acts", "relu", "kaf", "--no-isolate", "--regimes", "fast", "pgd", "--attack-iters", "2"])
-    assert len(made) == 2 and all(isinstance(a.epsilon, float) for a in made)  # train_fast's own flags
+    # warm-up, timed and the saved-memory step of the two fast rows, with train_fast's own flags
+    assert len(made) == 2 * (1 + 2 + 1) and len({id(a) for a in made}) == 2 and all(isinstance(a.epsilon, float) for a in made)
     rows = result["rows"]
     assert [(r["regime"], r["act"]) for r in rows] == [("fast", "relu"), ("fast", "kaf"), ("pgd", "relu"), ("pgd", "kaf")]
     assert [r["fwd_per_step"] for r in rows] == [2, 2, 3, 3]  # PGD-2: two attack passes and the training pass
@@ -157,13 +158,13 @@ def test_saved_for_backward_counts_storages_once_and_frees_them():
 
 
 def test_synthetic_like_gives_the_dataset_shape_without_files(tmp_path):
-    with bench.synthetic_like("cifar100", 40, 8):
-        x, y = utils.load_split("cifar100", "/nonexistent", train=True)
-        xt, yt = utils.load_split("cifar100", "/nonexistent", train=False)
-        args = train_fast.get_args(["--dataset", "cifar100", "--model", "lenet", "--device", "cpu", "--out-dir", str(tmp_path)])
+    x, y, xt, yt = bench.synthetic_like("cifar100", 40, 8)
     assert x.shape == (40, 3, 32, 32) and x.dtype == torch.uint8 and xt.shape == (8, 3, 32, 32)
     assert 0 <= int(y.min()) and int(y.max()) < 100 and y.dtype == torch.int64
-    assert utils.load_split.__module__ == "utils"  # restored
+    args = train_fast.get_args(["--dataset", "cifar100", "--model", "lenet", "--device", "cpu", "--data-dir", "/nonexistent",
+                                "--out-dir", str(tmp_path)])
+    run = utils.setup(args, "train_fast", data=(x, y, xt, yt))  # no files read
+    assert torch.equal(run.batches.x, x) and len(run.y_test) == 8
     big_x, big_y = bench.synthetic_images("cifar10", 50, seed=0, chunk=16)  # generated in chunks, each its own
     assert big_x.shape == (50, 3, 32, 32) and len(big_y) == 50 and not torch.equal(big_x[:16], big_x[16:32])
 
@@ -188,9 +189,9 @@ def test_run_on_cpu_is_float32_and_never_asks_cuda(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", no_cuda)
     args = train_fast.get_args(["--dataset", "synthetic", "--model", "lenet", "--n-train", "64", "--device", "cpu",
                                 "--amp", "fp16", "--out-dir", str(tmp_path)])
-    run = utils.Run(args, "train_fast")
+    run = utils.setup(args, "train_fast")
     assert run.amp_dtype is None and not run.scaler.is_enabled() and not run.channels_last
-    assert run.train_batches.x.dtype == torch.uint8  # kept as bytes; converted batch by batch
+    assert run.batches.x.dtype == torch.uint8  # kept as bytes; converted batch by batch
 
 
 def test_batches_on_device_crop_flip_keep_shape_range_labels_and_channels_last():
@@ -240,15 +241,16 @@ def test_models_in_channels_last_match_nchw(arch, act):
 
 
 def cuda_like_run(tmp_path, regime, act, amp, grad_clip=0):
-    """A CPU Run set up the way Run sets itself up on CUDA: channels_last model and batches, autocast
+    """A CPU run set up the way utils.setup sets it up on CUDA: channels_last model and batches, autocast
     (CPU autocast stands in for CUDA's) and, for fp16, an enabled loss scaler."""
     argv = ["--dataset", "synthetic32", "--model", "lenet", "--act", act, "--n-train", "32", "--batch-size", "16",
             "--device", "cpu", "--lr-schedule", "constant", "--lr-max", "0.05", "--grad-clip", str(grad_clip),
             "--out-dir", str(tmp_path)]
     argv += {"free": ["--replays", "2"], "pgd": ["--attack-iters", "2"]}.get(regime, [])
     script_args = bench.REGIMES[regime].get_args(argv)
-    run = bench.make_run(regime, script_args)
-    run.channels_last = run.train_batches.channels_last = True
+    run = utils.setup(script_args, f"train_{regime}")
+    utils.scheduled_lr(run.opt, 0, 1, script_args)
+    run.channels_last = run.batches.channels_last = True
     run.model = run.model.to(memory_format=torch.channels_last)
     run.amp_dtype = amp
     run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, enabled=amp == torch.float16)
@@ -262,9 +264,8 @@ def test_autocast_and_scaler_steps_train(tmp_path, regime, act, amp):
     inputs = []
     run.model.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     before = [p.detach().clone() for p in run.model.parameters()]
-    for x, y in run.train_batches:
-        loss, correct = train_step(x, y)
-        assert torch.isfinite(loss) and 0 <= int(correct) <= len(y)
+    for x, y in run.batches:
+        assert torch.isfinite(train_step(x, y))
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in inputs)
     assert all(p.dtype == torch.float32 for p in run.model.parameters())  # autocast never changes the weights
     changed = [not torch.equal(a, p.detach()) for a, p in zip(before, run.model.parameters())]
@@ -300,7 +301,8 @@ def tiny_run(tmp_path, regime, act, batches, batch_size=4):
             "--lr-schedule", "constant", "--lr-max", "0.01", "--device", "cpu", "--out-dir", str(tmp_path)]
     argv += {"free": ["--replays", "2"], "pgd": ["--attack-iters", "2", "--grad-clip", "1"]}.get(regime, [])
     script_args = bench.REGIMES[regime].get_args(argv)
-    run = bench.make_run(regime, script_args)
+    run = utils.setup(script_args, f"train_{regime}")
+    utils.scheduled_lr(run.opt, 0, 1, script_args)
     return run, bench.make_train_step(regime, run, script_args)
 
 
@@ -311,24 +313,28 @@ def test_train_steps_make_no_host_sync(tmp_path, monkeypatch, regime, act):
     never waits for the device."""
     run, train_step = tiny_run(tmp_path, regime, act, batches=3)
     counter = SyncCounter(monkeypatch)
-    for x, y in run.train_batches:
+    for x, y in run.batches:
         train_step(x, y)
     assert counter.where == []
 
 
 def test_training_loop_syncs_only_for_its_progress_display(tmp_path, monkeypatch):
-    """Between the first and the last step of an epoch Run.fit syncs only to show progress (a few
-    calls every 50 batches), never per step."""
+    """Between the first and the last step of an epoch train_fast's loop syncs only to show progress
+    (a few calls every 50 batches), never per step."""
     batches = 60
-    run, step = tiny_run(tmp_path, "fast", "relu", batches)
+    argv = ["--dataset", "synthetic", "--model", "lenet", "--n-train", str(4 * batches), "--batch-size", "4",
+            "--n-eval", "8", "--eval-pgd-steps", "1", "--epochs", "1", "--lr-schedule", "constant", "--lr-max", "0.01",
+            "--device", "cpu", "--out-dir", str(tmp_path)]
     counter = SyncCounter(monkeypatch)
     marks = []
+    step = train_fast.train_step
 
-    def train_step(x, y):
+    def train_step(*args):
         marks.append(len(counter.where))
-        return step(x, y)
+        return step(*args)
 
-    run.fit(train_step)
+    monkeypatch.setattr(train_fast, "train_step", train_step)
+    train_fast.main(argv)
     assert len(marks) == batches
     during = counter.where[marks[0]:marks[-1]]
     assert len(during) < batches / 4, f"{len(during)} host syncs in {batches - 1} steps: {sorted(set(during))}"
@@ -341,7 +347,7 @@ def test_fp16_loss_scaler_costs_at_most_one_sync_per_step(tmp_path, monkeypatch)
     run, train_step = cuda_like_run(tmp_path, "fast", "relu", torch.float16, grad_clip=1)
     counter = SyncCounter(monkeypatch)
     steps = 0
-    for x, y in run.train_batches:
+    for x, y in run.batches:
         train_step(x, y)
         steps += 1
     assert set(counter.where) <= {"item"} and len(counter.where) <= steps

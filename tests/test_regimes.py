@@ -12,6 +12,7 @@ import models
 import train_fast
 import train_free
 import train_pgd
+import tricks
 import utils
 
 TINY = ["--dataset", "synthetic", "--model", "lenet", "--n-train", "256", "--n-eval", "64", "--batch-size", "64",
@@ -97,39 +98,44 @@ def test_onecycle_momentum_is_lowest_exactly_when_the_lr_peaks():
 # ------------------------------------------------------------------------------------------- Free
 def free_run(tmp_path, *extra):
     args = train_free.get_args(tiny(tmp_path, *extra))
-    run = utils.Run(args, "train_free", steps_per_batch=args.replays, epochs_budget=train_free.passes(args))
-    return args, run, train_free.FreeStep(run, args.epsilon, args.replays)
+    run = utils.setup(args, "train_free")
+    utils.set_lr(run.opt, 0.05, args.momentum)
+    delta = torch.zeros((args.batch_size, 1, 28, 28))
+    tr = tricks.TrainingTricks.for_run(args, run)
+    return args, run, delta, lambda x, y: train_free.train_minibatch(run, tr, x, y, delta, args)
 
 
 def test_free_delta_carries_over_stays_in_ball_and_handles_a_short_batch(tmp_path):
-    args, run, step = free_run(tmp_path, "--n-train", 200, "--replays", 3, "--epsilon", 0.1)
+    args, run, delta, step = free_run(tmp_path, "--n-train", 200, "--replays", 3, "--epsilon", 0.1)
     eps = args.epsilon
-    batches = list(run.train_batches)
+    batches = list(run.batches)
     assert [len(y) for _, y in batches] == [64, 64, 64, 8]
     inputs = Inputs(run.model)
+    steps = []
+    run.opt.register_step_post_hook(lambda *a: steps.append(1))
 
     (x0, y0), (x1, y1) = batches[0], batches[1]
     step(x0, y0)
-    assert len(inputs.seen) == 3 and run.it == 3  # one forward (and backward) pass and one step per replay
+    assert len(inputs.seen) == 3 and len(steps) == 3  # one forward (and backward) pass and one step per replay
     assert torch.equal(inputs.seen[0], x0)  # delta starts at 0
-    carried = step.delta.clone()
+    carried = delta.clone()
     assert carried.abs().max() > 0 and carried.abs().max() <= eps + 1e-6
     assert ((x0 + carried) >= 0).all() and ((x0 + carried) <= 1).all()
     # the 2nd minibatch starts from the delta left by the 1st
     step(x1, y1)
     assert torch.allclose(inputs.seen[3], x1 + carried)
-    assert run.it == 6 and step.delta.abs().max() <= eps + 1e-6
+    assert len(steps) == 6 and delta.abs().max() <= eps + 1e-6
 
     # a short last batch updates only its rows; the next full batch uses all of delta again
-    before = step.delta.clone()
+    before = delta.clone()
     xs, ys = batches[3]
     step(xs, ys)
     assert torch.allclose(inputs.seen[6], xs + before[:8])
-    assert torch.equal(step.delta[8:], before[8:]) and not torch.equal(step.delta[:8], before[:8])
-    assert step.delta.shape[0] == 64
-    loss, correct = step(x0, y0)
-    assert torch.isfinite(loss) and 0 <= int(correct) <= 64
-    assert step.delta.abs().max() <= eps + 1e-6 and run.it == 12
+    assert torch.equal(delta[8:], before[8:]) and not torch.equal(delta[:8], before[:8])
+    assert delta.shape[0] == 64
+    loss, correct, bad = step(x0, y0)
+    assert torch.isfinite(loss) and 0 <= int(correct) <= 64 and not bad
+    assert delta.abs().max() <= eps + 1e-6 and len(steps) == 12
 
 
 def test_free_end_to_end_step_count_checkpoint_and_eval(tmp_path):
@@ -158,17 +164,20 @@ def test_free_budget_and_defaults():
 # -------------------------------------------------------------------------------------------- PGD
 def pgd_run(tmp_path, *extra):
     args = train_pgd.get_args(tiny(tmp_path, *extra))
-    run = utils.Run(args, "train_pgd")
-    return args, run, train_pgd.make_train_step(run, args)
+    run = utils.setup(args, "train_pgd")
+    utils.set_lr(run.opt, 0.05, args.momentum)
+    tr = tricks.TrainingTricks.for_run(args, run)
+    return args, run, lambda x, y: train_pgd.train_step(run, tr, x, y, args)
 
 
 @pytest.mark.parametrize("loss,iters", [("ce", 1), ("ce", 3), ("trades", 2)])
 def test_pgd_does_exactly_attack_iters_steps_per_batch(tmp_path, loss, iters):
     args, run, train_step = pgd_run(tmp_path, "--attack-iters", iters, "--loss", loss)
     inputs = Inputs(run.model)
-    for b, (x, y) in enumerate(list(run.train_batches)[:2], 1):
-        train_step(x, y)
-        assert run.counts["attack_steps"] == b * iters and run.it == b
+    steps = []
+    run.opt.register_step_post_hook(lambda *a: steps.append(1))
+    for b, (x, y) in enumerate(list(run.batches)[:2], 1):
+        assert train_step(x, y)[3] == iters and len(steps) == b
     # forward passes per batch: the k attack steps + the training pass (TRADES: + the clean target, + f(x))
     assert len(inputs.seen) == 2 * (iters + (1 if loss == "ce" else 3))
     assert run.model.training
@@ -176,7 +185,7 @@ def test_pgd_does_exactly_attack_iters_steps_per_batch(tmp_path, loss, iters):
 
 def test_pgd_delta_stays_in_ball_and_image_range(tmp_path):
     args, run, _ = pgd_run(tmp_path, "--epsilon", 0.1)
-    x, y = next(iter(run.train_batches))
+    x, y = next(iter(run.batches))
     start = torch.empty_like(x).uniform_(-0.1, 0.1)
     delta, steps = train_pgd.pgd_delta(run, x, lambda logits: F.cross_entropy(logits, y), 0.1, 0.04, 4, start)
     assert steps == 4 and delta.abs().max() <= 0.1 + 1e-6 and delta.abs().max() > 0.09
@@ -186,7 +195,7 @@ def test_pgd_delta_stays_in_ball_and_image_range(tmp_path):
 def test_trades_loss_is_finite_bounded_below_by_ce_and_decreases(tmp_path):
     args, run, train_step = pgd_run(tmp_path, "--loss", "trades", "--attack-iters", 2, "--lr-schedule", "constant",
                                     "--lr-max", 0.05)
-    x, y = next(iter(run.train_batches))
+    x, y = next(iter(run.batches))
     run.model.train()
     with torch.no_grad():
         ce = F.cross_entropy(run.model(x), y)
@@ -241,17 +250,15 @@ def test_lr_find_writes_csv_and_a_positive_suggestion(tmp_path, script):
 def test_lr_find_suggests_the_steepest_descent_and_stops_at_divergence(tmp_path):
     """A made-up loss of the LR: steepest descent at lr 1e-2, minimum near 1, divergence past 2."""
     args = train_fast.get_args(tiny(tmp_path, "--n-train", 64, "--lr-find", "--lr-find-steps", 101))
-    run = utils.Run(args, "train_fast")
+    run = utils.setup(args, "train_fast")
     seen = []
 
-    def fake_step(x, y):
-        lr = run.lr
+    def fake_step(x, y):  # no training: the loss is a function of the LR the optimiser holds
+        lr = run.opt.param_groups[0]["lr"]
         seen.append(lr)
-        run.step()  # no gradients: just advances the iteration (and so the LR)
-        loss = 2 - math.tanh(2 * (math.log10(lr) + 2)) + (50.0 if lr > 2 else 0.0)
-        return torch.tensor(loss), torch.tensor(0)
+        return torch.tensor(2 - math.tanh(2 * (math.log10(lr) + 2)) + (50.0 if lr > 2 else 0.0))
 
-    result = utils.lr_range_test(run, fake_step)
+    result = tricks.lr_range_test(run, args, fake_step)
     assert result["suggested_lr_max"] == pytest.approx(1e-2, rel=0.13)  # 20 LRs per decade: within one step
     assert result["stopped_early"] and 2 < seen[-1] < 3 and len(seen) < 101
     assert 0.1 < result["min_loss_lr"] <= 2

@@ -11,11 +11,15 @@ import activations
 import models
 import train_fast
 import train_free
+import tricks
 import utils
 
 
 def trick_args(*flags):
-    return utils.parse_args(utils.base_parser("test"), ["--dataset", "synthetic", "--device", "cpu", *map(str, flags)])
+    p = utils.parser("test")
+    utils.add_shared_flags(p)
+    tricks.add_flags(p)
+    return utils.parse_args(p, ["--dataset", "synthetic", "--device", "cpu", *map(str, flags)], checks=[tricks.flag_problems])
 
 
 def real_images(n=200, seed=0):
@@ -28,12 +32,12 @@ def real_images(n=200, seed=0):
 def test_random_training_perturbs_the_requested_share_within_bounds(noise):
     torch.manual_seed(0)
     s, share, n = 0.05, 0.25, 64
-    tricks = utils.TrainingTricks(trick_args("--random-training", share, "--random-noise", noise, "--random-strength", s),
+    tr = tricks.TrainingTricks(trick_args("--random-training", share, "--random-noise", noise, "--random-strength", s),
                                   real_images())
     x = torch.full((n, 1, 8, 8), 0.5)
     x[0], x[1] = 0.0, 1.0  # clipping at the ends of [0, 1]
     y = torch.arange(n) % 10
-    out, y_out = tricks.mix(x, y)
+    out, y_out = tr.mix(x, y)
     assert torch.equal(y_out, y) and x.eq(0.5).sum() == (n - 2) * 64  # labels kept, input not modified in place
     assert out.min() >= 0 and out.max() <= 1
     changed = (out != x).flatten(1).any(1)
@@ -44,16 +48,16 @@ def test_random_training_perturbs_the_requested_share_within_bounds(noise):
         assert diff.std().item() == pytest.approx(s / math.sqrt(3), rel=0.1)
     else:
         assert diff.std().item() == pytest.approx(s, rel=0.1) and diff.abs().max() > 2 * s
-    shares = [(tricks.mix(x, y)[0] != x).flatten(1).any(1).float().mean().item() for _ in range(5)]
+    shares = [(tr.mix(x, y)[0] != x).flatten(1).any(1).float().mean().item() for _ in range(5)]
     assert shares == [pytest.approx(share)] * 5
 
 
 def test_random_training_strength_defaults_to_epsilon_and_is_off_by_default():
     x, y = torch.rand(32, 1, 8, 8), torch.zeros(32, dtype=torch.long)
-    off = utils.TrainingTricks(trick_args(), real_images())
+    off = tricks.TrainingTricks(trick_args(), real_images())
     assert off.mix(x, y)[0] is x and off.mean_copies == 0 and off.extra is None
-    tricks = utils.TrainingTricks(trick_args("--random-training", 1, "--epsilon", 0.02), real_images())
-    assert (tricks.mix(x, y)[0] - x).abs().max() <= 0.02 + 1e-6
+    tr = tricks.TrainingTricks(trick_args("--random-training", 1, "--epsilon", 0.02), real_images())
+    assert (tr.mix(x, y)[0] - x).abs().max() <= 0.02 + 1e-6
 
 
 # --------------------------------------------------------------------------------- mean training
@@ -73,10 +77,10 @@ class TinyNet(nn.Module):
 def test_mean_training_copies_are_noisy_means_in_range():
     torch.manual_seed(0)
     x_train = real_images(300)
-    tricks = utils.TrainingTricks(trick_args("--mean-training", 6, "--mean-noise", 0.02), x_train)
+    tr = tricks.TrainingTricks(trick_args("--mean-training", 6, "--mean-noise", 0.02), x_train)
     mean = x_train.float().mean(0) / 255
-    assert torch.allclose(tricks.mean_image, mean, atol=1e-6)
-    copies = torch.stack([tricks.mean_batch() for _ in range(100)])  # 100 x 6 x 1 x 8 x 8
+    assert torch.allclose(tr.mean_image, mean, atol=1e-6)
+    copies = torch.stack([tr.mean_batch() for _ in range(100)])  # 100 x 6 x 1 x 8 x 8
     assert copies.shape == (100, 6, 1, 8, 8) and copies.min() >= 0 and copies.max() <= 1
     inner = (mean > 0.1) & (mean < 0.9)  # no clipping there
     assert torch.allclose(copies.mean((0, 1))[inner], mean[inner], atol=0.01)
@@ -86,26 +90,26 @@ def test_mean_training_copies_are_noisy_means_in_range():
 
 def test_mean_training_loss_is_kl_to_uniform_in_eval_mode_and_lowers_confidence():
     torch.manual_seed(0)
-    tricks = utils.TrainingTricks(trick_args("--mean-training", 8, "--mean-noise", 0.05, "--mean-weight", 2), real_images())
+    tr = tricks.TrainingTricks(trick_args("--mean-training", 8, "--mean-noise", 0.05, "--mean-weight", 2), real_images())
     constant = lambda x: torch.zeros(len(x), 10)
-    assert tricks.mean_loss(nn.Identity(), constant, torch.enable_grad).item() == pytest.approx(0, abs=1e-6)
+    assert tr.mean_loss(nn.Identity(), constant, torch.enable_grad).item() == pytest.approx(0, abs=1e-6)
     # a fixed answer with probabilities p gives 2 * KL(U || p)
     logits = torch.log(torch.tensor([0.5] + [0.5 / 9] * 9))
     kl = (-(torch.log_softmax(logits, 0)).mean() - math.log(10)).item()
-    assert tricks.mean_loss(nn.Identity(), lambda x: logits.expand(len(x), 10), torch.enable_grad).item() == pytest.approx(2 * kl, rel=1e-5)
+    assert tr.mean_loss(nn.Identity(), lambda x: logits.expand(len(x), 10), torch.enable_grad).item() == pytest.approx(2 * kl, rel=1e-5)
 
     net = TinyNet()
     with torch.no_grad():
         net.fc.bias.copy_(5 * F.one_hot(torch.tensor(0), 10))  # confident at the start
         net.bn.running_mean.fill_(0.3)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    confidence = lambda: F.softmax(net.eval()(tricks.mean_batch()), 1).max(1).values.mean().item()
+    confidence = lambda: F.softmax(net.eval()(tr.mean_batch()), 1).max(1).values.mean().item()
     before = confidence()
     net.train()
     net.modes.clear()
     losses = []
     for _ in range(20):
-        loss = tricks.mean_loss(net, net, torch.enable_grad)
+        loss = tr.mean_loss(net, net, torch.enable_grad)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -128,11 +132,11 @@ def test_extra_data_mixer_draws_the_requested_fraction(tmp_path, monkeypatch):
     torch.manual_seed(0)
     path = write_extra(tmp_path / "extra.npz")
     monkeypatch.setitem(utils.DATASETS, "synthetic", (1, 8, 10, (0.5,), (0.25,), "none"))
-    tricks = utils.TrainingTricks(trick_args("--extra-data", path, "--extra-fraction", 0.3), real_images())
+    tr = tricks.TrainingTricks(trick_args("--extra-data", path, "--extra-fraction", 0.3), real_images())
     x, y = torch.zeros(50, 1, 8, 8), torch.zeros(50, dtype=torch.long)
     drawn = set()
     for _ in range(40):
-        out, y_out = tricks.mix(x, y)
+        out, y_out = tr.mix(x, y)
         extra = out.flatten(1)[:, 1:].eq(1).all(1)
         assert extra.sum() == 15 and torch.equal(y_out[extra], torch.full((15,), 7))
         assert torch.equal(out[~extra], x[~extra]) and torch.equal(y_out[~extra], y[~extra])
@@ -142,12 +146,12 @@ def test_extra_data_mixer_draws_the_requested_fraction(tmp_path, monkeypatch):
 
 
 def test_extra_data_formats_and_errors(tmp_path):
-    a = utils.load_extra_data(write_extra(tmp_path / "a.npz"), 1, 8, 10)
-    b = utils.load_extra_data(write_extra(tmp_path / "b.npz", layout="nchw"), 1, 8, 10)
+    a = tricks.load_extra_data(write_extra(tmp_path / "a.npz"), 1, 8, 10)
+    b = tricks.load_extra_data(write_extra(tmp_path / "b.npz", layout="nchw"), 1, 8, 10)
     assert a[0].shape == (40, 1, 8, 8) and a[0].dtype == torch.uint8 and torch.equal(a[0], b[0])
     x = a[0].numpy()[:, 0].astype(np.float32) / 255  # NHW float in [0, 1]
     np.savez(tmp_path / "c.npz", x=x, y=np.arange(40) % 10)
-    c = utils.load_extra_data(tmp_path / "c.npz", 1, 8, 10)
+    c = tricks.load_extra_data(tmp_path / "c.npz", 1, 8, 10)
     assert torch.equal(c[0], a[0]) and c[1].dtype == torch.int64
     bad = {
         "shape": (dict(x=np.zeros((4, 3, 8, 8), np.uint8), y=np.zeros(4, int)), "the dataset needs 1x8x8"),
@@ -158,10 +162,10 @@ def test_extra_data_formats_and_errors(tmp_path):
     for name, (arrays, message) in bad.items():
         np.savez(tmp_path / f"{name}.npz", **arrays)
         with pytest.raises(utils.UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-            utils.load_extra_data(tmp_path / f"{name}.npz", 1, 8, 10)
+            tricks.load_extra_data(tmp_path / f"{name}.npz", 1, 8, 10)
     np.save(tmp_path / "plain.npy", np.zeros(3))
     with pytest.raises(utils.UserError, match="cannot read it as .npz"):
-        utils.load_extra_data(tmp_path / "plain.npy", 1, 8, 10)
+        tricks.load_extra_data(tmp_path / "plain.npy", 1, 8, 10)
 
 
 @pytest.mark.parametrize("flags,message", [

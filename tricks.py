@@ -1,0 +1,279 @@
+"""Research options that few runs use, each off by default, called explicitly by the training loops:
+
+* Zhao & Griffin's random training ("R") and mean training ("M"): :class:`TrainingTricks`, whose
+  ``mix(x, y)`` changes a clean minibatch before the regime perturbs it and whose ``mean_loss`` is
+  added to the training loss;
+* Dai et al.'s extra (e.g. generated) training images: also mixed in by ``TrainingTricks.mix``;
+* the LR range test (``--lr-find``): :func:`lr_range_test`, run instead of training.
+
+Imports torch, numpy and utils.
+"""
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import utils
+
+
+def add_flags(p):
+    """The flags of this module, in their own --help groups."""
+    g = p.add_argument_group("training-data tricks (tricks.py; off by default)")
+    g.add_argument("--random-training", type=float, default=0.0, metavar="SHARE",
+                   help="Zhao & Griffin's random training: perturb this share of each batch with random noise")
+    g.add_argument("--random-noise", default="uniform", choices=["uniform", "gaussian"], help="random-training noise: U(-s, s) or N(0, s^2)")
+    g.add_argument("--random-strength", type=utils.fraction, default=None, help="s, the random-training noise strength (default: --epsilon)")
+    g.add_argument("--mean-training", type=int, default=0, metavar="N",
+                   help="Zhao & Griffin's mean training: N noisy copies of the mean training image per optimiser step, trained towards uniform confidence")
+    g.add_argument("--mean-noise", type=utils.fraction, default=0.1, help="std of the Gaussian noise on the mean-image copies")
+    g.add_argument("--mean-weight", type=float, default=1.0, help="weight of the mean-training loss KL(uniform || softmax)")
+    g.add_argument("--extra-data", default=None, metavar="NPZ",
+                   help="Dai et al.'s extra (e.g. generated) training images: .npz with images (uint8 or float in [0,1]) and labels")
+    g.add_argument("--extra-fraction", type=float, default=None, help="share of each batch drawn from --extra-data (default 0.5)")
+    g = p.add_argument_group("LR range test (tricks.py)")
+    g.add_argument("--lr-find", action="store_true",
+                   help="LR range test instead of training: sweep the LR exponentially, write lr_find.csv, suggest --lr-max")
+    g.add_argument("--lr-find-steps", type=int, default=100, help="minibatches of the LR range test")
+    g.add_argument("--lr-find-min", type=float, default=1e-4, help="first LR of the range test")
+    g.add_argument("--lr-find-max", type=float, default=10.0, help="last LR of the range test")
+
+
+def flag_problems(args):
+    """Validation messages for this module's flags (empty when all is well)."""
+    problems = []
+    if args.lr_find_steps < 2:
+        problems.append("--lr-find-steps must be >= 2")
+    if not 0 < args.lr_find_min < args.lr_find_max:
+        problems.append("--lr-find-min and --lr-find-max need 0 < min < max")
+    if args.lr_find and args.resume:
+        problems.append("--resume cannot be combined with --lr-find (the LR range test always starts afresh)")
+    if not 0 <= args.random_training <= 1:
+        problems.append("--random-training must be a fraction in [0, 1]")
+    if args.random_strength is not None and args.random_strength <= 0:
+        problems.append("--random-strength must be > 0")
+    if args.mean_training < 0 or args.mean_noise < 0 or args.mean_weight < 0:
+        problems.append("--mean-training, --mean-noise and --mean-weight must be >= 0")
+    if args.extra_fraction is not None and args.extra_data is None:
+        problems.append("--extra-fraction needs --extra-data")
+    if args.extra_fraction is not None and not 0 < args.extra_fraction < 1:
+        problems.append("--extra-fraction must be in (0, 1)")
+    if args.extra_data is not None and not os.path.isfile(args.extra_data):
+        problems.append(f"--extra-data {args.extra_data}: no such file")
+    return problems
+
+
+
+# ------------------------ training-data tricks (Zhao & Griffin random / mean training, Dai et al. extra data)
+EXTRA_IMAGE_KEYS, EXTRA_LABEL_KEYS = ("x", "image", "images", "data"), ("y", "label", "labels", "targets")
+
+
+def load_extra_data(path, channels, size, classes):
+    """(uint8 NCHW images, int64 labels) of an extra-data file (Dai et al. 2021 add generated images).
+
+    The .npz holds an image array under one of the keys x / image / images / data (uint8, or float in
+    [0, 1] which is rounded to uint8 like the real data; NCHW, NHWC -- the layout generated-data
+    files usually have -- or NHW for one channel) and a label array under y / label / labels /
+    targets.  Anything else is a UserError naming the problem."""
+    try:
+        f = np.load(path)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with f:
+            xk = next((k for k in EXTRA_IMAGE_KEYS if k in f.files), None)
+            yk = next((k for k in EXTRA_LABEL_KEYS if k in f.files), None)
+            if xk is None or yk is None:
+                raise utils.UserError(f"--extra-data {path}: needs an image array ({', '.join(EXTRA_IMAGE_KEYS)}) and a label "
+                                f"array ({', '.join(EXTRA_LABEL_KEYS)}); found {', '.join(f.files) or 'nothing'}")
+            x, y = f[xk], f[yk]
+    except (OSError, ValueError, EOFError) as e:  # not an npz, truncated, pickled objects
+        raise utils.UserError(f"--extra-data {path}: cannot read it as .npz ({str(e).splitlines()[0][:120]})") from None
+    want = (channels, size, size)
+    if x.ndim == 3 and channels == 1:
+        x = x[:, None]
+    if x.ndim == 4 and x.shape[1:] != want and x.shape[1:] == (size, size, channels):
+        x = x.transpose(0, 3, 1, 2)
+    if x.ndim != 4 or x.shape[1:] != want:
+        raise utils.UserError(f"--extra-data {path}: images of shape {tuple(x.shape[1:])}, the dataset needs "
+                        f"{channels}x{size}x{size} (NCHW or NHWC)")
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or len(y) == 0 or y.min() < 0 or y.max() >= classes:
+        raise utils.UserError(f"--extra-data {path}: needs one integer label in [0, {classes}) per image")
+    if np.issubdtype(x.dtype, np.floating):
+        if x.min() < 0 or x.max() > 1:
+            raise utils.UserError(f"--extra-data {path}: float images must lie in [0, 1], found [{x.min():.3g}, {x.max():.3g}]")
+        x = np.rint(x * 255)
+    elif x.dtype != np.uint8:
+        raise utils.UserError(f"--extra-data {path}: images must be uint8 or float in [0, 1], not {x.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)), torch.from_numpy(y.astype(np.int64))
+
+
+def dataset_mean_image(x, chunk=4096):
+    """Per-pixel mean of a uint8 image set, in [0, 1] (summed in chunks: no float copy of the whole set)."""
+    total = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
+    for i in range(0, len(x), chunk):
+        total += x[i:i + chunk].sum(0, dtype=torch.float64)
+    return (total / (255 * len(x))).float()
+
+
+class TrainingTricks:
+    """The training-data tricks, each off by default.
+
+    Random training (Zhao & Griffin 2016, "R"): a share p = --random-training of each minibatch
+    (round(p n) images, chosen at random) becomes clip(x + e, 0, 1), e ~ U(-s, s) or N(0, s^2)
+    per pixel (--random-noise, s = --random-strength, default --epsilon); labels are kept.
+
+    Mean training (Zhao & Griffin 2016, "M"): N = --mean-training noisy copies of the training set's
+    mean image, m_j = clip(mean + sigma e_j, 0, 1), e_j ~ N(0, I), sigma = --mean-noise, drawn afresh for
+    every optimiser step, are nonsense inputs the model should not be confident about.  Their loss
+        L_mean = lambda * (1/N) sum_j KL(U || softmax(f(m_j))) = lambda * (1/N) sum_j (-log K - (1/K) sum_k log p_jk),
+    lambda = --mean-weight, is zero exactly when the model answers uniformly.  The paper adds the
+    copies to the training set under a hybrid loss that keeps nonsense outputs small; KL to uniform
+    is our reading for a softmax classifier.  The copies are not attacked and go through the model in
+    eval mode: in train mode BatchNorm would normalise a batch of near-identical images by its own
+    tiny variance and write that into its running statistics.
+
+    Extra data (Dai et al. 2021, who add generated images to adversarial training): round(f n) images
+    of each minibatch, f = --extra-fraction, are replaced by images drawn uniformly with replacement
+    from --extra-data (with the dataset's augmentation).  The batch size and the number of optimiser
+    steps stay as they are, and an epoch uses about (1 - f) of the real images, a new random subset
+    each epoch (the fixed real : generated ratio per batch of Gowal et al. 2021's recipe).
+
+    Extra images replace rows first, then random training perturbs its own random rows, so noise
+    reaches real and extra images alike.  Under distributed training every rank draws a different
+    slice of one shared random draw, so the ranks do not train on the same extra images or copies."""
+
+    @classmethod
+    def for_run(cls, args, run):
+        """The tricks of a training run set up by utils.setup."""
+        return cls(args, run.batches.x, run.batches.augment, run.channels_last, run.rank, run.world)
+
+    def __init__(self, args, x_train, augment="none", channels_last=False, rank=0, world=1):
+        self.random_share, self.random_noise = args.random_training, args.random_noise
+        self.random_strength = args.random_strength if args.random_strength is not None else args.epsilon
+        self.mean_copies, self.mean_noise, self.mean_weight = args.mean_training, args.mean_noise, args.mean_weight
+        self.extra_fraction = args.extra_fraction if args.extra_fraction is not None else 0.5
+        self.channels_last, self.rank, self.world = channels_last, rank, world
+        self.mean_image = dataset_mean_image(x_train) if self.mean_copies else None
+        self.extra = None
+        if args.extra_data:
+            channels, size, classes = utils.DATASETS[args.dataset][:3]
+            x, y = load_extra_data(args.extra_data, channels, size, classes)
+            self.extra = utils.Batches(x.to(x_train.device), y.to(x_train.device), 1, augment=augment)
+
+    def _rank_part(self, draw, n):
+        """This rank's n of a draw of n * world (the same draw on every rank, which share a seed)."""
+        return draw(n * self.world)[self.rank * n:(self.rank + 1) * n]
+
+    def mix(self, x, y):
+        """The minibatch the regime trains on: extra images in, then random-training noise."""
+        n = len(x)
+        k = round(self.extra_fraction * n) if self.extra is not None else 0
+        if k:
+            idx = self._rank_part(lambda m: torch.randint(len(self.extra.x), (m,), device=x.device), k)
+            xe = self.extra.x[idx].float().div_(255)
+            if self.extra.augment == "crop+flip":
+                xe = self.extra._augment(xe)
+            x, y = x.clone(), y.clone()
+            x[:k], y[:k] = xe, self.extra.y[idx]
+        k = round(self.random_share * n)
+        if k:
+            rows = torch.randperm(n, device=x.device)[:k]
+            e = torch.randn_like(x[rows]) if self.random_noise == "gaussian" else torch.rand_like(x[rows]).mul_(2).sub_(1)
+            x = x.clone()
+            x[rows] = (x[rows] + self.random_strength * e).clamp_(0, 1)
+        return x, y
+
+    def mean_batch(self):
+        """N fresh noisy copies of the mean image, clip(mean + sigma e, 0, 1)."""
+        noise = self._rank_part(lambda m: torch.randn((m, *self.mean_image.shape), device=self.mean_image.device),
+                                self.mean_copies)
+        x = (self.mean_image + self.mean_noise * noise).clamp_(0, 1)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def mean_loss(self, model, forward, autocast):
+        """lambda * mean_j KL(U || softmax(forward(m_j))) on fresh copies, ``model`` in eval mode meanwhile."""
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast():
+                logits = forward(self.mean_batch())
+        finally:
+            model.train(was_training)
+        logp = F.log_softmax(logits.float(), dim=1)
+        return self.mean_weight * (-logp.mean(1) - math.log(logp.shape[1])).mean()
+
+
+# ----------------------------------------------------------------------------------- LR range test
+def _centred_mean(values, width):
+    """Moving average over ``width`` points centred on each point (fewer at the ends).  Unlike an
+    EMA it does not lag, so it does not shift the loss curve towards larger learning rates."""
+    v = np.asarray(values, dtype=float)
+    idx, half = np.arange(len(v)), width // 2
+    lo, hi = np.clip(idx - half, 0, len(v)), np.clip(idx + half + 1, 0, len(v))
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    return (c[hi] - c[lo]) / (hi - lo)
+
+
+def lr_range_test(run, args, train_minibatch, beta=0.9, diverge=4.0):
+    """LR range test (Smith 2017, "Cyclical learning rates"; the fast-training thesis's LR finder).
+
+    Calls ``train_minibatch(x, y) -> loss`` (the regime's training of one minibatch, at the LR the
+    optimiser holds: Free's m replays all at the same one) on --lr-find-steps minibatches n with the
+    learning rate rising geometrically, lr_i = lr_min (lr_max / lr_min)^(i / (n-1))
+    (--lr-find-min/--lr-find-max; constant --momentum), and records the regime's own training loss,
+    so the suggestion fits the adversarial loss, not the clean one.  It stops early once the smoothed
+    loss s_i (bias-corrected EMA, s = beta s + (1-beta) loss, as in fastai) exceeds ``diverge`` x its
+    best or is not finite.  Suggested lr_max: the LR of the steepest descent d loss / d log(lr) of
+    the centred moving average of the loss, before that average's minimum (i.e. before divergence).
+
+    Writes lr_find.csv (and lr_find.png when matplotlib is installed) into the out dir; the trained
+    weights are thrown away.  Returns {suggested_lr_max, min_loss_lr, stopped_early, csv}."""
+    n, lo, hi = args.lr_find_steps, args.lr_find_min, args.lr_find_max
+    run.model.train()
+    print(f"{run.script}: LR range test {lo:.3g} -> {hi:.3g} over {n} minibatches on {run.device}, out {run.out_dir}", flush=True)
+    rows, ema, best, stopped = [], 0.0, math.inf, None
+    batches = zip(range(n), utils.forever(run.batches))
+    for i, (x, y) in utils.tqdm(batches, total=n, desc="lr find", leave=False, dynamic_ncols=True):
+        lr = lo * (hi / lo) ** (i / (n - 1))
+        utils.set_lr(run.opt, lr, args.momentum)
+        loss = float(train_minibatch(x, y))
+        ema = beta * ema + (1 - beta) * loss
+        smooth = ema / (1 - beta ** (i + 1))
+        rows.append((i, lr, loss, smooth))
+        best = min(best, smooth)
+        if not math.isfinite(smooth) or smooth > diverge * best:
+            stopped = f"loss {'not finite' if not math.isfinite(smooth) else f'above {diverge:g}x its minimum'} at lr {lr:.3g}"
+            break
+    # the suggestion from the finite part of the curve
+    k = next((j for j, r in enumerate(rows) if not math.isfinite(r[2])), len(rows))
+    lrs, losses = np.array([r[1] for r in rows[:k]]), np.array([r[2] for r in rows[:k]])
+    centred = _centred_mean(losses, max(5, n // 10) | 1) if k else losses
+    if k >= 3 and np.argmin(centred) > 0:
+        m = int(np.argmin(centred))
+        slope = np.gradient(centred[:m + 1], np.log(lrs[:m + 1]))
+        suggestion, min_lr = float(lrs[int(np.argmin(slope))]), float(lrs[m])
+    else:
+        suggestion = min_lr = float(lrs[0]) if k else lo
+        print(f"warning: the loss did not fall before the LR range test stopped; try a smaller --lr-find-min than {lo:g} "
+              f"or more --lr-find-steps", file=sys.stderr)
+    path = os.path.join(run.out_dir, "lr_find.csv")
+    with open(path + ".tmp", "w") as f:
+        f.write("iteration,lr,loss,smoothed_loss,centred_loss\n")
+        for j, (i, lr, loss, smooth) in enumerate(rows):
+            f.write(f"{i},{lr:.6g},{loss:.6g},{smooth:.6g},{f'{centred[j]:.6g}' if j < k else ''}\n")
+    os.replace(path + ".tmp", path)
+    plt = utils.pyplot()
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(lrs, losses, alpha=0.3, label="loss")
+        ax.plot(lrs, centred, label="centred mean")
+        ax.axvline(suggestion, color="k", linestyle="--", label=f"suggested lr_max {suggestion:.3g}")
+        ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title=f"{run.script} LR range test")
+        ax.legend()
+        fig.savefig(os.path.join(run.out_dir, "lr_find.png"), dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    print(f"LR range test: {len(rows)} minibatches{', stopped: ' + stopped if stopped else ''}; loss minimum at lr {min_lr:.3g}; "
+          f"suggested --lr-max {suggestion:.3g} (steepest descent)  -> {path}", flush=True)
+    return {"suggested_lr_max": suggestion, "min_loss_lr": min_lr, "stopped_early": stopped, "csv": path}
