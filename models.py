@@ -231,11 +231,10 @@ def read_checkpoint(path, map_location="cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
-    except pickle.UnpicklingError as e:  # what weights_only refuses: anything but tensors and plain values
-        what = str(e).split("Unsupported global: ")[-1].splitlines()[0][:120] if "Unsupported global" in str(e) else "objects"
-        raise CheckpointError(f"refusing to load {path}: it holds {what}, not only tensors and plain values (a "
-                              f"checkpoint of an older version of this project, or one changed by someone); "
-                              f"loading it could run code") from None
+    except pickle.UnpicklingError:  # what weights_only refuses: anything but tensors and plain values
+        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain values, whose "
+                              f"loading could run code (a checkpoint of an older version of this project, or one "
+                              f"changed by someone)") from None
     except Exception as e:  # truncated or not a torch file
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(ckpt, dict):

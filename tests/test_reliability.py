@@ -27,7 +27,7 @@ def _run(script, *args, timeout=300):
 
 
 def _weights(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model_state"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model_state"]
 
 
 def _kill_during_second_epoch(script, args, out):
@@ -140,11 +140,55 @@ def test_checkpoint_of_another_kind_gives_one_line_error(tmp_path):
     wrong = tmp_path / "wrong.pt"
     good = tmp_path / "run"
     assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(good)).returncode == 0
-    ckpt = torch.load(good / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(good / "checkpoint.pt", weights_only=True)  # checkpoints are plain data
     ckpt["model_config"]["act"] = "kaf"  # the weights no longer fit the model it describes
     torch.save(ckpt, wrong)
     r = _run("eval.py", str(wrong), "--device", "cpu")
     assert r.returncode == 2 and "does not fit its model" in r.stderr and "Traceback" not in r.stderr
+
+
+class _Payload:
+    """Unpickling this creates a file: what a malicious checkpoint would do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_holding_code_is_refused_everywhere_in_one_line(tmp_path):
+    good = tmp_path / "run"
+    assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(good)).returncode == 0
+    ckpt = torch.load(good / "checkpoint.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    ckpt["note"] = _Payload(str(marker))
+    torch.save(ckpt, good / "checkpoint.pt")
+    for argv in (["eval.py", str(good / "checkpoint.pt"), "--device", "cpu", "--n-eval", "8"],
+                 ["analyze.py", str(good / "checkpoint.pt"), "--device", "cpu", "--shapes", "--no-plot"],
+                 ["train_fast.py", *TINY, "--epochs", "2", "--out-dir", str(good), "--resume"]):
+        r = _run(*argv)
+        lines = [l for l in r.stderr.strip().splitlines() if l.strip() and "%|" not in l]
+        assert r.returncode == 2 and len(lines) == 1 and "refusing to load" in lines[0], (argv[0], r.stderr)
+        assert not marker.exists(), argv[0]
+    with pytest.raises(models.CheckpointError, match="refusing to load"):
+        models.load_checkpoint(str(good / "checkpoint.pt"))
+    assert not marker.exists()
+
+
+def test_resume_of_a_run_the_guard_stopped_keeps_its_record(tmp_path):
+    out = tmp_path / "run"
+    assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    record = dict(epoch=1, held_pgd_acc=0.0, best_held_pgd_acc=0.5, restored_epoch=1)
+    ckpt["guard"] = record  # as the guard leaves a run it stopped
+    torch.save(ckpt, out / "checkpoint.pt")
+    r = _run("train_fast.py", *TINY, "--epochs", "3", "--out-dir", str(out), "--resume")
+    assert r.returncode == 0 and "stopped by the overfitting guard" in r.stdout and "epoch   2" not in r.stdout, r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["catastrophic_overfitting"] == record and summary["epochs_completed"] == 1
+    assert summary["stopped_early"] == "catastrophic overfitting in epoch 1"
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["guard"] == record
 
 
 @pytest.mark.parametrize("script,extra,steps", [
