@@ -714,9 +714,14 @@ def save_checkpoint(run, args, path, **state):
                  "scaler": run.scaler.state_dict(), "rng": rng_states(run.device), **state}, path)
 
 
+# flags a resumed run may change: more epochs, where and how it runs, how it is finally evaluated
+RESUMABLE_CHANGES = {"epochs", "resume", "out_dir", "data_dir", "device", "compile", "kaf_impl", "n_eval",
+                     "eval_pgd_steps", "eval_pgd_restarts", "eval_pgd_alpha"}
+
+
 def load_for_resume(run, args, passes):
     """Restore model, optimiser, scaler and RNG states from <out-dir>/checkpoint.pt of the same
-    script and model; returns the checkpoint (its loop state: epoch, iteration, history, ...), or
+    script, model and training flags (only RESUMABLE_CHANGES may differ); returns the checkpoint (its loop state: epoch, iteration, history, ...), or
     None when there is none yet.  ``passes``: the epochs (Free: passes) the run is to train."""
     path = os.path.join(run.out_dir, "checkpoint.pt")
     if not os.path.exists(path):
@@ -729,6 +734,11 @@ def load_for_resume(run, args, passes):
         theirs = f"{ckpt['script']} {ckpt['model_config'].get('arch')} act={ckpt['model_config'].get('act')}"
         raise models.CheckpointError(f"cannot resume from {path}: it is a {theirs} run, not this one "
                                      f"({run.script} {run.model.config.get('arch')} act={run.model.config.get('act')}); use another --out-dir")
+    changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r} -> {v!r}" for k, v in vars(args).items()
+               if k not in RESUMABLE_CHANGES and ckpt["args"].get(k) != v]
+    if changed:
+        raise models.CheckpointError(f"cannot resume from {path}: training flags differ from the run's ({', '.join(changed)}); "
+                                     f"use the run's flags or another --out-dir")
     run.model.load_state_dict(ckpt["model_state"])
     run.opt.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])

@@ -176,6 +176,15 @@ def test_a_checkpoint_holding_code_is_refused_everywhere_in_one_line(tmp_path):
     assert not marker.exists()
 
 
+def test_resume_refuses_changed_training_flags_and_names_them(tmp_path):
+    out = tmp_path / "run"
+    assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
+    r = _run("train_fast.py", *TINY, "--epochs", "2", "--out-dir", str(out), "--resume", "--epsilon", "0.2", "--batch-size", "32")
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "--epsilon 0.1 -> 0.2" in lines[0] and "--batch-size 64 -> 32" in lines[0], r.stderr
+    assert "epoch   2" not in r.stdout
+
+
 def test_resume_of_a_run_the_guard_stopped_keeps_its_record(tmp_path):
     out = tmp_path / "run"
     assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
