@@ -41,7 +41,7 @@ def _kill_during_second_epoch(script, args, out):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    return torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"]
 
 
 @pytest.mark.parametrize("script,extra", [
