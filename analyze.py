@@ -593,8 +593,7 @@ def main(argv=None):
     """Run the analyses asked for; returns {name: result} as written to the JSON files."""
     args = get_args(argv)
     utils.seed_everything(args.seed)
-    model = models.load_checkpoint(args.checkpoint).to(args.device)
-    train_args = model.checkpoint.get("args", {})
+    model, _, eps = utils.load_for_eval(args.checkpoint, args.device, args.eps)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "analysis")
     os.makedirs(out_dir, exist_ok=True)
     plt = None if args.no_plot else utils.pyplot()
@@ -618,7 +617,6 @@ def main(argv=None):
 
     if args.preacts or args.lipschitz:
         _, x, y = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, args.n_eval)
-        eps = args.eps if args.eps is not None else train_args.get("epsilon", 8 / 255)
         if args.preacts:
             results["preacts"] = r = analyze_preacts(model, x, y, eps, args.pgd_steps, args.batch_size, args.bins,
                                                      args.max_samples, args.seed)

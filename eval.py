@@ -113,7 +113,7 @@ def get_args(argv=None):
                    help="warn when an attack's accuracy is this far above the worst case (it overstates robustness)")
     p.add_argument("--n-eval", type=int, default=None, help="first N test images (default: all)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=utils.DEFAULT_DEVICE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON output (default: eval.json next to the checkpoint)")
     p.add_argument("--plot", default=None, help="PNG output (default: the JSON path with .png; needs matplotlib)")
@@ -123,8 +123,8 @@ def get_args(argv=None):
         p.error("--eps must be > 0")
     if min(args.pgd_steps, args.pgd_restarts, args.batch_size, args.apgd_restarts) < 1 or (args.n_eval is not None and args.n_eval < 1):
         p.error("--pgd-steps, --pgd-restarts, --apgd-restarts, --batch-size and --n-eval must be >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error("--device cuda asked for but CUDA is not available; use --device cpu")
+    if utils.device_problem(args.device):
+        p.error(utils.device_problem(args.device))
     # ---- the attack list: the preset's, replaced or extended by --attacks
     names = [n.strip().lower() for item in (args.attacks or []) for n in item.split(",") if n.strip()]
     added, plain = [n[1:] for n in names if n.startswith("+")], [n for n in names if not n.startswith("+")]
@@ -410,11 +410,8 @@ def plot(result, path):
     """accuracy vs eps and vs noise sigma as a PNG, if matplotlib is installed; returns the path or None."""
     if "accuracy_vs_eps" not in result and "noise_accuracy" not in result:
         return None
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = utils.pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, xlabel, title in [(axes[0], "accuracy_vs_eps", "eps (L-inf)", "PGD accuracy vs eps"),
@@ -436,12 +433,10 @@ def plot(result, path):
 def main(argv=None):
     args = get_args(argv)
     utils.seed_everything(args.seed)
-    model = models.load_checkpoint(args.checkpoint).to(args.device)
-    train_args = model.checkpoint.get("args", {})
+    model, train_args, eps = utils.load_for_eval(args.checkpoint, args.device, args.eps)
     dataset, x, y = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, args.n_eval)
-    eps = args.eps if args.eps is not None else train_args.get("epsilon", 8 / 255)
     cfg = getattr(model, "config", {})
-    label = f"{cfg.get('arch', '?')} {cfg.get('saf_insert') + '-insert' if cfg.get('saf_insert') else cfg.get('act', '?')} " \
+    label = f"{cfg.get('arch', '?')} {models.act_label(cfg.get('act', '?'), cfg.get('saf_insert'))} " \
             f"({train_args.get('dataset', dataset)}, {model.checkpoint.get('script', '?')})"
     print(f"eval: {label}, {len(y)} images, eps {eps:.4g}, attacks {', '.join(args.attack_list)} on {args.device}", flush=True)
     result = {"checkpoint": args.checkpoint, "dataset": dataset, "label": label, "preset": args.preset or "basic",

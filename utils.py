@@ -191,6 +191,14 @@ def load_split(name, data_dir, train):
     return x.contiguous(), y
 
 
+def load_for_eval(path, device, eps=None):
+    """(model rebuilt from checkpoint ``path`` in eval mode on ``device``, its training flags, eps:
+    ``eps`` or else the training epsilon) -- the preamble of eval.py and analyze.py."""
+    model = models.load_checkpoint(path).to(device)
+    train_args = model.checkpoint.get("args", {})
+    return model, train_args, eps if eps is not None else train_args.get("epsilon", 8 / 255)
+
+
 def checkpoint_test_set(model, path, data_dir=None, n_eval=None):
     """(dataset name, x, y): the test split of the dataset a checkpoint was trained on (``model`` from
     models.load_checkpoint of ``path``), read from ``data_dir`` or else the training run's --data-dir,
