@@ -12,6 +12,7 @@ import torch.nn as nn
 import activations as A
 import analyze
 import models
+import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -231,12 +232,12 @@ def test_analyze_end_to_end_writes_json_and_optional_pngs(tmp_path, capsys):
     for key in ("shapes", "preacts", "lipschitz"):
         on_disk = json.loads((out / f"{key}.json").read_text())
         assert on_disk.keys() == results[key].keys()
-        assert (out / f"{key}.png").exists() == (analyze._pyplot() is not None)
+        assert (out / f"{key}.png").exists() == (utils.pyplot() is not None)
     lip = results["lipschitz"]
     assert lip["empirical"]["n_images"] == 16 and 0 < lip["empirical"]["max"] <= lip["bound_merged"] <= lip["bound_per_layer"]
     assert len(results["preacts"]["layers"]) == 3 and results["preacts"]["eps"] == 0.1
     printed = capsys.readouterr().out
-    assert "Lipschitz bound" in printed and ("matplotlib is not installed" in printed) == (analyze._pyplot() is None)
+    assert "Lipschitz bound" in printed and ("matplotlib is not installed" in printed) == (utils.pyplot() is None)
     only = analyze.main([ckpt, "--shapes", "--out", str(tmp_path / "only"), "--no-plot"])
     assert list(only) == ["shapes"] and os.listdir(tmp_path / "only") == ["shapes.json"]
 
