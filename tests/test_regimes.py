@@ -1,4 +1,7 @@
-"""The Free and PGD/TRADES regimes, the LR / momentum schedules and the LR range test (CPU, tiny data)."""
+"""The three regimes -- what their perturbations do, the schedule, weight decay, the guard, DDP sharding --
+the LR / momentum schedules and the LR range test (CPU, tiny data)."""
+import argparse
+import contextlib
 import csv
 import json
 import math
@@ -262,3 +265,171 @@ def test_lr_find_suggests_the_steepest_descent_and_stops_at_divergence(tmp_path)
     assert result["suggested_lr_max"] == pytest.approx(1e-2, rel=0.13)  # 20 LRs per decade: within one step
     assert result["stopped_early"] and 2 < seen[-1] < 3 and len(seen) < 101
     assert 0.1 < result["min_loss_lr"] <= 2
+
+
+# ------------------------------------------------------------- what each training perturbation is for
+def linear_problem(seed=0, n=32, d=12, classes=4):
+    """A linear classifier on [0, 1] inputs, where the input gradient of the mean cross-entropy has
+    the closed form W^T (softmax(W x + b) - onehot(y)) / n, and a run-like namespace around it."""
+    g = torch.Generator().manual_seed(seed)
+    model = torch.nn.Linear(d, classes)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(classes, d, generator=g))
+        model.bias.copy_(torch.randn(classes, generator=g))
+    x, y = torch.rand(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+    run = argparse.Namespace(model=model, forward=model, attack_forward=model, autocast=contextlib.nullcontext,
+                             scaler=torch.amp.GradScaler("cpu", enabled=False), opt=torch.optim.SGD(model.parameters(), lr=0.0))
+    return run, x, y
+
+
+def ce_grad(model, x, y):
+    """The closed-form input gradient of the mean cross-entropy of a linear model."""
+    p = F.softmax(model(x), 1).detach()
+    return (p - F.one_hot(y, p.shape[1]).float()) @ model.weight.detach() / len(x)
+
+
+def ce(model, x, y):
+    return F.cross_entropy(model(x), y).item()
+
+
+def in_image(x, delta):
+    return (x + delta).clamp(0, 1) - x
+
+
+@pytest.mark.parametrize("nfgsm", [False, True])
+def test_fgsm_rs_and_nfgsm_are_one_signed_gradient_step_from_their_noise_and_raise_the_loss(nfgsm):
+    run, x, y = linear_problem()
+    eps, alpha = 0.1, 0.1 if nfgsm else 0.125
+    torch.manual_seed(5)
+    delta = train_fast.fgsm_delta(run, x, y, eps, alpha, nfgsm=nfgsm)
+    torch.manual_seed(5)  # the same noise the perturbation started from
+    start = in_image(x, torch.empty_like(x).uniform_(-2 * eps, 2 * eps) if nfgsm else torch.empty_like(x).uniform_(-eps, eps))
+    step = start + alpha * ce_grad(run.model, x + start, y).sign()
+    expected = in_image(x, step if nfgsm else step.clamp(-eps, eps))  # N-FGSM: no projection to the eps-ball
+    assert torch.allclose(delta, expected, atol=1e-6)
+    assert ce(run.model, x + delta, y) > ce(run.model, x + start, y) + 0.05 > ce(run.model, x, y) - 0.5
+    assert ce(run.model, x + delta, y) > ce(run.model, x, y)
+
+
+def test_free_replay_moves_delta_by_one_signed_step_of_eps_and_raises_the_loss():
+    run, x, y = linear_problem()
+    eps = 0.05
+    args = argparse.Namespace(epsilon=eps, grad_clip=0)
+    tr = argparse.Namespace(mean_copies=0)
+    delta = in_image(x, torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(1)))
+    start = delta.clone()
+    expected = in_image(x, (start + eps * ce_grad(run.model, x + start, y).sign()).clamp(-eps, eps))
+    train_free.replay_step(run, tr, x, y, delta, args)  # LR 0: the weights stay, delta moves
+    assert torch.allclose(delta, expected, atol=1e-6)
+    assert ce(run.model, x + delta, y) > ce(run.model, x + start, y)
+
+
+def test_pgd_step_is_the_projected_signed_gradient_step_and_more_steps_raise_the_loss():
+    run, x, y = linear_problem()
+    eps, alpha = 0.1, 0.03
+    objective = lambda logits: F.cross_entropy(logits, y)
+    start = torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(2))
+    one, _ = train_pgd.pgd_delta(run, x, objective, eps, alpha, 1, start)
+    s = in_image(x, start)
+    assert torch.allclose(one, in_image(x, (s + alpha * ce_grad(run.model, x + s, y).sign()).clamp(-eps, eps)), atol=1e-6)
+    five, steps = train_pgd.pgd_delta(run, x, objective, eps, alpha, 5, start)
+    assert steps == 5 and ce(run.model, x + five, y) > ce(run.model, x + one, y) > ce(run.model, x + s, y)
+
+
+def test_trades_attack_raises_the_kl_term_far_above_random_noise_of_the_same_size():
+    run, x, y = linear_problem()
+    eps, alpha = 0.1, 0.03
+    torch.manual_seed(3)
+    ce_only, _, _ = train_pgd.trades_loss(run, x, y, eps, alpha, 5, beta=0.0)
+    torch.manual_seed(3)  # the same start: the KL term alone is the difference
+    with_kl, logits_adv, steps = train_pgd.trades_loss(run, x, y, eps, alpha, 5, beta=1.0)
+    kl_attack = (with_kl - ce_only).item()
+    noise = eps * torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(4)).float().mul(2).sub(1)
+    p = F.softmax(run.model(x), 1)
+    kl_noise = F.kl_div(F.log_softmax(run.model(x + in_image(x, noise)), 1), p, reduction="batchmean").item()
+    assert steps == 5 and kl_attack > 2 * kl_noise > 0
+
+
+def test_adversarial_training_beats_natural_training_where_the_natural_model_breaks(tmp_path, monkeypatch):
+    """FGSM-RS training against the same run with its perturbation replaced by zeros (natural
+    training): at eps 0.1 the natural model is broken by PGD-10, the adversarially trained one much less."""
+    flags = ["--dataset", "synthetic", "--model", "lenet", "--n-train", "1024", "--n-eval", "256", "--batch-size", "64",
+             "--epochs", "3", "--epsilon", "0.1", "--eval-pgd-steps", "10", "--device", "cpu", "--co-guard", "0"]
+    adversarial = train_fast.main(flags + ["--out-dir", str(tmp_path / "adv")])
+    monkeypatch.setattr(train_fast, "fgsm_delta", lambda run, x, *args, **kwargs: torch.zeros_like(x))
+    natural = train_fast.main(flags + ["--out-dir", str(tmp_path / "nat")])
+    assert natural["clean_acc"] > 0.9 and adversarial["clean_acc"] > 0.9
+    assert natural["pgd_acc"] < 0.4 and adversarial["pgd_acc"] > natural["pgd_acc"] + 0.2, (natural["pgd_acc"], adversarial["pgd_acc"])
+
+
+# ------------------------------------------------------------------ schedule length, weight decay, guard
+@pytest.mark.parametrize("script,extra,steps", [
+    (train_fast, ["--epochs", 2], 2 * 4),
+    (train_free, ["--epochs", 4, "--replays", 2], 2 * 4 * 2),  # 2 passes x 4 minibatches x 2 replays
+    (train_pgd, ["--epochs", 2, "--attack-iters", 1], 2 * 4),
+])
+def test_the_schedule_spans_every_optimiser_step_of_the_run(tmp_path, monkeypatch, script, extra, steps):
+    seen = []
+    real = utils.scheduled_lr
+    monkeypatch.setattr(utils, "scheduled_lr", lambda opt, it, total, args: seen.append((it, total)) or real(opt, it, total, args))
+    summary = script.main(tiny(tmp_path, "--co-guard", 0, *extra))
+    assert [it for it, _ in seen] == list(range(steps)) and {total for _, total in seen} == {steps}
+    assert summary["counts"]["optimizer_steps"] == steps
+
+
+def test_weight_decay_spares_exactly_the_activation_parameters(tmp_path):
+    args = train_fast.get_args(tiny(tmp_path, "--act", "prelu", "--act-scope", "channel", "--weight-decay", "1e-3"))
+    run = utils.setup(args, "train_fast")
+    act = {id(p) for m in run.model.modules() if isinstance(m, models.activations.CLASSES) for p in m.parameters()}
+    decayed = {id(p) for g in run.opt.param_groups if g["weight_decay"] == 1e-3 for p in g["params"]}
+    spared = {id(p) for g in run.opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert act and spared == act and decayed == {id(p) for p in run.model.parameters()} - act
+
+
+def test_the_guard_detects_a_collapse_and_restores_the_best_weights(tmp_path, monkeypatch):
+    """Held-out PGD accuracy 0.5, 0.6, then 0.1: the guard stops in epoch 3 and the run ends with the
+    weights of epoch 2 (the best), which is what its checkpoint and evaluation use."""
+    held = iter([0.5, 0.6, 0.1])
+    monkeypatch.setattr(utils, "held_out_pgd", lambda run, eps: next(held))
+    saved = {}
+    real_save = utils.save_checkpoint
+
+    def save_checkpoint(run, args, path, **state):
+        saved[state["epoch"]] = {k: v.clone() for k, v in run.model.state_dict().items()}
+        real_save(run, args, path, **state)
+
+    monkeypatch.setattr(utils, "save_checkpoint", save_checkpoint)
+    summary = train_fast.main(tiny(tmp_path, "--epochs", 5, "--co-guard", 0.2))
+    record = summary["catastrophic_overfitting"]
+    assert record == dict(epoch=3, held_pgd_acc=0.1, best_held_pgd_acc=0.6, restored_epoch=2)
+    assert summary["epochs_completed"] == 3 and len(summary["history"]) == 3
+    final = models.load_checkpoint(str(tmp_path / "checkpoint.pt")).state_dict()
+    assert all(torch.equal(final[k], saved[2][k]) for k in final)
+    assert not all(torch.equal(saved[1][k], saved[2][k]) for k in final)  # epoch 3 trained on: restoring mattered
+
+
+# ------------------------------------------------------------------------------------ DDP sharding
+def test_ranks_draw_disjoint_shards_that_together_are_the_single_process_batches():
+    n, world, batch = 203, 2, 16
+    x, y = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1), torch.arange(n)
+    single = utils.Batches(x, y, batch, generator=torch.Generator().manual_seed(7))
+    ranks = [utils.Batches(x, y, batch // world, generator=torch.Generator().manual_seed(7), rank=r, world=world)
+             for r in range(world)]
+    shards = [[set(yb.tolist()) for _, yb in b] for b in ranks]
+    assert len(shards[0]) == len(shards[1]) == len(ranks[0])
+    seen = set()
+    for i, (_, yb) in enumerate(single):
+        step = shards[0][i] | shards[1][i] if i < len(shards[0]) else set()
+        assert not shards[0][i] & shards[1][i] if i < len(shards[0]) else True
+        if len(yb) == batch:  # each optimiser step of the two ranks sees the single process's minibatch
+            assert step == set(yb.tolist())
+        seen |= step
+    assert len(seen) == n - n % world  # the ranks drop the same n mod world images
+
+
+def test_setup_gives_each_rank_its_own_shard_of_the_global_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(utils, "distributed_setup", lambda args: (1, 2))  # as rank 1 of 2 under torchrun
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", lambda model, device_ids=None: model)  # no process group
+    args = train_fast.get_args(tiny(tmp_path))
+    run = utils.setup(args, "train_fast")
+    assert (run.rank, run.world, run.batches.rank, run.batches.world, run.batches.batch_size) == (1, 2, 1, 2, 32)

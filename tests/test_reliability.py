@@ -1,4 +1,5 @@
 """Reliability: kill -9 and --resume, divergence, bad input, and DDP with torchrun (gloo, CPU)."""
+import importlib
 import json
 import os
 import signal
@@ -122,14 +123,21 @@ def test_non_finite_gradient_norm_is_caught_with_grad_clip(tmp_path):
     (["train_fast.py", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["train_free.py", "--resume", "--lr-find"], "cannot be combined"),
     (["train_fast.py", "--act", "kaf", "--kaf-size", "1"], "kaf dictionary size must be >= 2"),
-    (["train_fast.py", "--act", "kaf", "--kaf-impl", "triton", "--device", "cpu"], "runs on CUDA only"),
 ])
-def test_bad_flags_are_refused_up_front_in_one_line(argv, message):
-    r = _run(*argv)
-    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
+def test_bad_flags_are_refused_up_front_in_one_line(argv, message, capsys):
+    script = importlib.import_module(argv[0][:-3])
+    with pytest.raises(SystemExit) as e:
+        script.get_args(argv[1:])
+    lines = [l for l in capsys.readouterr().err.strip().splitlines() if l.strip()]
+    assert e.value.code == 2 and len(lines) == 1 and message in lines[0] and lines[0].endswith("(see --help)"), lines
     if message == "invalid choice":
         assert "choose from" in lines[0]  # the valid choices are listed
+
+
+def test_a_bad_flag_on_the_command_line_is_one_line_without_traceback():
+    r = _run("train_fast.py", "--act", "kaf", "--kaf-impl", "triton", "--device", "cpu")
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "runs on CUDA only" in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
 def test_checkpoint_of_another_kind_gives_one_line_error(tmp_path):

@@ -2,6 +2,7 @@
 import csv
 import os
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -9,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_run_all_tiny_matrix_writes_one_row_per_run_records_failures_and_skips_finished(tmp_path):
     out = tmp_path / "results"
     tiny = "--epochs 1 --n-train 256 --batch-size 64 --eval-pgd-steps 2 --n-eval 64"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DATASET="synthetic", DATA_DIR=str(tmp_path), MODEL="lenet", EPS="0.1",
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", DATASET="synthetic", DATA_DIR=str(tmp_path), MODEL="lenet", EPS="0.1",
                ACTS="relu rbf-insert nosuchact", REGIMES="fast free", OUT=str(out), DEVICE="cpu",
                FAST_FLAGS=tiny, FREE_FLAGS=tiny.replace("--epochs 1", "--epochs 2 --replays 2"),
                EVAL_FLAGS="--attacks fgsm pgd20 apgd-ce --apgd-iters 5 --n-eval 64 --no-plot")
