@@ -1,6 +1,7 @@
 """Evaluation that cannot be fooled: APGD, the Square attack, noise / nonsense metrics, the
 gradient-masking sanity checks and eval.py's presets (CPU, small)."""
 import json
+import math
 import sys
 import time
 import types
@@ -125,6 +126,78 @@ def test_apgd_at_most_pgd20(trained_lenet):
         assert apgd <= pgd, (loss, apgd, pgd)
 
 
+class Peak(nn.Module):
+    """3 classes, label 0, on images whose mean pixel is v.  Logits (0, -1 - 10 (v - 0.53)^2, -10): the
+    label always wins, and the cross-entropy peaks at v = 0.53, so the sign of its gradient flips as an
+    iterate passes the peak and APGD oscillates around it.  Records the input of every forward pass."""
+    PEAK = 0.53
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))  # attacks look up the model's device
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().flatten(1).mean(1))
+        v = x.flatten(1).mean(1)
+        return torch.stack([torch.zeros_like(v), -1 - 10 * (v - self.PEAK) ** 2, torch.full_like(v, -10.0)], 1)
+
+
+def apgd_reference_1d(x0, eps, n_iter, rho=0.75, momentum=0.75):
+    """Algorithm 1 of Croce & Hein 2020 on Peak, one pixel, in float64, from x^(0) = x0: returns the
+    iterates x^(0..n_iter) and the step size used for each step."""
+    lo, hi = max(x0 - eps, 0.0), min(x0 + eps, 1.0)
+    proj = lambda v: min(max(v, lo), hi)
+    loss = lambda v: math.log(1 + math.exp(-1 - 10 * (v - Peak.PEAK) ** 2) + math.exp(-10))  # CE, label 0
+    sign = lambda v: 1.0 if v < Peak.PEAK else -1.0  # of d loss / d v
+    checks = set(attacks.apgd_checkpoints(n_iter)[1:])
+    eta, x = 2 * eps, x0
+    x_prev, best = x0, x0
+    best_loss = loss_prev = best_at_check = loss(x0)
+    successes, halved_last, last_check = 0, False, 0
+    xs, etas = [x0], []
+    for k in range(n_iter):
+        if k > 0:
+            f = loss(x)
+            successes += f > loss_prev
+            loss_prev = f
+            if f > best_loss:
+                best, best_loss = x, f
+        if k in checks:  # halve when < rho of the steps succeeded, or no progress since an unhalved checkpoint
+            halve = successes < rho * (k - last_check) or (not halved_last and best_loss <= best_at_check)
+            if halve:  # ... and restart from the best point, without momentum
+                eta, x, x_prev, loss_prev = eta / 2, best, best, best_loss
+            halved_last, best_at_check, successes, last_check = halve, best_loss, 0, k
+        z = proj(x + eta * sign(x))
+        x_new = z if k == 0 else proj(x + momentum * (z - x) + (1 - momentum) * (x - x_prev))
+        x_prev, x = x, x_new
+        xs.append(x)
+        etas.append(eta)
+    return xs, etas
+
+
+def test_apgd_momentum_and_step_size_halving_follow_the_paper():
+    """APGD's iterates on Peak equal Algorithm 1's, step by step, for four starting points (per-example
+    step sizes and restarts).  From x^(0) = 0.5 at eps 0.1: x^(1) = 0.6 (step 2 eps, clipped), then z =
+    0.4 and the momentum step x^(2) = 0.6 + 0.75 (0.4 - 0.6) + 0.25 (0.6 - 0.5) = 0.475 (0.4 without
+    momentum).  The step size halves at the checkpoints 5, 9, 12, ... where too few steps raised the loss,
+    and the attack restarts from the best point, so the iterates close in on the peak.  APGD without its
+    momentum, or without the halving, leaves this trajectory."""
+    eps, n_iter, starts = 0.1, 20, [0.5, 0.45, 0.58, 0.62]
+    model = Peak().eval()
+    x = torch.tensor(starts).view(-1, 1, 1, 1)
+    adv = attacks.apgd(model, x, torch.zeros(4, dtype=torch.long), eps, n_iter, "ce", random_init=False)
+    seen = torch.stack(model.seen[1:], 1)  # the first pass is the clean prediction; then x^(0..n_iter)
+    assert seen.shape == (4, n_iter + 1)
+    for i, x0 in enumerate(starts):
+        xs, etas = apgd_reference_1d(x0, eps, n_iter)
+        assert seen[i].tolist() == pytest.approx(xs, abs=1e-5), (x0, seen[i].tolist(), xs)
+        assert etas[-1] <= 2 * eps / 2 ** 5  # the reference did halve, repeatedly
+        best = max(range(len(xs)), key=lambda k: -abs(xs[k] - Peak.PEAK))
+        assert adv[i].mean().item() == pytest.approx(xs[best], abs=1e-5)  # the result: the best iterate
+    assert seen[0, :3].tolist() == pytest.approx([0.5, 0.6, 0.475], abs=1e-6)
+
+
 @pytest.mark.parametrize("preset", ["quick", "standard"])
 def test_headline_catches_a_model_only_the_targeted_attack_breaks(preset):
     """Both presets run APGD-T, and the per-example worst case takes it: on TargetedOnly FGSM, PGD,
@@ -219,6 +292,135 @@ def test_sharper_checks_fail_on_a_partly_masked_model(trained_lenet):
     assert acc["square"] >= min(v for k, v in acc.items() if k not in ("clean", "square")) - 0.01  # old 4 passed ...
     assert result["square_only_breaks"] >= 2 and checks["black_box_vs_white_box"]["status"] == "FAIL"  # ... new fails
     assert "Square alone" in checks["black_box_vs_white_box"]["detail"]
+
+
+class Switch(nn.Module):
+    """2 classes on 1 x 2 x 2 images: pixel (0, 0) carries the image's number i / 64, pixel (0, 1) a
+    switch s; logits (0.5 - s, s - 0.5).  Clean images have s = 0 (class 0); an attack "breaks" an
+    image by setting s = 1 (class 1).  The input gradient is never zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))  # attacks look up the model's device
+
+    def forward(self, x):
+        s = x[:, 0, 0, 1]
+        return torch.stack([0.5 - s, s - 0.5], 1)
+
+
+N_SWITCH = 64
+
+
+def switch_data():
+    """64 images; label 1 (a clean error) for the numbers 2 mod 4, else 0."""
+    x = torch.zeros(N_SWITCH, 1, 2, 2)
+    ids = torch.arange(N_SWITCH)
+    x[:, 0, 0, 0] = ids / N_SWITCH
+    return x, (ids % 4 == 2).long()
+
+
+def breaking(ids):
+    """A stub attack that breaks exactly the images numbered in the bool mask ``ids`` (and no other)."""
+    def attack(model, xb, yb, *args, **kwargs):
+        hit = ids[(xb[:, 0, 0, 0] * N_SWITCH).round().long()]
+        adv = xb.clone()
+        adv[hit, 0, 0, 1] = 1.0
+        return adv
+    return attack
+
+
+def run_stubbed(monkeypatch, attack_list, broken):
+    """eval.evaluate on Switch with attacks.fgsm / attacks.pgd / attacks.apgd replaced by stubs that
+    break the images ``broken[key]`` (key: fgsm, pgd{steps}x{restarts}, apgd-ce): eval.py's own attack
+    table, scoring, headline and checks run on them.  No extras (basic preset)."""
+    monkeypatch.setattr(attacks, "fgsm", lambda m, xb, yb, eps, **kw: breaking(broken["fgsm"])(m, xb, yb))
+    monkeypatch.setattr(attacks, "pgd", lambda m, xb, yb, eps, alpha, steps, restarts=1, **kw:
+                        breaking(broken[f"pgd{steps}x{restarts}"])(m, xb, yb))
+    monkeypatch.setattr(attacks, "apgd", lambda m, xb, yb, eps, *a, **kw: breaking(broken["apgd-ce"])(m, xb, yb))
+    x, y = switch_data()
+    args = eval_args("--attacks", *attack_list, "--batch-size", "16")  # several batches
+    return eval_script.evaluate(Switch().eval(), x, y, args, EPS, progress=False)
+
+
+def test_headline_is_the_intersection_of_per_attack_successes(monkeypatch):
+    """Two attacks break disjoint quarters of the images (FGSM the numbers 0 mod 4, PGD 1 mod 4; a third
+    quarter is wrong clean): each alone leaves half standing, but the headline counts an image only if it
+    survives both, so it is clean minus both sets, a quarter, strictly below either attack's accuracy.
+    Taking the minimum over attacks (or any one attack) gives a half and fails."""
+    ids = torch.arange(N_SWITCH)
+    by_fgsm, by_pgd = ids % 4 == 0, ids % 4 == 1
+    _, y = switch_data()
+    clean_ok = y == 0
+    result = run_stubbed(monkeypatch, ["fgsm", "pgd10"], {"fgsm": by_fgsm, "pgd10x1": by_pgd})
+    acc = result["accuracy"]
+    assert acc["clean"] == clean_ok.float().mean().item()
+    assert acc["fgsm"] == (clean_ok & ~by_fgsm).float().mean().item()  # the stubs ran through eval.py
+    assert acc["pgd10x1"] == (clean_ok & ~by_pgd).float().mean().item()
+    want = (clean_ok & ~by_fgsm & ~by_pgd).float().mean().item()
+    assert result["robust_accuracy"] == want == acc["clean"] - (by_fgsm.sum() + by_pgd.sum()).item() / N_SWITCH
+    assert result["robust_accuracy"] < min(acc["fgsm"], acc["pgd10x1"])
+    assert result["headline"].startswith(f"robust acc {want:.4f} ")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_more_iterations_check_fails_when_a_bigger_budget_breaks_fewer_images(monkeypatch, fail):
+    """Check 2 compares every PGD run with every smaller one, and APGD-CE with the PGD runs within its
+    budget.  PASS: PGD-10 x 3 and APGD-CE break a superset of what PGD-10 breaks.  FAIL: PGD-10 x 3 (or
+    APGD-CE) breaks two images fewer than PGD-10 (3 points > the 1-point tolerance), which is what a
+    masked gradient or a broken restart looks like."""
+    ids = torch.arange(N_SWITCH)
+    pgd10, more = ids % 4 == 0, ids % 4 <= 1
+    for bigger in ("pgd10x3", "apgd-ce"):
+        weaker = pgd10 & (ids >= 8)  # 2 of PGD-10's images (0 and 4) not broken
+        broken = {"fgsm": ids % 8 == 0, "pgd10x1": pgd10, "pgd10x3": more, "apgd-ce": more}
+        if fail:
+            broken[bigger] = weaker
+        result = run_stubbed(monkeypatch, ["fgsm", "pgd10", "pgd10x3", "apgd-ce"], broken)
+        check = result["sanity_checks"]["more_iterations"]
+        assert check["status"] == ("FAIL" if fail else "PASS"), (bigger, check)
+        assert result["sanity_checks"]["iterative_vs_single_step"]["status"] == "PASS"
+        if fail:
+            assert result["sanity_failed"] == ["more_iterations"] and f"{bigger} " in check["detail"]
+            assert "FAILED: more_iterations" in result["headline"]
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_iterative_vs_single_step_check_fails_when_pgd_breaks_fewer_images_than_fgsm(monkeypatch, fail):
+    """Check 3: an iterative attack must do at least as well as its own first step.  PASS: PGD-10
+    breaks a superset of FGSM's images.  FAIL: PGD-10 breaks two images fewer than FGSM (3 points >
+    the 1-point tolerance)."""
+    ids = torch.arange(N_SWITCH)
+    by_fgsm = ids % 4 == 0
+    by_pgd = by_fgsm & (ids >= 8) if fail else ids % 4 <= 1
+    result = run_stubbed(monkeypatch, ["fgsm", "pgd10"], {"fgsm": by_fgsm, "pgd10x1": by_pgd})
+    check = result["sanity_checks"]["iterative_vs_single_step"]
+    assert check["status"] == ("FAIL" if fail else "PASS"), check
+    assert result["sanity_failed"] == (["iterative_vs_single_step"] if fail else [])
+    assert result["sanity_checks"]["more_iterations"]["status"] == "SKIP"  # one PGD run, no APGD
+
+
+def test_checks_2_and_3_tolerance_and_apgd_budget():
+    """The accuracy tolerance of checks 2 and 3: a stronger attack may sit up to tol above a weaker one,
+    not more; APGD-CE is only held to PGD runs of at most its budget (steps x restarts)."""
+    pgd = {"pgd10x1": (10, 1), "pgd20x1": (20, 1)}
+    status = lambda acc, budget=None, configs=pgd: {k: v["status"] for k, v in eval_script.sanity_checks(
+        acc, configs, budget, None, None, 0.01).items()}
+    base = {"clean": 0.9, "fgsm": 0.6, "pgd10x1": 0.4, "pgd20x1": 0.4}
+    s = status(base)
+    assert s["more_iterations"] == "PASS" and s["iterative_vs_single_step"] == "PASS"
+    s = status({**base, "pgd20x1": 0.405})  # within tol
+    assert s["more_iterations"] == "PASS"
+    s = status({**base, "pgd20x1": 0.42})  # PGD-20 above PGD-10 by 2 points
+    assert s["more_iterations"] == "FAIL" and "pgd20x1 0.4200 > pgd10x1 0.4000" in eval_script.sanity_checks(
+        {**base, "pgd20x1": 0.42}, pgd, None, None, None, 0.01)["more_iterations"]["detail"]
+    s = status({**base, "pgd10x1": 0.62, "pgd20x1": 0.3})  # PGD-10 above FGSM by 2 points
+    assert s["iterative_vs_single_step"] == "FAIL" and s["more_iterations"] == "PASS"
+    with_apgd = {**base, "apgd-ce": 0.45}
+    assert status(with_apgd, 20)["more_iterations"] == "FAIL"  # budget 20 >= both PGD runs
+    assert status(with_apgd, 10)["more_iterations"] == "FAIL"  # >= PGD-10
+    assert status(with_apgd, 5)["more_iterations"] == "PASS"  # below both budgets: not compared
+    one = {"pgd10x1": (10, 1)}
+    assert status({"clean": 0.9, "fgsm": 0.5, "pgd10x1": 0.4}, None, one)["more_iterations"] == "SKIP"
 
 
 def test_sanity_check_thresholds():
