@@ -85,6 +85,9 @@ def test_resume_of_a_finished_run_only_evaluates_and_resume_of_another_model_is_
 def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
     assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # as if the run had an exploding LR from epoch 2 on
+    ckpt["args"].update(lr_schedule="constant", lr_max=1e12, co_guard=0.0)
+    torch.save(ckpt, out / "checkpoint.pt")
     good = (out / "checkpoint.pt").read_bytes()
     r = _run("train_fast.py", *TINY, "--epochs", "3", "--out-dir", str(out), "--resume",
              "--lr-schedule", "constant", "--lr-max", "1e12", "--co-guard", "0")
