@@ -69,7 +69,7 @@ PRESETS = {
     "standard": dict(attacks=["fgsm", "pgd20", "pgd50x10", "apgd-ce", "apgd-dlr", "apgd-t", "square"], apgd_iters=100,
                      apgd_targets=9, square_queries=5000, curve_steps=20, extras=True),
 }
-ATTACK_NAME = re.compile(r"^(fgsm|pgd|pgd(\d+)(?:x(\d+))?|apgd-ce|apgd-dlr|apgd-t|square|autoattack)$")
+ATTACK_NAME = re.compile(r"^(fgsm|pgd|pgd([1-9]\d*)(?:x([1-9]\d*))?|apgd-ce|apgd-dlr|apgd-t|square|autoattack)$")  # no 0 steps
 DEFAULT_SIGMAS = [0.02, 0.05, 0.1, 0.2, 0.3]
 CURVE_MULTIPLES = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
 CHECKS = ["large_eps", "more_iterations", "iterative_vs_single_step", "black_box_vs_white_box", "input_gradients"]
@@ -119,8 +119,8 @@ def get_args(argv=None):
     p.add_argument("--plot", default=None, help="PNG output (default: the JSON path with .png; needs matplotlib)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    if args.eps is not None and args.eps <= 0:
-        p.error("--eps must be > 0")
+    if args.eps is not None and not 0 < args.eps <= 1:
+        p.error("--eps must be in (0, 1] (images are in [0, 1])")
     if min(args.pgd_steps, args.pgd_restarts, args.batch_size, args.apgd_restarts) < 1 or (args.n_eval is not None and args.n_eval < 1):
         p.error("--pgd-steps, --pgd-restarts, --apgd-restarts, --batch-size and --n-eval must be >= 1")
     if utils.device_problem(args.device):

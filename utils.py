@@ -91,14 +91,19 @@ def main_guard(main):
 
 
 def fraction(text):
-    """argparse type accepting '0.03', '8/255' or '8 / 255'."""
+    """argparse type accepting '0.03', '8/255' or '8 / 255'; nan and inf are refused (they would fake
+    results: an attack with a NaN step leaves images untouched)."""
     try:
         if "/" in text:
             num, den = text.split("/")
-            return float(num) / float(den)
-        return float(text)
+            value = float(num) / float(den)
+        else:
+            value = float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -439,8 +444,8 @@ def parse_args(parser, argv=None, checks=()):
     problems) those of other modules; any problem becomes a one-line ``error: ...`` and exit code 2."""
     args = parser.parse_args(argv)
     problems = []
-    if args.epsilon <= 0:
-        problems.append(f"--epsilon must be > 0, got {args.epsilon}")
+    if not 0 < args.epsilon <= 1:
+        problems.append(f"--epsilon must be in (0, 1] (images are in [0, 1]), got {args.epsilon}")
     for name in ("epochs", "batch_size", "eval_pgd_steps", "eval_pgd_restarts", "lr_cycles"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
