@@ -24,6 +24,7 @@ import random
 import struct
 import sys
 import time
+import zlib
 
 import numpy as np
 import torch
@@ -122,30 +123,85 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 
 def read_idx(path):
-    """Read an IDX file (MNIST format), gzipped or not, into a numpy array."""
+    """Read an IDX file (MNIST format), gzipped or not, into a numpy array.  A truncated or corrupt
+    file, a header that is not unsigned-byte IDX or a payload whose size differs from what the header
+    says is a :class:`UserError`."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut .gz ends in EOFError
+        raise UserError(f"{path} is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if len(data) < 4:
+        raise UserError(f"{path} is not an IDX file (only {len(data)} bytes)")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
+    if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
         raise UserError(f"{path} is not an unsigned-byte IDX file")
-    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise UserError(f"{path} is truncated: its header is cut short")
+    shape = struct.unpack(">" + "I" * ndim, data[4:offset])
+    if len(data) - offset != math.prod(shape):
+        raise UserError(f"{path} holds {len(data) - offset} bytes of data where its header {tuple(shape)} "
+                        f"says {math.prod(shape)} (truncated or corrupt)")
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
 
-def find_idx(data_dir, split):
-    """Paths of the raw IDX images/labels of a split below data_dir, or None.  Looks in data_dir and in
-    torchvision's <Name>/raw layout, gzipped or not."""
-    for sub in ("", "FashionMNIST/raw", "MNIST/raw", "raw"):
+# torchvision's folder of each IDX dataset: <data-dir>/<Name>/raw
+IDX_DATASETS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST"}
+
+
+def _named_dataset(folder):
+    """The IDX dataset a folder's name says it holds ('fashionmnist', 'mnist' or None), read from its
+    name (and its parent's when it is called raw), ignoring case and punctuation."""
+    folder = os.path.abspath(folder)
+    words = os.path.basename(folder)
+    if words.lower() == "raw":
+        words = os.path.basename(os.path.dirname(folder)) + words
+    words = "".join(c for c in words.lower() if c.isalnum())
+    return "fashionmnist" if "fashion" in words else "mnist" if "mnist" in words else None
+
+
+def find_idx(data_dir, split, name="fashionmnist"):
+    """Paths of the raw IDX images/labels of ``split`` of dataset ``name`` below data_dir, or None.
+
+    Looks, gzipped or not, first in torchvision's layout of that dataset only (<data-dir>/MNIST/raw
+    for mnist, <data-dir>/FashionMNIST/raw for fashionmnist), then in data_dir itself and
+    <data-dir>/raw (a bare folder of IDX files, e.g. Debian's /usr/share/datasets/fashion-mnist).
+    The files do not say which dataset they are, so a bare folder is taken for the named dataset
+    unless its name says another one (e.g. '--dataset mnist --data-dir .../fashion-mnist'): that is a
+    :class:`UserError`, not a silent switch of dataset."""
+    for sub in (os.path.join(IDX_DATASETS[name], "raw"), "", "raw"):
+        folder = os.path.join(data_dir, sub)
         found = []
         for stem in IDX_FILES[split]:
-            for name in (stem + ".gz", stem):
-                if os.path.isfile(os.path.join(data_dir, sub, name)):
-                    found.append(os.path.join(data_dir, sub, name))
+            for fname in (stem + ".gz", stem):
+                if os.path.isfile(os.path.join(folder, fname)):
+                    found.append(os.path.join(folder, fname))
                     break
         if len(found) == 2:
+            said = _named_dataset(folder) if sub != os.path.join(IDX_DATASETS[name], "raw") else name
+            if said not in (None, name):
+                raise UserError(f"--dataset {name} but {os.path.abspath(folder)} holds {IDX_DATASETS[said]} by its name; "
+                                f"use --dataset {said} or point --data-dir at {IDX_DATASETS[name]}'s files")
             return found
     return None
+
+
+def read_idx_split(name, paths):
+    """(images uint8 N x 1 x 28 x 28, labels int64) from the IDX files ``paths`` of dataset ``name``,
+    checked: 28 x 28 images, one label per image, labels 0 .. classes - 1."""
+    (x_path, y_path), (_, size, classes) = paths, DATASETS[name][:3]
+    x, y = read_idx(x_path), read_idx(y_path)
+    if x.ndim != 3 or x.shape[1:] != (size, size):
+        raise UserError(f"{x_path} holds images of shape {tuple(x.shape[1:])}, not {size} x {size} ({name})")
+    if y.ndim != 1:
+        raise UserError(f"{y_path} is not a label file (shape {tuple(y.shape)})")
+    if len(x) != len(y):
+        raise UserError(f"{x_path} holds {len(x)} images but {y_path} {len(y)} labels")
+    if len(y) and y.max() >= classes:
+        raise UserError(f"{y_path} holds label {int(y.max())}, outside 0 .. {classes - 1} of {name}")
+    return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
 
 
 def synthetic_data(name, n, seed):
@@ -169,10 +225,9 @@ def load_split(name, data_dir, train):
     if name.startswith("synthetic"):
         return synthetic_data(name, 2048 if train else 512, seed=0 if train else 1)
     if name in ("mnist", "fashionmnist"):
-        paths = find_idx(data_dir, split)
+        paths = find_idx(data_dir, split, name)
         if paths:
-            x, y = read_idx(paths[0]), read_idx(paths[1])
-            return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
+            return read_idx_split(name, paths)
     try:
         import torchvision.datasets as tvd
     except ImportError:

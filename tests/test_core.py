@@ -535,3 +535,78 @@ def test_truncated_checkpoint_gives_one_line_error(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
     r = _run_cli("eval.py", str(bad), "--device", "cpu")
     assert r.returncode == 2 and "cannot read checkpoint" in r.stderr and "Traceback" not in r.stderr
+
+
+def _write_idx(folder, split="test", images=None, labels=None, raw_images=None):
+    """IDX files of a split in ``folder`` (gzipped); ``raw_images`` replaces the image file's bytes."""
+    import gzip
+    import struct
+    folder.mkdir(parents=True, exist_ok=True)
+    stems = utils.IDX_FILES[split]
+    images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8) if images is None else images
+    labels = [0, 1, 2, 3, 4] if labels is None else labels
+    head = struct.pack(">HBB", 0, 8, images.dim()) + struct.pack(">" + "I" * images.dim(), *images.shape)
+    with gzip.open(folder / f"{stems[0]}.gz", "wb") as f:
+        f.write(head + images.numpy().tobytes() if raw_images is None else raw_images)
+    with gzip.open(folder / f"{stems[1]}.gz", "wb") as f:
+        f.write(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", len(labels)) + bytes(labels))
+    return images
+
+
+def test_idx_reader_takes_the_named_dataset_only(tmp_path):
+    fashion = _write_idx(tmp_path / "data" / "FashionMNIST" / "raw")
+    digits = _write_idx(tmp_path / "data" / "MNIST" / "raw")
+    x, _ = utils.load_split("mnist", str(tmp_path / "data"), train=False)  # FashionMNIST/raw is not looked at
+    assert torch.equal(x[:, 0], digits)
+    x, _ = utils.load_split("fashionmnist", str(tmp_path / "data"), train=False)
+    assert torch.equal(x[:, 0], fashion)
+    _write_idx(tmp_path / "fashion-mnist")  # a bare folder whose name says Fashion-MNIST (Debian's)
+    with pytest.raises(utils.UserError, match="--dataset mnist but .*fashion-mnist holds FashionMNIST"):
+        utils.load_split("mnist", str(tmp_path / "fashion-mnist"), train=False)
+    assert utils.load_split("fashionmnist", str(tmp_path / "fashion-mnist"), train=False)[0].shape == (5, 1, 28, 28)
+    _write_idx(tmp_path / "MNIST" / "raw")  # torchvision's MNIST folder given as --data-dir itself
+    with pytest.raises(utils.UserError, match="holds MNIST"):
+        utils.load_split("fashionmnist", str(tmp_path / "MNIST" / "raw"), train=False)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("size", r"images of shape \(27, 27\), not 28 x 28"),
+    ("ndim", r"images of shape \(784,\), not 28 x 28"),
+    ("label", "holds label 10, outside 0 .. 9"),
+    ("count", "holds 5 images but .* 4 labels"),
+    ("short", "holds 3000 bytes of data where its header .* says 3920"),
+    ("header", "header is cut short"),
+    ("truncated", "truncated or corrupt"),
+    ("corrupt", "truncated or corrupt"),
+])
+def test_idx_reader_refuses_broken_files_in_one_line(tmp_path, case, message, capsys):
+    import gzip
+    import struct
+    good = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)
+    head = struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 5, 28, 28)
+    if case == "size":
+        _write_idx(tmp_path, "train", images=torch.zeros(5, 27, 27, dtype=torch.uint8))
+    elif case == "ndim":
+        _write_idx(tmp_path, "train", images=torch.zeros(5, 784, dtype=torch.uint8))
+    elif case == "label":
+        _write_idx(tmp_path, "train", labels=[0, 1, 2, 3, 10])
+    elif case == "count":
+        _write_idx(tmp_path, "train", labels=[0, 1, 2, 3])
+    elif case == "short":
+        _write_idx(tmp_path, "train", raw_images=head + good.numpy().tobytes()[:3000])
+    elif case == "header":
+        _write_idx(tmp_path, "train", raw_images=head[:9])
+    else:
+        _write_idx(tmp_path, "train")
+        path = tmp_path / "train-images-idx3-ubyte.gz"
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2] if case == "truncated" else data[:10] + b"\xff" * (len(data) - 10))
+    with pytest.raises(utils.UserError, match=message):
+        utils.load_split("fashionmnist", str(tmp_path), train=True)
+    # through a script: one line, exit code 2, before any training
+    import train_fast
+    with pytest.raises(SystemExit) as e:
+        utils.main_guard(lambda: train_fast.main(["--dataset", "fashionmnist", "--data-dir", str(tmp_path), "--model", "lenet",
+                                                  "--device", "cpu", "--out-dir", str(tmp_path / "run")]))
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
