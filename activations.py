@@ -256,23 +256,44 @@ class PSoftplus(_Parametric):
 
 class PSSiLU(_Parametric):
     """Parametric shifted SiLU (Dai et al. 2021):
-        pssilu(x) = x * (sigmoid(|a| x) - |b|) / (1 - |b|),
-    a = 1, b = 1e-8 at init (not 0: |.| has zero gradient at 0).  |b| is clamped below
-    ``b_max`` = 1 - 1e-3 so the division never blows up; with b > 0 the unit outputs positive values
-    for negative inputs, the shape property Dai et al. tie to robustness.  Computed by
-    :class:`ShiftedSiLUFunction`, which keeps only x for backward."""
+        pssilu(x) = x * (sigmoid(|a| x) - beta) / (1 - beta),   beta = b_max * tanh(|b| / b_max),
+    a = 1, beta = 1e-8 at init (not 0: |.| has zero gradient at 0).  With beta > 0 the unit outputs
+    positive values for negative inputs, the shape property Dai et al. tie to robustness.
+
+    beta must stay below 1 (at 1 the division blows up).  The authors' code leaves |b| unbounded and
+    relies on an L1 penalty on it and a clipped gradient (both here too: --pssilu-reg,
+    --pssilu-beta-clip); a hard clamp of |b| instead has zero gradient past the bound, so a b that
+    overshoots stays at gain 1/(1 - b_max) and training diverges (seen: b moved 0.15 in one step at
+    LR 0.2).  The smooth bound tanh keeps beta in [0, b_max) with d beta / d|b| = 1 - (beta/b_max)^2 > 0
+    everywhere, equal to the authors' beta = |b| for small b (< 1e-3 apart below |b| = 0.1).
+    ``init_b`` is the initial beta.  Computed by :class:`ShiftedSiLUFunction`, which keeps only x for
+    backward."""
 
     b_max = 1 - 1e-3
 
     def __init__(self, channels=1, init_a=1.0, init_b=1e-8):
         super().__init__(channels)
+        if not 0 <= init_b < self.b_max:
+            raise ValueError(f"pssilu init_b must be in [0, {self.b_max}), got {init_b}")
         self.a = self._param(init_a)
-        self.b = self._param(init_b)
+        self.b = self._param(self.b_max * math.atanh(init_b / self.b_max))
+
+    def beta(self):
+        """The shift beta = b_max tanh(|b| / b_max) in [0, b_max), per channel."""
+        return self.b_max * torch.tanh(self.b.abs() / self.b_max)
 
     def forward(self, x):
-        a = _per_channel(self.a.abs(), x)
-        b = _per_channel(self.b.abs().clamp(max=self.b_max), x)
-        return ShiftedSiLUFunction.apply(x, a, b)
+        return ShiftedSiLUFunction.apply(x, _per_channel(self.a.abs(), x), _per_channel(self.beta(), x))
+
+
+def pssilu_l1(model):
+    """sum of beta over the model's PSSiLU units: Dai et al.'s L1 penalty on the shift (times --pssilu-reg)."""
+    return sum(m.beta().sum() for m in activation_modules(model) if isinstance(m, PSSiLU))
+
+
+def pssilu_shift_parameters(model):
+    """The b parameters of the model's PSSiLU units (their gradient norm is clipped on its own)."""
+    return [m.b for m in activation_modules(model) if isinstance(m, PSSiLU)]
 
 
 # --------------------------------------------------------------------------------------------- KAF
@@ -909,4 +930,6 @@ def activation_parameter_values(model, max_values=64):
             else:
                 out[key] = {"shape": list(v.shape), "mean": float(v.mean()), "std": float(v.std()),
                             "min": float(v.min()), "max": float(v.max())}
+        if isinstance(m, PSSiLU) and m.b.numel() <= max_values:  # the shift itself, not its parameter b
+            out[f"{idx}:PSSiLU.beta"] = [round(float(t), 6) for t in m.beta().detach().flatten()]
     return out

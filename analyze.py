@@ -159,7 +159,7 @@ def activation_lipschitz(m):
         return max(1.0, m.a.detach().abs().max().item()), "analytic"
     if isinstance(m, (activations.PSiLU, activations.PSSiLU)):
         a = m.a.detach().double().abs()
-        b = m.b.detach().double().abs().clamp(max=m.b_max) if isinstance(m, activations.PSSiLU) else torch.zeros_like(a)
+        b = (m.b_max * torch.tanh(m.b.detach().double().abs() / m.b_max)) if isinstance(m, activations.PSSiLU) else torch.zeros_like(a)  # PSSiLU.beta in float64
         wide = torch.maximum((g_max - b).abs(), (g_min - b).abs()) / (1 - b)
         return torch.where(a > 0, wide, (0.5 - b).abs() / (1 - b)).max().item(), "analytic"
     if isinstance(m, activations.KAF):

@@ -9,7 +9,7 @@
 #
 # Environment variables (defaults in brackets: paper / QUICK):
 #   ACTS        activations; NAME-insert = Zhao & Griffin's unit after every conv (--saf-insert NAME)
-#               [relu softplus silu gelu elu prelu psoftplus pssilu kaf mrelu-insert rbf-insert]
+#               [relu softplus silu gelu elu prelu psilu psoftplus pssilu kaf kwta mrelu-insert rbf-insert]
 #   REGIMES     any of: fast free pgd                              [fast free pgd]
 #   DATASET, DATA_DIR, MODEL, EPS                                  [cifar10 ./data preactresnet18 8/255 /
 #                                                                   fashionmnist /usr/share/datasets/fashion-mnist lenet 0.1]
@@ -41,7 +41,7 @@ else
     FAST_FLAGS=${FAST_FLAGS:-}; FREE_FLAGS=${FREE_FLAGS:-}; PGD_FLAGS=${PGD_FLAGS:-}
     EVAL_FLAGS=${EVAL_FLAGS:---preset standard}
 fi
-ACTS=${ACTS:-relu softplus silu gelu elu prelu psoftplus pssilu kaf mrelu-insert rbf-insert}
+ACTS=${ACTS:-relu softplus silu gelu elu prelu psilu psoftplus pssilu kaf kwta mrelu-insert rbf-insert}
 REGIMES=${REGIMES:-fast free pgd}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
 DEVICE_FLAGS=${DEVICE:+--device $DEVICE}

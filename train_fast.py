@@ -92,10 +92,10 @@ def train_step(run, tr, x, y, args):
         total = total + args.grad_align * grad_align_penalty(run, x, y, eps)
     if tr.mean_copies:
         total = total + tr.mean_loss(run.model, run.forward, run.autocast)
+    total = total + utils.activation_penalty(run, args)  # PSSiLU: Dai et al.'s L1 penalty on the shift
     run.scaler.scale(total).backward()  # fp16: scaled, so that small gradients do not underflow
     bad = ~torch.isfinite(loss.detach().float())
-    if args.grad_clip > 0:
-        bad = bad | utils.clip_gradients(run, args.grad_clip)
+    bad = bad | utils.clip_gradients(run, args)  # --grad-clip, PSSiLU's --pssilu-beta-clip
     run.scaler.step(run.opt)  # skipped by the fp16 scaler when the gradients overflowed
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)

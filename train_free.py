@@ -60,6 +60,7 @@ def replay_step(run, tr, x, y, delta, args):
         logits = run.forward(x + d)
         loss = F.cross_entropy(logits, y)
     total = loss + tr.mean_loss(run.model, run.forward, run.autocast) if tr.mean_copies else loss
+    total = total + utils.activation_penalty(run, args)  # PSSiLU: Dai et al.'s L1 penalty on the shift
     run.scaler.scale(total).backward()  # one pass: the weights' gradients and d.grad
     with torch.no_grad():
         # fp16 loss scaling scales d.grad but keeps its sign; an overflowing pass (whose step the
@@ -68,8 +69,7 @@ def replay_step(run, tr, x, y, delta, args):
         moved = (d + eps * g.sign()).clamp(-eps, eps)
         delta[:n] = (x + moved).clamp(0, 1) - x
     bad = ~torch.isfinite(loss.detach().float())
-    if args.grad_clip > 0:
-        bad = bad | utils.clip_gradients(run, args.grad_clip)
+    bad = bad | utils.clip_gradients(run, args)  # --grad-clip, PSSiLU's --pssilu-beta-clip
     run.scaler.step(run.opt)
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)

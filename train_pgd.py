@@ -41,6 +41,8 @@ def get_args(argv=None):
     g.add_argument("--attack-step", type=utils.fraction, default=2 / 255, help="alpha: PGD step size, e.g. 2/255")
     g.add_argument("--loss", default="ce", choices=["ce", "trades"], help="ce: Madry et al.; trades: Zhang et al.")
     g.add_argument("--trades-beta", type=float, default=6.0, help="TRADES weight of the KL term")
+    g.add_argument("--attack-mode", default=None, choices=["eval", "train"],
+                   help="model mode while the attack runs (default: the references': train for ce as Wong et al., eval for trades; Dai et al. use eval)")
     utils.add_shared_flags(p, epochs=15, lr_max=0.2, lr_schedule="cyclic")
     tricks.add_flags(p)
     args = utils.parse_args(p, argv, checks=[tricks.flag_problems])
@@ -50,6 +52,7 @@ def get_args(argv=None):
         p.error("--attack-step must be > 0")
     if args.trades_beta < 0:
         p.error("--trades-beta must be >= 0")
+    args.attack_mode = args.attack_mode or ("eval" if args.loss == "trades" else "train")
     return args
 
 
@@ -71,9 +74,9 @@ def pgd_delta(run, x, objective, eps, alpha, iters, start):
     return delta.detach(), steps
 
 
-def trades_loss(run, x, y, eps, alpha, iters, beta):
+def trades_loss(run, x, y, eps, alpha, iters, beta, attack_mode="eval"):
     """TRADES: CE(f(x), y) + beta * KL(f(x) || f(x_adv)); returns (loss, logits of x_adv, attack steps)."""
-    run.model.eval()  # the TRADES reference attacks in eval mode
+    run.model.train(attack_mode == "train")  # the TRADES reference attacks in eval mode
     with torch.no_grad(), run.autocast():
         p_clean = F.softmax(run.attack_forward(x).float(), dim=1)
     kl = lambda logits: F.kl_div(F.log_softmax(logits.float(), dim=1), p_clean, reduction="sum")
@@ -91,18 +94,20 @@ def train_step(run, tr, x, y, args):
     correct predictions on x + delta, a non-finite flag (device tensors) and the attack's steps."""
     eps, alpha, k = args.epsilon, args.attack_step, args.attack_iters
     if args.loss == "trades":
-        loss, logits, steps = trades_loss(run, x, y, eps, alpha, k, args.trades_beta)
+        loss, logits, steps = trades_loss(run, x, y, eps, alpha, k, args.trades_beta, args.attack_mode)
     else:
         ce = lambda logits: F.cross_entropy(logits, y)
+        run.model.train(args.attack_mode == "train")
         delta, steps = pgd_delta(run, x, ce, eps, alpha, k, torch.empty_like(x).uniform_(-eps, eps))
+        run.model.train()
         with run.autocast():
             logits = run.forward(x + delta)
             loss = F.cross_entropy(logits, y)
     total = loss + tr.mean_loss(run.model, run.forward, run.autocast) if tr.mean_copies else loss
+    total = total + utils.activation_penalty(run, args)  # PSSiLU: Dai et al.'s L1 penalty on the shift
     run.scaler.scale(total).backward()  # fp16: scaled, so that small gradients do not underflow
     bad = ~torch.isfinite(loss.detach().float())
-    if args.grad_clip > 0:
-        bad = bad | utils.clip_gradients(run, args.grad_clip)
+    bad = bad | utils.clip_gradients(run, args)  # --grad-clip, PSSiLU's --pssilu-beta-clip
     run.scaler.step(run.opt)  # skipped by the fp16 scaler when the gradients overflowed
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import socket
 import struct
 import sys
 import time
@@ -276,7 +277,9 @@ class Batches:
 
     Images come out as float in [0,1] (channels_last when asked).  With ``augment`` 'crop+flip' each
     image is randomly translated by up to ``pad`` pixels (zero padding, like RandomCrop(padding=4))
-    and flipped horizontally with probability 1/2, all on the device.  The last batch may be short.
+    and flipped horizontally with probability 1/2, all on the device.  The last batch may be short;
+    a last batch of a single image is dropped (when ``batch_size`` > 1): BatchNorm cannot train on
+    one image (lenet's BatchNorm1d fails on it), and the next epoch's shuffle covers that image.
 
     Distributed training (``world`` > 1): every rank draws the same permutation (same seed), drops
     its last ``n mod world`` entries and keeps every world-th one from position ``rank``, so the
@@ -290,7 +293,8 @@ class Batches:
         self.rank, self.world = rank, world
 
     def __len__(self):
-        return math.ceil(len(self.x) // self.world / self.batch_size)
+        n = len(self.x) // self.world
+        return n // self.batch_size + (n % self.batch_size > 1)
 
     def _augment(self, xb):
         n, _, h, w = xb.shape
@@ -314,6 +318,8 @@ class Batches:
             n = len(order)
         for i in range(0, n, self.batch_size):
             idx = order[i:i + self.batch_size]
+            if len(idx) == 1 < self.batch_size:  # a last batch of one image: dropped (see above)
+                break
             xb = self.x[idx].float().div_(255)
             if self.augment == "crop+flip":
                 xb = self._augment(xb)
@@ -348,50 +354,53 @@ def _restart_bounds(t, cycles, mult):
     return 1.0
 
 
-def lr_at(step, total_steps, schedule, lr_max, cycles=3, mult=1.0):
+def lr_at(step, total_steps, schedule, lr_max, cycles=3, mult=1.0, lr_min=None):
     """Learning rate at iteration ``step`` of ``total_steps`` (per-iteration stepping).
 
     piecewise   lr_max, x0.1 at 50%, x0.01 at 75% (Free AT's "3 steps")
-    cyclic      triangle 0 -> lr_max at 40% -> 0 (the fast-AT default, Wong et al. 2020)
-    linear      lr_max -> 0;  exponential: lr_max -> lr_max/1000 geometrically
-    onecycle    lr_max/10 -> lr_max (45%) -> lr_max/10 (90%) -> lr_max/1000 (Smith 2018)
+    cyclic      triangle floor -> lr_max at 40% -> floor (the fast-AT default, Wong et al. 2020; floor 0)
+    linear      lr_max -> floor (0);  exponential: lr_max -> floor (lr_max/1000) geometrically
+    onecycle    lr_max/10 -> lr_max (45%) -> lr_max/10 (90%) -> floor (lr_max/1000) (Smith 2018)
     onecycle-half       one cycle lr_max/10 -> lr_max -> lr_max/10 over the first 2/3, then a half-
-                        height cycle (peak lr_max/2) annealing to lr_max/1000 (the fast-training
+                        height cycle (peak lr_max/2) annealing to floor (lr_max/1000) (the fast-training
                         thesis's "1 Cycle & Half"; its figure is not in the text, so this is our reading)
-    onecycle-truncated  lr_max/10 -> lr_max over 30%, then straight down to lr_max/1000 (the thesis's
-                        "1 Cycle truncated": the cycle without its separate annealing tail; our reading)
-    triangular  ``cycles`` triangles between lr_max/10 and lr_max (Smith's CLR)
-    cosine      lr_max * (1 + cos(pi t)) / 2
-    sgdr        cosine warm restarts (Loshchilov & Hutter), ``cycles`` cycles growing by ``mult``
-    linear-restarts  linear decay lr_max -> lr_max/1000 restarted ``cycles`` times (growing by mult)
-    constant    lr_max"""
+    onecycle-truncated  lr_max/10 -> lr_max over 30%, then straight down to floor (lr_max/1000) (the
+                        thesis's "1 Cycle truncated": the cycle without its separate annealing tail; our reading)
+    triangular  ``cycles`` triangles between floor (lr_max/10) and lr_max (Smith's CLR)
+    cosine      floor + (lr_max - floor) (1 + cos(pi t)) / 2 (floor 0; Dai et al.: lr_max 0.1, floor 1e-3)
+    sgdr        cosine warm restarts (Loshchilov & Hutter) down to floor (0), ``cycles`` cycles growing by ``mult``
+    linear-restarts  linear decay lr_max -> floor (lr_max/1000) restarted ``cycles`` times (growing by mult)
+    constant    lr_max
+
+    ``lr_min`` (--lr-min) replaces each decaying or cycling schedule's floor (its default in brackets)."""
     t = min(max(step / max(total_steps, 1), 0.0), 1.0)
     lo = lr_max / 10
+    floor = lambda default: default if lr_min is None else lr_min
     if schedule == "piecewise":
         return lr_max * (1.0 if t < 0.5 else 0.1 if t < 0.75 else 0.01)
     if schedule == "cyclic":
-        return float(np.interp(t, [0, 0.4, 1], [0, lr_max, 0]))
+        return float(np.interp(t, [0, 0.4, 1], [floor(0), lr_max, floor(0)]))
     if schedule == "linear":
-        return lr_max * (1 - t)
+        return floor(0) + (lr_max - floor(0)) * (1 - t)
     if schedule == "exponential":
-        return lr_max * 1e-3 ** t
+        return lr_max * (1e-3 if lr_min is None else lr_min / lr_max) ** t
     if schedule == "onecycle":
-        return float(np.interp(t, [0, 0.45, 0.9, 1], [lo, lr_max, lo, lr_max / 1000]))
+        return float(np.interp(t, [0, 0.45, 0.9, 1], [lo, lr_max, lo, floor(lr_max / 1000)]))
     if schedule == "onecycle-half":
-        return float(np.interp(t, [0, 1 / 3, 2 / 3, 5 / 6, 1], [lo, lr_max, lo, lr_max / 2, lr_max / 1000]))
+        return float(np.interp(t, [0, 1 / 3, 2 / 3, 5 / 6, 1], [lo, lr_max, lo, lr_max / 2, floor(lr_max / 1000)]))
     if schedule == "onecycle-truncated":
-        return float(np.interp(t, [0, 0.3, 1], [lo, lr_max, lr_max / 1000]))
+        return float(np.interp(t, [0, 0.3, 1], [lo, lr_max, floor(lr_max / 1000)]))
     if schedule == "triangular":
         u = (t * cycles) % 1.0 if t < 1 else 1.0
-        return lo + (lr_max - lo) * (1 - abs(2 * u - 1))
+        return floor(lo) + (lr_max - floor(lo)) * (1 - abs(2 * u - 1))
     if schedule == "cosine":
-        return lr_max * (1 + math.cos(math.pi * t)) / 2
+        return floor(0) + (lr_max - floor(0)) * (1 + math.cos(math.pi * t)) / 2
     if schedule == "sgdr":
         u = _restart_bounds(t, cycles, mult)
-        return lr_max * (1 + math.cos(math.pi * u)) / 2
+        return floor(0) + (lr_max - floor(0)) * (1 + math.cos(math.pi * u)) / 2
     if schedule == "linear-restarts":
         u = _restart_bounds(t, cycles, mult)
-        return lr_max + (lr_max / 1000 - lr_max) * u
+        return lr_max + (floor(lr_max / 1000) - lr_max) * u
     if schedule == "constant":
         return lr_max
     raise ValueError(f"unknown lr schedule {schedule!r}; choose from {', '.join(LR_SCHEDULES)}")
@@ -410,15 +419,16 @@ def momentum_at(step, total_steps, schedule, momentum=0.9, high=0.95, low=0.85):
 
 
 def set_lr(opt, lr, momentum):
-    """Put a learning rate and momentum into every parameter group of ``opt``."""
+    """Put a learning rate (times the group's ``lr_mult``, --act-lr-mult) and momentum into every
+    parameter group of ``opt``."""
     for group in opt.param_groups:
-        group["lr"], group["momentum"] = lr, momentum
+        group["lr"], group["momentum"] = lr * group.get("lr_mult", 1.0), momentum
 
 
 def scheduled_lr(opt, it, total_steps, args):
     """Set the learning rate and momentum of iteration ``it`` of ``total_steps`` (--lr-schedule,
     --momentum-schedule); returns the learning rate."""
-    lr = lr_at(it, total_steps, args.lr_schedule, args.lr_max, args.lr_cycles, args.lr_mult)
+    lr = lr_at(it, total_steps, args.lr_schedule, args.lr_max, args.lr_cycles, args.lr_mult, args.lr_min)
     set_lr(opt, lr, momentum_at(it, total_steps, args.momentum_schedule, args.momentum))
     return lr
 
@@ -460,6 +470,15 @@ def add_shared_flags(p, **defaults):
     g.add_argument("--softplus-beta", type=float, default=None, help="softplus beta (default 1; SAT also uses 10)")
     g.add_argument("--kwta-gamma", type=float, default=None, help="k-WTA share of kept units (default 0.1)")
     g.add_argument("--n-train", type=int, default=None, help="use only the first N training images")
+    g = p.add_argument_group("trainable activations (shared)")
+    g.add_argument("--act-init", default=None, metavar="a=A,b=B",
+                   help="initial parameters: a for prelu / psilu / psoftplus / pssilu, b (the shift beta) for pssilu, e.g. a=1.5,b=0.3")
+    g.add_argument("--freeze-act", action="store_true", help="keep the activation's parameters at their initial values (e.g. SSiLU with a fixed beta)")
+    g.add_argument("--act-weight-decay", type=float, default=None, help="weight decay of the activations' parameters (default: --weight-decay, as Dai et al.)")
+    g.add_argument("--act-lr-mult", type=float, default=1.0, help="learning-rate multiplier of the activations' parameters")
+    g.add_argument("--pssilu-reg", type=float, default=10.0, help="PSSiLU: weight of Dai et al.'s L1 penalty on the shift beta (their default 10; 0 = off)")
+    g.add_argument("--pssilu-beta-clip", type=float, default=None,
+                   help="PSSiLU: clip the gradient norm of the shift parameter to this every step (default: Dai et al.'s, 0.1 with TRADES, else 0.01; 0 = off)")
     g = p.add_argument_group("optimisation (shared)")
     g.add_argument("--epochs", type=int, default=15)
     g.add_argument("--batch-size", type=int, default=128)
@@ -468,6 +487,8 @@ def add_shared_flags(p, **defaults):
     g.add_argument("--lr-cycles", type=int, default=3, help="cycles of triangular / sgdr / linear-restarts")
     g.add_argument("--lr-mult", type=float, default=1.0, help="cycle-length multiplier of sgdr / linear-restarts")
     g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (Dai et al.)")
+    g.add_argument("--lr-min", type=float, default=None, help="floor of the decaying and cycling schedules (default: each schedule's own, see utils.lr_at)")
     g.add_argument("--momentum-schedule", default="constant", choices=MOMENTUM_SCHEDULES)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
@@ -490,6 +511,8 @@ def add_shared_flags(p, **defaults):
     g.add_argument("--out-dir", default=None, help="where the checkpoint and summary.json go (default runs/<script>_<dataset>_<model>_<act>)")
     g.add_argument("--resume", action="store_true",
                    help="continue from <out-dir>/checkpoint.pt (written every epoch, with optimiser, RNG and regime state); starts fresh if there is none")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out-dir that holds another run's checkpoint.pt (its checkpoints, summary and eval files are deleted)")
     p.set_defaults(**defaults)
     return p
 
@@ -509,10 +532,22 @@ def parse_args(parser, argv=None, checks=()):
     for name in ("n_train", "n_eval"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if args.lr_min is not None and not 0 <= args.lr_min < args.lr_max:
+        problems.append("--lr-min must be in [0, --lr-max)")
+    if args.nesterov and args.momentum <= 0:
+        problems.append("--nesterov needs --momentum > 0")
+    if min(args.pssilu_reg, args.act_lr_mult, args.act_weight_decay or 0, args.pssilu_beta_clip or 0) < 0:
+        problems.append("--pssilu-reg, --pssilu-beta-clip, --act-lr-mult and --act-weight-decay must be >= 0")
+    if args.pssilu_beta_clip is None:  # Dai et al.'s: 0.1 in their TRADES trainer, 0.01 in the others
+        args.pssilu_beta_clip = 0.1 if getattr(args, "loss", "ce") == "trades" else 0.01
     for check in checks:
         problems += check(args)
     if device_problem(args.device):
         problems.append(device_problem(args.device))
+    if args.resume and args.overwrite:
+        problems.append("--resume and --overwrite cannot be combined (continue the run, or replace it)")
+    if args.kaf_size is not None and args.kaf_size > KAF_MAX_SIZE:  # its ridge fit solves a D x D system per layer
+        problems.append(f"--kaf-size must be <= {KAF_MAX_SIZE}, got {args.kaf_size}")
     if args.kaf_impl == "triton" and not args.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
         problems.append("--kaf-impl triton runs on CUDA only (or under TRITON_INTERPRET=1, slowly)")
     try:
@@ -524,15 +559,32 @@ def parse_args(parser, argv=None, checks=()):
     return args
 
 
+KAF_MAX_SIZE = 1000  # beyond, the ridge initialisation (a D x D solve per layer) takes minutes to hours
+
 # flag dest -> (the activation it belongs to, its constructor option)
 ACT_OPTION_FLAGS = {"kaf_size": ("kaf", "size"), "kaf_boundary": ("kaf", "boundary"), "kaf_init": ("kaf", "init"),
                     "kaf_gamma": ("kaf", "gamma_rule"), "kaf_kernel": ("kaf", "kernel"), "kaf_impl": ("kaf", "impl"),
                     "softplus_beta": ("softplus", "beta"), "kwta_gamma": ("kwta", "gamma")}
 
 
+# --act-init key -> the constructor option it sets, per activation
+ACT_INIT_KEYS = {"prelu": {"a": "init"}, "psilu": {"a": "init"}, "psoftplus": {"a": "init"},
+                 "pssilu": {"a": "init_a", "b": "init_b"}}
+
+
 def act_options(args):
     """Activation constructor options from the flags; an option for another activation is refused."""
     options = {}
+    if getattr(args, "act_init", None):
+        keys = ACT_INIT_KEYS.get(args.act)
+        if keys is None:
+            raise ValueError(f"--act-init applies to --act {', '.join(ACT_INIT_KEYS)}, not --act {args.act}")
+        for item in args.act_init.split(","):
+            key, _, value = item.partition("=")
+            try:
+                options[keys[key.strip()]] = float(value)
+            except (KeyError, ValueError):
+                raise ValueError(f"--act-init {args.act_init!r}: expected {','.join(k + '=NUMBER' for k in keys)} for --act {args.act}") from None
     for flag, (act, key) in ACT_OPTION_FLAGS.items():
         value = getattr(args, flag, None)
         if value is None:
@@ -591,6 +643,87 @@ def run_name(args):
     return models.act_label(args.act, args.saf_insert)
 
 
+def lock_out_dir(out_dir):
+    """Take <out_dir>/.lock (this process's PID and host) so that a second process cannot train into
+    the same folder; released by :func:`release_out_dir` or at exit.  A lock left by a dead process
+    on this host (kill -9) is taken over; a live one is a :class:`UserError`."""
+    path, me = os.path.join(out_dir, ".lock"), f"{os.getpid()} {socket.gethostname()}"
+    for _ in range(3):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(me + "\n")
+        try:
+            os.link(tmp, path)  # atomic: the lock appears with its content, or not at all
+        except FileExistsError:
+            try:
+                holder = open(path).read().strip()
+            except FileNotFoundError:  # released meanwhile
+                continue
+            pid, _, host = holder.partition(" ")
+            if holder == me:  # this process already holds it (a second run in the same process)
+                return path
+            if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
+                raise UserError(f"--out-dir {out_dir} is in use by process {pid or '?'} on {host or '?'} ({path}); "
+                                f"wait for it, use another --out-dir, or delete {path} if that process is gone")
+            try:  # a stale lock: its process is dead
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        finally:
+            os.remove(tmp)
+        atexit.register(release_out_dir, out_dir)
+        return path
+    raise UserError(f"could not take the lock {path}; try again")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def release_out_dir(out_dir):
+    """Remove <out_dir>/.lock if this process holds it."""
+    path = os.path.join(out_dir, ".lock")
+    try:
+        if open(path).read().strip() == f"{os.getpid()} {socket.gethostname()}":
+            os.remove(path)
+    except OSError:
+        pass
+
+
+def prepare_out_dir(args, script, rank):
+    """The run's folder (--out-dir or runs/<script>_<dataset>_<model>_<act>), created and checked
+    before any work: a file or an unwritable folder is a :class:`UserError`; rank 0 takes its lock
+    (:func:`lock_out_dir`); a folder holding another run's checkpoint.pt is refused unless --resume
+    continues it or --overwrite replaces it (then its checkpoints, summary.json and eval files are
+    deleted first, so that no old result stays beside the new run)."""
+    out_dir = args.out_dir or os.path.join("runs", f"{script}_{args.dataset}_{args.model}_{run_name(args)}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out-dir {out_dir} ({e.strerror or e})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--out-dir {out_dir} is not writable")
+    if rank == 0:
+        lock_out_dir(out_dir)
+    if os.path.exists(os.path.join(out_dir, "checkpoint.pt")) and not (args.resume or args.overwrite or getattr(args, "lr_find", False)):
+        raise UserError(f"--out-dir {out_dir} holds another run's checkpoint.pt; continue it with --resume, "
+                        f"replace it with --overwrite, or use another --out-dir")
+    if args.overwrite and rank == 0:
+        for name in sorted(os.listdir(out_dir)):
+            if name in ("checkpoint.pt", "interrupted.pt", "summary.json") or (name.startswith("eval") and name.endswith((".json", ".png"))):
+                os.remove(os.path.join(out_dir, name))
+    return out_dir
+
+
 def setup(args, script, data=None):
     """Everything a training run needs before its loop, as a plain namespace ``run``:
 
@@ -611,6 +744,7 @@ def setup(args, script, data=None):
     shards).  ``data`` = (x_train, y_train, x_test, y_test), uint8 images and int64 labels, replaces
     loading --dataset (bench.py passes synthetic data of the dataset's shape)."""
     rank, world = distributed_setup(args)
+    out_dir = prepare_out_dir(args, script, rank)  # writable, locked, no other run's checkpoint: before any work
     seed_everything(args.seed)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -638,15 +772,16 @@ def setup(args, script, data=None):
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
         forward = torch.compile(ddp) if args.compile else ddp
-    # ---- SGD, no weight decay on the activations' own parameters
-    act_params = {id(p) for m in activations.activation_modules(model) for p in m.parameters()}
+    # ---- SGD; the activations' own parameters in a group of their own (--act-weight-decay, --act-lr-mult, --freeze-act)
+    act_params = {id(p): p for m in activations.activation_modules(model) for p in m.parameters()}
+    for p in act_params.values():
+        p.requires_grad_(not args.freeze_act)
+    act_decay = args.weight_decay if args.act_weight_decay is None else args.act_weight_decay
     opt = torch.optim.SGD([{"params": [p for p in model.parameters() if id(p) not in act_params], "weight_decay": args.weight_decay},
-                           {"params": [p for p in model.parameters() if id(p) in act_params], "weight_decay": 0.0}],
-                          lr=0.0, momentum=args.momentum, nesterov=False)
+                           {"params": list(act_params.values()), "weight_decay": act_decay, "lr_mult": args.act_lr_mult}],
+                          lr=0.0, momentum=args.momentum, nesterov=args.nesterov)
     # ---- mixed precision: bf16 where supported, else fp16 with a loss scaler; float32 on CPU
     amp_dtype, fp16 = amp_dtype_for(device.type, args.amp, cuda and torch.cuda.is_bf16_supported())
-    out_dir = args.out_dir or os.path.join("runs", f"{script}_{args.dataset}_{args.model}_{run_name(args)}")
-    os.makedirs(out_dir, exist_ok=True)
     run = argparse.Namespace(
         script=script, rank=rank, world=world, device=device, out_dir=out_dir, batches=batches,
         x_test=x_test.to(device).float().div_(255), y_test=y_test.to(device),
@@ -664,12 +799,30 @@ def log(run, message, error=False):
 
 
 # ---------------------------------------------------------------------------------- during training
-def clip_gradients(run, max_norm):
-    """Clip the gradient norm to ``max_norm`` (unscaled first under fp16); returns a device flag that
-    the norm was not finite (always False under fp16, where an inf norm is the scaler's business)."""
+def clip_gradients(run, args):
+    """The gradient clipping of a training step, after backward and before the optimiser step
+    (unscaled first under fp16): the whole gradient's norm to --grad-clip, then, as Dai et al. do,
+    the norm of PSSiLU's shift parameters to --pssilu-beta-clip.  Returns a device flag that the
+    norm was not finite (always False under fp16, where an inf norm is the scaler's business)."""
+    shifts = activations.pssilu_shift_parameters(run.model) if args.pssilu_beta_clip > 0 and not args.freeze_act else []
+    if args.grad_clip <= 0 and not shifts:
+        return torch.zeros((), dtype=torch.bool, device=run.device)
     run.scaler.unscale_(run.opt)
-    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
-    return ~torch.isfinite(norm) if not run.scaler.is_enabled() else torch.zeros((), dtype=torch.bool, device=norm.device)
+    bad = torch.zeros((), dtype=torch.bool, device=run.device)
+    if args.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+        bad = ~torch.isfinite(norm) if not run.scaler.is_enabled() else bad
+    if shifts:
+        torch.nn.utils.clip_grad_norm_(shifts, args.pssilu_beta_clip)
+    return bad
+
+
+def activation_penalty(run, args):
+    """Dai et al.'s L1 penalty on PSSiLU's shift, --pssilu-reg * sum(beta), added to the training
+    loss (0 for other activations or a frozen shape)."""
+    if args.act != "pssilu" or args.pssilu_reg <= 0 or args.freeze_act:
+        return 0.0
+    return args.pssilu_reg * activations.pssilu_l1(run.model)
 
 
 class EpochMeter:
@@ -745,6 +898,21 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def check_writable(path, flag="--out"):
+    """Refuse up front (:class:`UserError`) an output file that could not be written at the end of
+    a long job: a folder, a read-only file, or one in a folder that cannot be created or written.
+    Creates the missing folders."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder, not a file")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create its folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"{flag} {path} is not writable")
+
+
 def write_json(obj, path):
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
@@ -783,7 +951,7 @@ def save_checkpoint(run, args, path, **state):
 
 
 # flags a resumed run may change: more epochs, where and how it runs, how it is finally evaluated
-RESUMABLE_CHANGES = {"epochs", "resume", "out_dir", "data_dir", "device", "compile", "kaf_impl", "n_eval",
+RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "out_dir", "data_dir", "device", "compile", "kaf_impl", "n_eval",
                      "eval_pgd_steps", "eval_pgd_restarts", "eval_pgd_alpha"}
 
 
@@ -866,9 +1034,18 @@ def finish(run, args, summary):
     if run.rank != 0:  # rank 0 evaluates and writes the summary; the others wait for it
         torch.distributed.barrier()
         return summary
-    clean, robust = evaluate(run, args)
+    try:
+        clean, robust = evaluate(run, args)
+    except KeyboardInterrupt:  # the model is trained and in checkpoint.pt: say so in a partial summary
+        summary["stopped_early"] = "; ".join(filter(None, [summary.get("stopped_early"), "interrupted in the final evaluation"]))
+        write_json(summary, os.path.join(run.out_dir, "summary.json"))
+        log(run, f"interrupted in the final evaluation: checkpoint.pt holds the trained model (--resume or eval.py "
+                 f"evaluates it), partial summary.json in {run.out_dir}", error=True)
+        release_out_dir(run.out_dir)
+        raise
     summary.update(evaluated=True, clean_acc=clean, pgd_acc=robust)
     write_json(summary, os.path.join(run.out_dir, "summary.json"))
+    release_out_dir(run.out_dir)
     cfg = summary["pgd"]
     log(run, f"clean acc {clean:.4f}  PGD-{cfg['steps']}x{cfg['restarts']} (eps {cfg['eps']:.4g}, step {cfg['alpha']:.4g}) "
              f"acc {robust:.4f}  train time {summary['train_time_s']:.1f}s  -> {run.out_dir}/summary.json")
@@ -888,9 +1065,11 @@ def record_stop(run, stop, summary, epochs_done, save, label="epoch"):
         save(os.path.join(run.out_dir, "interrupted.pt"))
     if run.rank == 0:
         write_json(summary, os.path.join(run.out_dir, "summary.json"))
+        release_out_dir(run.out_dir)
     if isinstance(stop, KeyboardInterrupt):
-        log(run, f"interrupted: checkpoint.pt holds {label} {epochs_done} (continue with --resume), the current "
-                 f"weights are in interrupted.pt, summary.json in {run.out_dir}", error=True)
+        kept = (f"checkpoint.pt holds {label} {epochs_done} (continue with --resume)"
+                if os.path.exists(os.path.join(run.out_dir, "checkpoint.pt")) else f"no {label} completed, so no checkpoint.pt yet")
+        log(run, f"interrupted: {kept}, the current weights are in interrupted.pt, summary.json in {run.out_dir}", error=True)
         return stop
     return Diverged(stop.epoch, stop.batch, stop.batches, stop.label,
                     (f"; checkpoint.pt keeps {label} {epochs_done}" if epochs_done else "; no epoch completed, no checkpoint")

@@ -40,8 +40,9 @@ def randomise_batchnorm(model, scale=2.0):
 
 # ------------------------------------------------------------------------------ activation shapes
 def test_shape_properties_match_the_formula():
-    a, b = 2.0, 0.25  # exact in float32
-    act = A.PSSiLU(init_a=a, init_b=b)
+    a = 2.0  # exact in float32
+    act = A.PSSiLU(init_a=a, init_b=0.25)
+    b = (act.b_max * torch.tanh(act.b.detach().double() / act.b_max)).item()  # the shift, 0.25 up to float32 rounding
     s = torch.linspace(-5, 5, 1001, dtype=torch.float64)
     f = analyze.channel_curves(act, s)
     sig = torch.sigmoid(a * s)

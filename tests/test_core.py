@@ -188,8 +188,21 @@ def test_pssilu_at_b_zero_is_scaled_silu():
     act = activations.PSSiLU(init_a=1.7, init_b=0.0)
     x = torch.randn(100)
     assert torch.allclose(act(x), x * torch.sigmoid(1.7 * x), atol=1e-6)
-    act.b.data.fill_(5.0)  # |b| >= 1 would divide by zero: the guard keeps it finite
-    assert torch.isfinite(act(x)).all()
+    act.b.data.fill_(50.0)  # far out: the shift stays below 1, the output finite
+    assert act.beta().item() < 1 and torch.isfinite(act(x)).all()
+
+
+def test_pssilu_shift_has_a_gradient_everywhere_in_its_range_and_init_b_sets_it():
+    """beta = b_max tanh(|b| / b_max): d beta / d b > 0 for every beta in (0, b_max), where a hard
+    clamp has none past its bound; --act-init b=... sets beta itself."""
+    for beta in (1e-6, 0.1, 0.5, 0.9, 0.99, 0.998):
+        act = activations.PSSiLU(init_b=beta)
+        assert act.beta().item() == pytest.approx(beta, rel=1e-5, abs=1e-7)
+        act(torch.randn(64)).sum().backward()
+        (dbeta_db,) = torch.autograd.grad(act.beta().sum(), act.b)
+        assert dbeta_db.item() > 1e-4 and act.b.grad.abs().item() > 0, beta
+    with pytest.raises(ValueError, match="init_b"):
+        activations.PSSiLU(init_b=1.0)
 
 
 def test_symmetric_units_and_kwta_formulas():

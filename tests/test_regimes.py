@@ -377,13 +377,73 @@ def test_the_schedule_spans_every_optimiser_step_of_the_run(tmp_path, monkeypatc
     assert summary["counts"]["optimizer_steps"] == steps
 
 
-def test_weight_decay_spares_exactly_the_activation_parameters(tmp_path):
-    args = train_fast.get_args(tiny(tmp_path, "--act", "prelu", "--act-scope", "channel", "--weight-decay", "1e-3"))
-    run = utils.setup(args, "train_fast")
-    act = {id(p) for m in run.model.modules() if isinstance(m, models.activations.CLASSES) for p in m.parameters()}
-    decayed = {id(p) for g in run.opt.param_groups if g["weight_decay"] == 1e-3 for p in g["params"]}
-    spared = {id(p) for g in run.opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert act and spared == act and decayed == {id(p) for p in run.model.parameters()} - act
+def test_activation_parameters_get_their_own_weight_decay_and_lr_multiplier(tmp_path):
+    """By default every parameter is decayed, the activations' too (as Dai et al.); --act-weight-decay
+    and --act-lr-mult apply to exactly the activations' parameters."""
+    def groups(*flags):
+        args = train_fast.get_args(tiny(tmp_path, "--act", "prelu", "--act-scope", "channel", "--weight-decay", "1e-3", *flags))
+        run = utils.setup(args, "train_fast")
+        act = {id(p) for m in run.model.modules() if isinstance(m, models.activations.CLASSES) for p in m.parameters()}
+        utils.set_lr(run.opt, 0.1, 0.9)
+        by = lambda key, value: {id(p) for g in run.opt.param_groups if g[key] == value for p in g["params"]}
+        return run, act, by
+    run, act, by = groups()
+    assert act and by("weight_decay", 1e-3) == {id(p) for p in run.model.parameters()}
+    run, act, by = groups("--act-weight-decay", "0", "--act-lr-mult", "0.5")
+    assert by("weight_decay", 0) == act and by("weight_decay", 1e-3) == {id(p) for p in run.model.parameters()} - act
+    assert by("lr", 0.05) == act and by("lr", 0.1) == {id(p) for p in run.model.parameters()} - act
+
+
+def test_act_init_sets_and_freeze_act_keeps_the_shape(tmp_path):
+    summary = train_fast.main(tiny(tmp_path, "--act", "pssilu", "--act-init", "a=1.5,b=0.3", "--freeze-act",
+                                   "--epochs", 1, "--co-guard", 0))
+    values = summary["activation_values"]
+    assert values["0:PSSiLU.a"] == [1.5] and values["0:PSSiLU.beta"] == pytest.approx([0.3], abs=1e-6)
+    for bad, message in ((["--act", "relu", "--act-init", "a=1"], "applies to --act"),
+                         (["--act", "pssilu", "--act-init", "c=1"], "expected a=NUMBER,b=NUMBER")):
+        with pytest.raises(SystemExit):
+            train_fast.get_args(tiny(tmp_path, *bad))
+
+
+def test_pssilu_penalty_and_shift_clip_act_on_one_step(tmp_path):
+    """The L1 penalty pulls the shift beta down; the clip bounds b's gradient norm (one SGD step of
+    LR lr moves b by at most lr * clip, momentum aside on the first step)."""
+    def one_step(*flags):
+        args = train_fast.get_args(tiny(tmp_path, "--act", "pssilu", "--act-init", "b=0.3", "--weight-decay", "0",
+                                        "--momentum", "0", *flags))
+        run = utils.setup(args, "train_fast")
+        utils.set_lr(run.opt, 0.1, 0.0)
+        x, y = next(iter(run.batches))
+        before = run.model.net.features[2].b.item()
+        train_fast.train_step(run, tricks.TrainingTricks.for_run(args, run), x, y, args)
+        return run.model.net.features[2].b.item() - before
+    free = one_step("--pssilu-reg", "0", "--pssilu-beta-clip", "0")
+    pulled = one_step("--pssilu-reg", "1", "--pssilu-beta-clip", "0")
+    clipped = one_step("--pssilu-reg", "1", "--pssilu-beta-clip", "0.01")
+    assert pulled < free and pulled - free == pytest.approx(-0.1 * (1 - (0.3 / 0.999) ** 2), rel=1e-3)
+    assert abs(clipped) <= 0.1 * 0.01 * (1 + 1e-4) < abs(pulled)
+
+
+@pytest.mark.parametrize("schedule", [s for s in utils.LR_SCHEDULES if s not in ("piecewise", "constant")])
+def test_lr_min_is_the_floor_of_every_decaying_or_cycling_schedule(schedule):
+    lrs = [utils.lr_at(s, 600, schedule, TOP, cycles=3, lr_min=0.004) for s in range(601)]
+    assert min(lrs) == pytest.approx(0.004) and max(lrs) == pytest.approx(TOP)
+    if schedule not in ("cyclic", "triangular"):  # these start at the floor, the others end there
+        assert lrs[-1] == pytest.approx(0.004)
+
+
+@pytest.mark.parametrize("loss,flag,training", [("ce", None, True), ("trades", None, False), ("ce", "eval", False),
+                                                ("trades", "train", True)])
+def test_attack_mode_sets_the_model_mode_while_the_attack_runs(tmp_path, loss, flag, training):
+    args, run, train_step = pgd_run(tmp_path, "--loss", loss, "--attack-iters", 1, *(["--attack-mode", flag] if flag else []))
+    modes = []
+    real = train_pgd.pgd_delta
+    train_pgd.pgd_delta = lambda run, *a: modes.append(run.model.training) or real(run, *a)
+    try:
+        train_step(*next(iter(run.batches)))
+    finally:
+        train_pgd.pgd_delta = real
+    assert modes == [training] and run.model.training
 
 
 def test_the_guard_detects_a_collapse_and_restores_the_best_weights(tmp_path, monkeypatch):
