@@ -88,7 +88,7 @@ def main(argv=None, data=None):
     args = get_args(argv)
     run = utils.setup(args, "train_free", data)  # device, data on it, model, SGD, AMP scaler, out dir
     tr = tricks.TrainingTricks.for_run(args, run)  # random / mean training, extra data: no-ops unless asked
-    delta = torch.zeros((args.batch_size, *run.batches.x.shape[1:]), device=run.device)  # persists across minibatches
+    delta = torch.zeros((tr.rows(args.batch_size), *run.batches.x.shape[1:]), device=run.device)  # persists across minibatches
     if args.lr_find:
         return tricks.lr_range_test(run, args, lambda x, y: train_minibatch(run, tr, *tr.mix(x, y), delta, args)[0])
     n_passes = passes(args)

@@ -32,7 +32,8 @@ def add_flags(p):
     g.add_argument("--mean-weight", type=float, default=1.0, help="weight of the mean-training loss KL(uniform || softmax)")
     g.add_argument("--extra-data", default=None, metavar="NPZ",
                    help="Dai et al.'s extra (e.g. generated) training images: .npz with images (uint8 or float in [0,1]) and labels")
-    g.add_argument("--extra-fraction", type=float, default=None, help="share of each batch drawn from --extra-data (default 0.5)")
+    g.add_argument("--extra-fraction", type=float, default=None,
+                   help="share of extra images in each (enlarged) training batch: round(n f / (1 - f)) are appended to the n real ones (default 0.5: 1:1, as Dai et al.)")
     g = p.add_argument_group("LR range test (tricks.py)")
     g.add_argument("--lr-find", action="store_true",
                    help="LR range test instead of training: sweep the LR exponentially, write lr_find.csv, suggest --lr-max")
@@ -134,13 +135,15 @@ class TrainingTricks:
     eval mode: in train mode BatchNorm would normalise a batch of near-identical images by its own
     tiny variance and write that into its running statistics.
 
-    Extra data (Dai et al. 2021, who add generated images to adversarial training): round(f n) images
-    of each minibatch, f = --extra-fraction, are replaced by images drawn uniformly with replacement
-    from --extra-data (with the dataset's augmentation).  The batch size and the number of optimiser
-    steps stay as they are, and an epoch uses about (1 - f) of the real images, a new random subset
-    each epoch (the fixed real : generated ratio per batch of Gowal et al. 2021's recipe).
+    Extra data (Dai et al. 2021, who add generated images to adversarial training): k = round(n f /
+    (1 - f)) images drawn uniformly with replacement from --extra-data (with the dataset's
+    augmentation), f = --extra-fraction, are appended to each real minibatch of n, so f is their
+    share of the enlarged batch: f = 0.5 is the authors' 1:1 (a full real batch plus a full batch of
+    generated images).  An epoch still covers every real image and takes as many optimiser steps as
+    without extra data; each step sees n + k images (Free's persistent perturbation has :meth:`rows`
+    rows for that).
 
-    Extra images replace rows first, then random training perturbs its own random rows, so noise
+    Extra images are appended first, then random training perturbs its own random rows, so noise
     reaches real and extra images alike.  Under distributed training every rank draws a different
     slice of one shared random draw, so the ranks do not train on the same extra images or copies."""
 
@@ -166,17 +169,26 @@ class TrainingTricks:
         """This rank's n of a draw of n * world (the same draw on every rank, which share a seed)."""
         return draw(n * self.world)[self.rank * n:(self.rank + 1) * n]
 
+    def extra_count(self, n):
+        """How many extra images join a real minibatch of n."""
+        return round(n * self.extra_fraction / (1 - self.extra_fraction)) if self.extra is not None else 0
+
+    def rows(self, batch_size):
+        """The largest training batch the regime sees: batch_size real images plus their extra ones."""
+        return batch_size + self.extra_count(batch_size)
+
     def mix(self, x, y):
-        """The minibatch the regime trains on: extra images in, then random-training noise."""
-        n = len(x)
-        k = round(self.extra_fraction * n) if self.extra is not None else 0
+        """The minibatch the regime trains on: extra images appended, then random-training noise."""
+        k = self.extra_count(len(x))
         if k:
             idx = self._rank_part(lambda m: torch.randint(len(self.extra.x), (m,), device=x.device), k)
             xe = self.extra.x[idx].float().div_(255)
             if self.extra.augment == "crop+flip":
                 xe = self.extra._augment(xe)
-            x, y = x.clone(), y.clone()
-            x[:k], y[:k] = xe, self.extra.y[idx]
+            if self.channels_last:
+                xe = xe.contiguous(memory_format=torch.channels_last)
+            x, y = torch.cat([x, xe]), torch.cat([y, self.extra.y[idx]])
+        n = len(x)
         k = round(self.random_share * n)
         if k:
             rows = torch.randperm(n, device=x.device)[:k]

@@ -128,21 +128,25 @@ def write_extra(path, n=40, layout="nhwc", value=255, label=7):
     return path
 
 
-def test_extra_data_mixer_draws_the_requested_fraction(tmp_path, monkeypatch):
+def test_extra_data_is_appended_to_the_real_batch_in_the_requested_share(tmp_path, monkeypatch):
+    """f = 0.3: round(50 * 0.3 / 0.7) = 21 extra images follow the 50 real ones, which stay as they were;
+    f = 0.5 is Dai et al.'s 1:1."""
     torch.manual_seed(0)
     path = write_extra(tmp_path / "extra.npz")
     monkeypatch.setitem(utils.DATASETS, "synthetic", (1, 8, 10, (0.5,), (0.25,), "none"))
     tr = tricks.TrainingTricks(trick_args("--extra-data", path, "--extra-fraction", 0.3), real_images())
     x, y = torch.zeros(50, 1, 8, 8), torch.zeros(50, dtype=torch.long)
+    assert tr.rows(50) == 71
     drawn = set()
     for _ in range(40):
         out, y_out = tr.mix(x, y)
-        extra = out.flatten(1)[:, 1:].eq(1).all(1)
-        assert extra.sum() == 15 and torch.equal(y_out[extra], torch.full((15,), 7))
-        assert torch.equal(out[~extra], x[~extra]) and torch.equal(y_out[~extra], y[~extra])
-        drawn.update((out[extra, 0, 0, 0] * 255).round().long().tolist())
+        assert out.shape == (71, 1, 8, 8) and torch.equal(out[:50], x) and torch.equal(y_out[:50], y)
+        assert out[50:].flatten(1)[:, 1:].eq(1).all() and torch.equal(y_out[50:], torch.full((21,), 7))
+        drawn.update((out[50:, 0, 0, 0] * 255).round().long().tolist())
     assert len(drawn) == 40  # draws cover the whole extra set
     assert torch.equal(x, torch.zeros_like(x))  # the real batch is not modified in place
+    half = tricks.TrainingTricks(trick_args("--extra-data", path), real_images())
+    assert len(half.mix(x, y)[0]) == 100
 
 
 def test_extra_data_formats_and_errors(tmp_path):
@@ -217,10 +221,10 @@ def test_tricks_reach_the_regime_and_its_loss(tmp_path, monkeypatch, script):
     else:
         train_free.main([str(f) for f in flags + ["--epochs", 2, "--replays", 2]])
         steps = 4
-    trained = [x for training, x in seen if training and len(x) == 64]
+    trained = [x for training, x in seen if training and len(x) == 64 + 21]  # round(64 * 0.25 / 0.75) extra images appended
     assert len(trained) >= steps
     for x in trained:  # FGSM / Free move the all-white extra images by at most eps
-        assert x.flatten(1).min(1).values.ge(1 - eps - 1e-6).sum() == 16
+        assert x.flatten(1).min(1).values.ge(1 - eps - 1e-6).sum() == 21
     copies = [x for training, x in seen if not training and len(x) == 5]
     assert len(copies) == steps
 
