@@ -237,11 +237,15 @@ def lr_range_test(run, args, train_minibatch, beta=0.9, diverge=4.0):
     (--lr-find-min/--lr-find-max; constant --momentum), and records the regime's own training loss,
     so the suggestion fits the adversarial loss, not the clean one.  It stops early once the smoothed
     loss s_i (bias-corrected EMA, s = beta s + (1-beta) loss, as in fastai) exceeds ``diverge`` x its
-    best or is not finite.  Suggested lr_max: the LR of the steepest descent d loss / d log(lr) of
-    the centred moving average of the loss, before that average's minimum (i.e. before divergence).
+    best or is not finite.  Two suggestions for lr_max, from the centred moving average of the loss:
+    the fast-training thesis's rule, one order of magnitude below the LR of the loss minimum (its
+    section 1.12.3.1: "about one order of magnitude lower than that found for the minimum point of
+    the error"), and Smith's / fastai's LR of the steepest descent d loss / d log(lr) before that
+    minimum.  The first is what the scripts' schedules were tuned with in the thesis.
 
     Writes lr_find.csv (and lr_find.png when matplotlib is installed) into the out dir; the trained
-    weights are thrown away.  Returns {suggested_lr_max, min_loss_lr, stopped_early, csv}."""
+    weights are thrown away.  Returns {thesis_lr_max, steepest_lr_max, suggested_lr_max (= steepest),
+    min_loss_lr, stopped_early, csv}."""
     n, lo, hi = args.lr_find_steps, args.lr_find_min, args.lr_find_max
     run.model.train()
     print(f"{run.script}: LR range test {lo:.3g} -> {hi:.3g} over {n} minibatches on {run.device}, out {run.out_dir}", flush=True)
@@ -281,11 +285,14 @@ def lr_range_test(run, args, train_minibatch, beta=0.9, diverge=4.0):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(lrs, losses, alpha=0.3, label="loss")
         ax.plot(lrs, centred, label="centred mean")
-        ax.axvline(suggestion, color="k", linestyle="--", label=f"suggested lr_max {suggestion:.3g}")
+        ax.axvline(suggestion, color="k", linestyle="--", label=f"steepest descent {suggestion:.3g}")
+        ax.axvline(min_lr / 10, color="r", linestyle=":", label=f"loss minimum / 10 (thesis) {min_lr / 10:.3g}")
         ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title=f"{run.script} LR range test")
         ax.legend()
         fig.savefig(os.path.join(run.out_dir, "lr_find.png"), dpi=120, bbox_inches="tight")
         plt.close(fig)
     print(f"LR range test: {len(rows)} minibatches{', stopped: ' + stopped if stopped else ''}; loss minimum at lr {min_lr:.3g}; "
-          f"suggested --lr-max {suggestion:.3g} (steepest descent)  -> {path}", flush=True)
-    return {"suggested_lr_max": suggestion, "min_loss_lr": min_lr, "stopped_early": stopped, "csv": path}
+          f"suggested --lr-max {min_lr / 10:.3g} (the thesis's rule: a tenth of the loss minimum's LR) or "
+          f"{suggestion:.3g} (steepest descent)  -> {path}", flush=True)
+    return {"thesis_lr_max": min_lr / 10, "steepest_lr_max": suggestion, "suggested_lr_max": suggestion,
+            "min_loss_lr": min_lr, "stopped_early": stopped, "csv": path}

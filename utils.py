@@ -337,21 +337,22 @@ def forever(batches):
 
 # --------------------------------------------------------------------------------------- schedules
 LR_SCHEDULES = ("piecewise", "cyclic", "linear", "exponential", "onecycle", "onecycle-half",
-                "onecycle-truncated", "triangular", "cosine", "sgdr", "linear-restarts", "constant")
+                "onecycle-truncated", "triangular", "triangular-decreasing", "cosine", "sgdr", "sgdr-decreasing",
+                "linear-restarts", "trapezoid", "constant")
 MOMENTUM_SCHEDULES = ("constant", "onecycle")
 
 
 def _restart_bounds(t, cycles, mult):
-    """For t in [0,1), the position u in [0,1) inside its cycle when [0,1] is cut into ``cycles``
-    cycles whose lengths grow by ``mult``."""
+    """For t in [0,1]: (the index i of its cycle, its position u in [0,1] inside that cycle) when [0,1]
+    is cut into ``cycles`` cycles whose lengths grow by ``mult``."""
     lengths = [mult ** i for i in range(cycles)]
     total, start = sum(lengths), 0.0
     for i, length in enumerate(lengths):
         end = start + length / total
         if t < end or i == cycles - 1:  # the last cycle by position (with mult=1 all lengths are equal)
-            return min((t - start) / (end - start), 1.0)
+            return i, min((t - start) / (end - start), 1.0)
         start = end
-    return 1.0
+    return cycles - 1, 1.0
 
 
 def lr_at(step, total_steps, schedule, lr_max, cycles=3, mult=1.0, lr_min=None):
@@ -366,10 +367,17 @@ def lr_at(step, total_steps, schedule, lr_max, cycles=3, mult=1.0, lr_min=None):
                         thesis's "1 Cycle & Half"; its figure is not in the text, so this is our reading)
     onecycle-truncated  lr_max/10 -> lr_max over 30%, then straight down to floor (lr_max/1000) (the
                         thesis's "1 Cycle truncated": the cycle without its separate annealing tail; our reading)
-    triangular  ``cycles`` triangles between floor (lr_max/10) and lr_max (Smith's CLR)
+    triangular  ``cycles`` triangles between floor (lr_max/10) and lr_max (Smith's CLR; the thesis's Figure 35)
+    triangular-decreasing  the same with the height above the floor halved each cycle (the thesis's
+                "decreasing triangular cycles", Figure 37; halving is Smith's triangular2, our reading)
     cosine      floor + (lr_max - floor) (1 + cos(pi t)) / 2 (floor 0; Dai et al.: lr_max 0.1, floor 1e-3)
-    sgdr        cosine warm restarts (Loshchilov & Hutter) down to floor (0), ``cycles`` cycles growing by ``mult``
+    sgdr        cosine warm restarts (Loshchilov & Hutter) down to floor (0), ``cycles`` cycles growing by
+                ``mult`` (the thesis's Figures 38 and 39 left)
+    sgdr-decreasing  the same with each restart's height above the floor halved (the thesis's
+                "decreasing warm restarts", Figure 39 right; the factor 1/2 is our reading)
     linear-restarts  linear decay lr_max -> floor (lr_max/1000) restarted ``cycles`` times (growing by mult)
+    trapezoid   warm restarts of trapezoidal shape: each cycle holds lr_max for its first half, then
+                falls linearly to floor (lr_max/1000) (the thesis lists the shape without a figure; our reading)
     constant    lr_max
 
     ``lr_min`` (--lr-min) replaces each decaying or cycling schedule's floor (its default in brackets)."""
@@ -390,17 +398,22 @@ def lr_at(step, total_steps, schedule, lr_max, cycles=3, mult=1.0, lr_min=None):
         return float(np.interp(t, [0, 1 / 3, 2 / 3, 5 / 6, 1], [lo, lr_max, lo, lr_max / 2, floor(lr_max / 1000)]))
     if schedule == "onecycle-truncated":
         return float(np.interp(t, [0, 0.3, 1], [lo, lr_max, floor(lr_max / 1000)]))
-    if schedule == "triangular":
+    if schedule in ("triangular", "triangular-decreasing"):
         u = (t * cycles) % 1.0 if t < 1 else 1.0
-        return floor(lo) + (lr_max - floor(lo)) * (1 - abs(2 * u - 1))
+        height = (lr_max - floor(lo)) * (0.5 ** min(int(t * cycles), cycles - 1) if schedule == "triangular-decreasing" else 1)
+        return floor(lo) + height * (1 - abs(2 * u - 1))
     if schedule == "cosine":
         return floor(0) + (lr_max - floor(0)) * (1 + math.cos(math.pi * t)) / 2
-    if schedule == "sgdr":
-        u = _restart_bounds(t, cycles, mult)
-        return floor(0) + (lr_max - floor(0)) * (1 + math.cos(math.pi * u)) / 2
+    if schedule in ("sgdr", "sgdr-decreasing"):
+        i, u = _restart_bounds(t, cycles, mult)
+        height = (lr_max - floor(0)) * (0.5 ** i if schedule == "sgdr-decreasing" else 1)
+        return floor(0) + height * (1 + math.cos(math.pi * u)) / 2
     if schedule == "linear-restarts":
-        u = _restart_bounds(t, cycles, mult)
+        _, u = _restart_bounds(t, cycles, mult)
         return lr_max + (floor(lr_max / 1000) - lr_max) * u
+    if schedule == "trapezoid":
+        _, u = _restart_bounds(t, cycles, mult)
+        return lr_max + (floor(lr_max / 1000) - lr_max) * max(0.0, 2 * u - 1)
     if schedule == "constant":
         return lr_max
     raise ValueError(f"unknown lr schedule {schedule!r}; choose from {', '.join(LR_SCHEDULES)}")

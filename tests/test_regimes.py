@@ -51,6 +51,12 @@ SCHEDULE_POINTS = {
     # three equal cycles: restarts at 1/3 and 2/3, each cycle half way down at its middle
     "sgdr": (600, {"cycles": 3}, {0: TOP, 100: TOP / 2, 200: TOP, 300: TOP / 2, 400: TOP, 600: 0.0}),
     "linear-restarts": (600, {"cycles": 3}, {0: TOP, 100: (TOP + TOP / 1000) / 2, 200: TOP, 400: TOP, 600: TOP / 1000}),
+    # peaks TOP, then half and a quarter of the height above the floor TOP / 10
+    "triangular-decreasing": (600, {"cycles": 3}, {0: TOP / 10, 100: TOP, 200: TOP / 10, 300: TOP / 10 + 0.45 * TOP,
+                                                   400: TOP / 10, 500: TOP / 10 + 0.225 * TOP, 600: TOP / 10}),
+    "sgdr-decreasing": (600, {"cycles": 3}, {0: TOP, 100: TOP / 2, 200: TOP / 2, 300: TOP / 4, 400: TOP / 4, 600: 0.0}),
+    # each cycle: TOP for its first half, then linearly down to TOP / 1000
+    "trapezoid": (600, {"cycles": 3}, {0: TOP, 99: TOP, 150: (TOP + TOP / 1000) / 2, 200: TOP, 300: TOP, 600: TOP / 1000}),
     "constant": (1000, {}, {0: TOP, 123: TOP, 1000: TOP}),
 }
 
@@ -265,6 +271,7 @@ def test_lr_find_suggests_the_steepest_descent_and_stops_at_divergence(tmp_path)
     assert result["suggested_lr_max"] == pytest.approx(1e-2, rel=0.13)  # 20 LRs per decade: within one step
     assert result["stopped_early"] and 2 < seen[-1] < 3 and len(seen) < 101
     assert 0.1 < result["min_loss_lr"] <= 2
+    assert result["thesis_lr_max"] == pytest.approx(result["min_loss_lr"] / 10) and result["steepest_lr_max"] == result["suggested_lr_max"]
 
 
 # ------------------------------------------------------------- what each training perturbation is for
