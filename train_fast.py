@@ -110,13 +110,14 @@ def main(argv=None, data=None):
     if args.lr_find:
         return tricks.lr_range_test(run, args, lambda x, y: train_step(run, tr, x, y, args)[0])
     total_steps = args.epochs * len(run.batches)
-    start, it, history, best, train_time, guard = 0, 0, [], None, 0.0, None
+    start, it, history, best, train_time, guard, curve = 0, 0, [], None, 0.0, None, []
     if args.resume and (ckpt := utils.load_for_resume(run, args, args.epochs)):
-        start, it, history, best, train_time, guard = (ckpt[k] for k in ("epoch", "iteration", "history", "best", "train_time_s", "guard"))
+        start, it, history, best, train_time, guard, curve = (
+            ckpt[k] for k in ("epoch", "iteration", "history", "best", "train_time_s", "guard", "curve"))
 
     def save(path, epoch):  # everything eval.py and --resume need
         utils.save_checkpoint(run, args, path, epoch=epoch, iteration=it, history=history, best=best,
-                              train_time_s=train_time, guard=guard)
+                              train_time_s=train_time, guard=guard, curve=curve)
 
     summary = utils.start_summary(run, args, args.epochs)
     summary["catastrophic_overfitting"] = guard
@@ -132,6 +133,8 @@ def main(argv=None, data=None):
                 lr = utils.scheduled_lr(run.opt, it, total_steps, args)
                 loss, correct, bad = train_step(run, tr, x, y, args)
                 it += 1
+                if args.eval_every and it % args.eval_every == 0:  # accuracy over iterations (--eval-every)
+                    curve.append(utils.probe(run, args, it, lr))
                 meter.add(loss, correct, len(y), bad, lr)
             train_loss, train_acc = meter.result()
             train_time += time.time() - tic
@@ -152,11 +155,11 @@ def main(argv=None, data=None):
             save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
     except (utils.Diverged, KeyboardInterrupt) as stop:
         done = len(history)  # completed epochs
-        summary.update(utils.results(run, args, done, train_time, history, dict(optimizer_steps=it), evaluated=False))
+        summary.update(utils.results(run, args, done, train_time, history, dict(optimizer_steps=it), evaluated=False, curve=curve))
         raise utils.record_stop(run, stop, summary, done, lambda path: save(path, done)) from None
     save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
     summary.update(catastrophic_overfitting=guard, stopped_early=guard and f"catastrophic overfitting in epoch {guard['epoch']}")
-    summary.update(utils.results(run, args, epoch, train_time, history, dict(optimizer_steps=it), evaluated=False))
+    summary.update(utils.results(run, args, epoch, train_time, history, dict(optimizer_steps=it), evaluated=False, curve=curve))
     return utils.finish(run, args, summary)
 
 

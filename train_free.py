@@ -93,14 +93,14 @@ def main(argv=None, data=None):
         return tricks.lr_range_test(run, args, lambda x, y: train_minibatch(run, tr, *tr.mix(x, y), delta, args)[0])
     n_passes = passes(args)
     total_steps = n_passes * len(run.batches) * args.replays  # one optimiser step per replay
-    start, it, history, best, train_time, guard = 0, 0, [], None, 0.0, None
+    start, it, history, best, train_time, guard, curve = 0, 0, [], None, 0.0, None, []
     if args.resume and (ckpt := utils.load_for_resume(run, args, n_passes)):
-        start, it, history, best, train_time, guard, delta = (
-            ckpt[k] for k in ("epoch", "iteration", "history", "best", "train_time_s", "guard", "delta"))
+        start, it, history, best, train_time, guard, curve, delta = (
+            ckpt[k] for k in ("epoch", "iteration", "history", "best", "train_time_s", "guard", "curve", "delta"))
 
     def save(path, epoch):  # everything eval.py and --resume need, Free's delta included
         utils.save_checkpoint(run, args, path, epoch=epoch, iteration=it, history=history, best=best,
-                              train_time_s=train_time, guard=guard, delta=delta)
+                              train_time_s=train_time, guard=guard, curve=curve, delta=delta)
 
     summary = utils.start_summary(run, args, n_passes, label="pass")
     summary["catastrophic_overfitting"] = guard
@@ -117,6 +117,8 @@ def main(argv=None, data=None):
                     lr = utils.scheduled_lr(run.opt, it, total_steps, args)
                     loss, correct, bad = replay_step(run, tr, x, y, delta, args)
                     it += 1
+                    if args.eval_every and it % args.eval_every == 0:  # accuracy over iterations (--eval-every)
+                        curve.append(utils.probe(run, args, it, lr))
                 meter.add(loss, correct, len(y), bad, lr)
             train_loss, train_acc = meter.result()
             train_time += time.time() - tic
@@ -137,11 +139,11 @@ def main(argv=None, data=None):
             save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
     except (utils.Diverged, KeyboardInterrupt) as stop:
         done = len(history)  # completed passes
-        summary.update(utils.results(run, args, done, train_time, history, dict(optimizer_steps=it), evaluated=False))
+        summary.update(utils.results(run, args, done, train_time, history, dict(optimizer_steps=it), evaluated=False, curve=curve))
         raise utils.record_stop(run, stop, summary, done, lambda path: save(path, done), label="pass") from None
     save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
     summary.update(catastrophic_overfitting=guard, stopped_early=guard and f"catastrophic overfitting in pass {guard['epoch']}")
-    summary.update(utils.results(run, args, epoch, train_time, history, dict(optimizer_steps=it), evaluated=False))
+    summary.update(utils.results(run, args, epoch, train_time, history, dict(optimizer_steps=it), evaluated=False, curve=curve))
     return utils.finish(run, args, summary)
 
 

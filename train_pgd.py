@@ -122,14 +122,14 @@ def main(argv=None, data=None):
     if args.lr_find:
         return tricks.lr_range_test(run, args, lambda x, y: train_step(run, tr, *tr.mix(x, y), args)[0])
     total_steps = args.epochs * len(run.batches)
-    start, it, history, best, train_time, guard, attack_steps = 0, 0, [], None, 0.0, None, 0
+    start, it, history, best, train_time, guard, curve, attack_steps = 0, 0, [], None, 0.0, None, [], 0
     if args.resume and (ckpt := utils.load_for_resume(run, args, args.epochs)):
-        start, it, history, best, train_time, guard, attack_steps = (
-            ckpt[k] for k in ("epoch", "iteration", "history", "best", "train_time_s", "guard", "attack_steps"))
+        start, it, history, best, train_time, guard, curve, attack_steps = (
+            ckpt[k] for k in ("epoch", "iteration", "history", "best", "train_time_s", "guard", "curve", "attack_steps"))
 
     def save(path, epoch):  # everything eval.py and --resume need
         utils.save_checkpoint(run, args, path, epoch=epoch, iteration=it, history=history, best=best,
-                              train_time_s=train_time, guard=guard, attack_steps=attack_steps)
+                              train_time_s=train_time, guard=guard, curve=curve, attack_steps=attack_steps)
 
     summary = utils.start_summary(run, args, args.epochs)
     summary["catastrophic_overfitting"] = guard
@@ -145,6 +145,8 @@ def main(argv=None, data=None):
                 lr = utils.scheduled_lr(run.opt, it, total_steps, args)
                 loss, correct, bad, steps = train_step(run, tr, x, y, args)
                 it += 1
+                if args.eval_every and it % args.eval_every == 0:  # accuracy over iterations (--eval-every)
+                    curve.append(utils.probe(run, args, it, lr))
                 attack_steps += steps
                 meter.add(loss, correct, len(y), bad, lr)
             train_loss, train_acc = meter.result()
@@ -167,12 +169,12 @@ def main(argv=None, data=None):
     except (utils.Diverged, KeyboardInterrupt) as stop:
         done = len(history)  # completed epochs
         counts = dict(optimizer_steps=it, attack_steps=attack_steps)
-        summary.update(utils.results(run, args, done, train_time, history, counts, evaluated=False))
+        summary.update(utils.results(run, args, done, train_time, history, counts, evaluated=False, curve=curve))
         raise utils.record_stop(run, stop, summary, done, lambda path: save(path, done)) from None
     save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
     summary.update(catastrophic_overfitting=guard, stopped_early=guard and f"catastrophic overfitting in epoch {guard['epoch']}")
     counts = dict(optimizer_steps=it, attack_steps=attack_steps)
-    summary.update(utils.results(run, args, epoch, train_time, history, counts, evaluated=False))
+    summary.update(utils.results(run, args, epoch, train_time, history, counts, evaluated=False, curve=curve))
     return utils.finish(run, args, summary)
 
 

@@ -512,6 +512,9 @@ def add_shared_flags(p, **defaults):
     g.add_argument("--eval-pgd-restarts", type=int, default=1)
     g.add_argument("--eval-pgd-alpha", type=fraction, default=None, help="PGD step for the final evaluation (default eps/4, i.e. 2/255 at 8/255)")
     g.add_argument("--n-eval", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    g.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="every N optimiser steps, clean and PGD-10 accuracy on the first --eval-every-images test images into summary.json's 'curve' (0 = off)")
+    g.add_argument("--eval-every-images", type=int, default=500, help="test images of the --eval-every probe")
     g.add_argument("--co-guard", type=float, default=0.2,
                    help="catastrophic-overfitting guard: stop and restore the best weights when held-out PGD accuracy drops by more than this (0 = off)")
     g = p.add_argument_group("run (shared)")
@@ -545,6 +548,8 @@ def parse_args(parser, argv=None, checks=()):
     for name in ("n_train", "n_eval"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if args.eval_every < 0 or args.eval_every_images < 1:
+        problems.append("--eval-every must be >= 0 and --eval-every-images >= 1")
     if args.lr_min is not None and not 0 <= args.lr_min < args.lr_max:
         problems.append("--lr-min must be in [0, --lr-max)")
     if args.nesterov and args.momentum <= 0:
@@ -896,6 +901,19 @@ def held_out_pgd(run, eps):
     return acc
 
 
+def probe(run, args, it, lr):
+    """Clean and PGD-10 (step eps/4) accuracy on the first --eval-every-images test images after
+    optimiser step ``it``, for accuracy-over-iterations curves.  It leaves the training trajectory
+    as it was: the RNG states are restored afterwards and the model goes back to train mode."""
+    n, eps = args.eval_every_images, args.epsilon
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        clean = attacks.robust_accuracy(run.model, run.x_test[:n], run.y_test[:n])[0]
+        robust = attacks.robust_accuracy(run.model, run.x_test[:n], run.y_test[:n],
+                                         lambda m, x, y: attacks.pgd(m, x, y, eps, eps / 4, 10))[0]
+    run.model.train()
+    return dict(iteration=it, lr=lr, clean_acc=clean, pgd_acc=robust)
+
+
 def collapsed(held, best, co_guard):
     """The catastrophic-overfitting guard: held-out PGD accuracy fell by more than ``co_guard`` below
     the best epoch's (``best`` = {epoch, held_pgd_acc, model_state} or None)."""
@@ -1018,10 +1036,10 @@ def pgd_config(args):
     return dict(eps=args.epsilon, alpha=alpha, steps=args.eval_pgd_steps, restarts=args.eval_pgd_restarts)
 
 
-def results(run, args, epochs_done, train_time, history, counts, evaluated):
-    """summary.json's fields on where training got to."""
+def results(run, args, epochs_done, train_time, history, counts, evaluated, curve=()):
+    """summary.json's fields on where training got to (``curve``: the --eval-every probes)."""
     return {"epochs_completed": epochs_done, "train_time_s": round(train_time, 2), "pgd": pgd_config(args),
-            "n_eval": len(run.y_test), "history": history, "evaluated": evaluated,
+            "n_eval": len(run.y_test), "history": history, "curve": list(curve), "evaluated": evaluated,
             "activation_values": activations.activation_parameter_values(run.model), "counts": counts,
             "checkpoint": os.path.join(run.out_dir, "checkpoint.pt")}
 

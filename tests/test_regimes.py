@@ -500,3 +500,14 @@ def test_setup_gives_each_rank_its_own_shard_of_the_global_batch(tmp_path, monke
     args = train_fast.get_args(tiny(tmp_path))
     run = utils.setup(args, "train_fast")
     assert (run.rank, run.world, run.batches.rank, run.batches.world, run.batches.batch_size) == (1, 2, 1, 2, 32)
+
+
+@pytest.mark.parametrize("script,extra,steps", [(train_fast, ["--epochs", 2], 8), (train_free, ["--epochs", 4, "--replays", 2], 16)])
+def test_eval_every_records_a_curve_without_changing_the_training(tmp_path, script, extra, steps):
+    plain = script.main(tiny(tmp_path / "plain", "--co-guard", 0, *extra))
+    probed = script.main(tiny(tmp_path / "probed", "--co-guard", 0, "--eval-every", 3, "--eval-every-images", 32, *extra))
+    a = models.load_checkpoint(str(tmp_path / "plain" / "checkpoint.pt")).state_dict()
+    b = models.load_checkpoint(str(tmp_path / "probed" / "checkpoint.pt")).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and plain["pgd_acc"] == probed["pgd_acc"]
+    assert plain["curve"] == [] and [c["iteration"] for c in probed["curve"]] == list(range(3, steps + 1, 3))
+    assert all(0 <= c["pgd_acc"] <= c["clean_acc"] <= 1 and c["lr"] >= 0 for c in probed["curve"])
