@@ -132,6 +132,8 @@ def test_non_finite_gradient_norm_is_caught_with_grad_clip(tmp_path):
     (["train_fast.py", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["train_free.py", "--resume", "--lr-find"], "cannot be combined"),
     (["train_fast.py", "--act", "kaf", "--kaf-size", "1"], "kaf dictionary size must be >= 2"),
+    (["train_fast.py", "--act", "kaf", "--kaf-size", "10000"], "--kaf-size must be <= 1000"),
+    (["train_pgd.py", "--resume", "--overwrite"], "cannot be combined"),
 ])
 def test_bad_flags_are_refused_up_front_in_one_line(argv, message, capsys):
     script = importlib.import_module(argv[0][:-3])
@@ -237,3 +239,96 @@ def test_torchrun_two_processes_gloo_keeps_parameters_identical(tmp_path, script
     # each rank trains on its own half of the data: 512 images / 2 ranks / 32 per rank = 8 batches
     assert s["counts"]["optimizer_steps"] == steps
     assert r.stdout.count("held-out PGD-10") == s["epochs_completed"]  # rank 0 alone logs
+
+
+# ---------------------------------------------------------------- the run folder, in-process (fast)
+QUICK = [*TINY, "--n-train", "128", "--n-eval", "16", "--eval-pgd-steps", "1", "--epochs", "1"]
+
+
+def _main_error(argv, capsys):
+    """train_fast.main(argv) as the command line runs it: (exit code, the non-empty stderr lines)."""
+    import train_fast
+    import utils
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        utils.main_guard(lambda: train_fast.main(argv))
+    return e.value.code, [l for l in capsys.readouterr().err.splitlines() if l.strip() and "it/s" not in l]  # not the progress bar
+
+
+def test_a_folder_of_another_run_is_refused_without_resume_or_overwrite(tmp_path, capsys):
+    import train_fast
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"another run")
+    (out / "eval.json").write_text("{}")
+    code, err = _main_error([*QUICK, "--out-dir", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and "holds another run's checkpoint.pt" in err[0] and "--overwrite" in err[0], err
+    assert (out / "checkpoint.pt").read_bytes() == b"another run" and not (out / "summary.json").exists()
+    summary = train_fast.main([*QUICK, "--out-dir", str(out), "--overwrite"])  # replaced, old results deleted
+    assert summary["evaluated"] and not (out / "eval.json").exists() and not (out / ".lock").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_lock_keeps_a_second_process_out_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    import socket
+    import train_fast
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process (pytest's parent)
+    code, err = _main_error([*QUICK, "--out-dir", str(out)], capsys)
+    assert code == 2 and len(err) == 1 and f"in use by process {os.getppid()}" in err[0], err
+    assert not (out / "summary.json").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(f"{dead.pid} {socket.gethostname()}\n")  # left by a killed run
+    assert train_fast.main([*QUICK, "--out-dir", str(out)])["evaluated"]
+    assert not (out / ".lock").exists()
+
+
+def test_an_out_dir_that_is_a_file_or_cannot_be_created_is_one_line_up_front(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for out, message in ((tmp_path / "file", "is a file, not a folder"), (tmp_path / "file" / "sub", "cannot create --out-dir")):
+        code, err = _main_error([*QUICK, "--out-dir", str(out)], capsys)
+        assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_last_batch_of_one_image_is_dropped_and_lenet_trains(tmp_path):
+    import train_fast
+    import utils
+    x, y = torch.zeros(66, 1, 4, 4, dtype=torch.uint8), torch.arange(66)
+    batches = utils.Batches(x[:65], y[:65], 32)
+    assert len(batches) == 2 and [len(b[1]) for b in batches] == [32, 32]
+    assert [len(b[1]) for b in utils.Batches(x[:66], y[:66], 32)] == [32, 32, 2]
+    assert len(utils.Batches(x[:64], y[:64], 1)) == 64
+    summary = train_fast.main([*QUICK, "--n-train", "65", "--out-dir", str(tmp_path / "run")])  # lenet: BatchNorm1d
+    assert summary["evaluated"] and summary["counts"]["optimizer_steps"] == 1
+
+
+def test_ctrl_c_in_the_first_held_out_check_names_no_missing_checkpoint(tmp_path, capsys, monkeypatch):
+    import utils
+    out = tmp_path / "run"
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(utils, "held_out_pgd", interrupt)
+    code, err = _main_error([*QUICK, "--out-dir", str(out)], capsys)
+    assert code == 130 and "no epoch completed, so no checkpoint.pt yet" in err[0] and "holds epoch" not in err[0], err
+    assert not (out / "checkpoint.pt").exists() and (out / "interrupted.pt").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] == "interrupted in epoch 1" and summary["epochs_completed"] == 0
+
+
+def test_ctrl_c_in_the_final_evaluation_writes_a_partial_summary(tmp_path, capsys, monkeypatch):
+    import utils
+    out = tmp_path / "run"
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(utils, "evaluate", interrupt)
+    code, err = _main_error([*QUICK, "--out-dir", str(out)], capsys)
+    assert code == 130 and "interrupted in the final evaluation" in err[0], err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluated"] is False and summary["epochs_completed"] == 1
+    assert summary["stopped_early"] == "interrupted in the final evaluation" and "clean_acc" not in summary
+    assert not (out / ".lock").exists()
+    monkeypatch.undo()  # --resume of the trained run only evaluates it
+    r = _run("train_fast.py", *QUICK, "--out-dir", str(out), "--resume")
+    assert r.returncode == 0 and "(finished)" in r.stdout and json.loads((out / "summary.json").read_text())["evaluated"]
