@@ -256,7 +256,7 @@ def make_train_step(regime, run, script_args):
     LR the optimiser holds."""
     tr = tricks.TrainingTricks.for_run(script_args, run)
     if regime == "free":
-        delta = torch.zeros((script_args.batch_size, *run.batches.x.shape[1:]), device=run.device)
+        delta = torch.zeros((tr.rows(script_args.batch_size), *run.batches.x.shape[1:]), device=run.device)
         return lambda x, y: train_free.train_minibatch(run, tr, x, y, delta, script_args)[0]
     return lambda x, y: REGIMES[regime].train_step(run, tr, x, y, script_args)[0]
 
@@ -448,6 +448,8 @@ def main(argv=None):
     if args.worker is not None:  # a subprocess of an isolated benchmark: one configuration, one result line
         print(RESULT_TAG + json.dumps(run_config(json.loads(args.worker))), flush=True)
         return None
+    if args.out:
+        utils.check_writable(args.out)  # before the benchmarks, not after them
     todo = list(configs(args))
     for cfg in todo:  # every flag checked by the training script itself, before anything runs
         REGIMES[cfg["regime"]].get_args(cfg["argv"])
@@ -468,7 +470,6 @@ def main(argv=None):
               "torch": torch.__version__, "mode": mode, "flags": {k: v for k, v in vars(args).items() if k != "worker"},
               "rows": rows, "table": table}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         utils.write_json(result, args.out)
     return result
 

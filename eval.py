@@ -41,8 +41,10 @@ attack's accuracy is more than --gap-warn (0.10) above the worst case: that atta
 fixed-step PGD on a bounded or symmetric unit -- overstates the model's robustness, so numbers
 reported with it alone would be wrong (seen on an rbf-insert lenet: PGD-20 36%, worst case 7%).
 
-Output: JSON (--out, default eval.json next to the checkpoint), a Markdown table row, and a PNG plot
-(accuracy vs eps and vs noise; only when matplotlib is installed).
+Output: JSON (--out, default eval.json next to a checkpoint.pt, eval_<name>.json next to any other
+checkpoint such as interrupted.pt), a Markdown table row, and a PNG plot (accuracy vs eps and vs
+noise; only when matplotlib is installed).  An --out or --plot that cannot be written is refused
+before the evaluation.
 
     python eval.py runs/train_fast_cifar10_preactresnet18_relu/checkpoint.pt --preset standard
     python eval.py CKPT --preset quick --n-eval 1000
@@ -115,7 +117,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=utils.DEFAULT_DEVICE)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON output (default: eval.json next to the checkpoint)")
+    p.add_argument("--out", default=None, help="JSON output (default: eval.json next to a checkpoint.pt, eval_<name>.json next to any other, e.g. eval_interrupted.json)")
     p.add_argument("--plot", default=None, help="PNG output (default: the JSON path with .png; needs matplotlib)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
@@ -430,9 +432,22 @@ def plot(result, path):
     return path
 
 
+def default_out(checkpoint):
+    """Where the JSON goes without --out: eval.json next to a run's checkpoint.pt (the run's result,
+    which run_all.sh reads), eval_<name>.json next to any other file, so that evaluating a run's
+    interrupted.pt writes eval_interrupted.json and never passes for the finished run's eval.json."""
+    folder, name = os.path.split(os.path.abspath(checkpoint))
+    stem = os.path.splitext(name)[0]
+    return os.path.join(folder, "eval.json" if stem == "checkpoint" else f"eval_{stem}.json")
+
+
 def main(argv=None):
     args = get_args(argv)
     utils.seed_everything(args.seed)
+    out = args.out or default_out(args.checkpoint)
+    utils.check_writable(out)  # before the evaluation, not after it
+    if not args.no_plot:
+        utils.check_writable(args.plot or os.path.splitext(out)[0] + ".png", "--plot")
     model, train_args, eps = utils.load_for_eval(args.checkpoint, args.device, args.eps)
     dataset, x, y = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, args.n_eval)
     cfg = getattr(model, "config", {})
@@ -445,7 +460,6 @@ def main(argv=None):
     result.update(evaluate(model, x, y, args, eps))
     header, sep, row = markdown(result, label)
     result.update(markdown_header=header, markdown_row=row)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "eval.json")
     if not args.no_plot:
         result["plot"] = plot(result, args.plot or os.path.splitext(out)[0] + ".png")
     utils.write_json(result, out)

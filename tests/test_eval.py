@@ -541,3 +541,27 @@ def test_eval_quick_preset_end_to_end(tmp_path):
     on_disk = json.loads(path.read_text())
     assert on_disk["accuracy"] == acc and on_disk["robust_accuracy"] == result["robust_accuracy"]
     assert on_disk["sanity_checks"] == result["sanity_checks"]
+
+
+def test_eval_of_interrupted_pt_writes_its_own_json_and_an_unwritable_out_is_refused_up_front(tmp_path, capsys):
+    import shutil
+    import bench
+    import utils
+    out = tmp_path / "run"
+    train_fast.main(["--dataset", "synthetic", "--model", "lenet", "--epochs", "1", "--n-train", "128", "--n-eval", "16",
+                     "--batch-size", "64", "--epsilon", "0.1", "--eval-pgd-steps", "1", "--device", "cpu", "--out-dir", str(out)])
+    shutil.copy(out / "checkpoint.pt", out / "interrupted.pt")  # as Ctrl-C leaves it beside the run's checkpoint
+    eval_script.main([str(out / "interrupted.pt"), "--attacks", "fgsm", "--n-eval", "8", "--no-plot", "--device", "cpu"])
+    assert (out / "eval_interrupted.json").exists() and not (out / "eval.json").exists()
+    (tmp_path / "file").write_text("")
+    for main, argv in ((eval_script.main, [str(out / "checkpoint.pt"), "--attacks", "fgsm", "--n-eval", "8", "--device", "cpu"]),
+                       (bench.main, ["--device", "cpu", "--dataset", "fashionmnist", "--model", "lenet", "--acts", "relu",
+                                     "--regimes", "fast", "--steps", "1", "--warmup", "0", "--no-isolate"])):
+        for bad, message in ((tmp_path / "file" / "e.json", "cannot create its folder"), (tmp_path, "is a folder")):
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                utils.main_guard(lambda: main(argv + ["--out", str(bad)]))
+            captured = capsys.readouterr()
+            err = [l for l in captured.err.splitlines() if l.strip()]
+            assert e.value.code == 2 and len(err) == 1 and message in err[0] and captured.out == "", (main, err)
+    assert not (out / "eval.json").exists()
