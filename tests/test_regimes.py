@@ -284,7 +284,7 @@ def linear_problem(seed=0, n=32, d=12, classes=4):
         model.weight.copy_(torch.randn(classes, d, generator=g))
         model.bias.copy_(torch.randn(classes, generator=g))
     x, y = torch.rand(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
-    run = argparse.Namespace(model=model, forward=model, attack_forward=model, autocast=contextlib.nullcontext,
+    run = argparse.Namespace(model=model, forward=model, attack_forward=model, autocast=contextlib.nullcontext, device=torch.device("cpu"),
                              scaler=torch.amp.GradScaler("cpu", enabled=False), opt=torch.optim.SGD(model.parameters(), lr=0.0))
     return run, x, y
 
@@ -321,7 +321,7 @@ def test_fgsm_rs_and_nfgsm_are_one_signed_gradient_step_from_their_noise_and_rai
 def test_free_replay_moves_delta_by_one_signed_step_of_eps_and_raises_the_loss():
     run, x, y = linear_problem()
     eps = 0.05
-    args = argparse.Namespace(epsilon=eps, grad_clip=0)
+    args = argparse.Namespace(epsilon=eps, grad_clip=0, act="relu", pssilu_reg=0, pssilu_beta_clip=0, freeze_act=False)
     tr = argparse.Namespace(mean_copies=0)
     delta = in_image(x, torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(1)))
     start = delta.clone()
