@@ -516,7 +516,7 @@ def test_train_fast_end_to_end_then_eval_then_reload(tmp_path):
     assert not model.training
     x = torch.rand(8, 1, 28, 28)
     run_model = models.build(**model.config)
-    run_model.load_state_dict(torch.load(ckpt, weights_only=False)["model_state"])
+    run_model.load_state_dict(torch.load(ckpt, weights_only=True)["model_state"])
     assert torch.equal(model(x), run_model.eval()(x))
 
     result = eval_script.main([ckpt, "--n-eval", "64", "--pgd-steps", "3", "--device", "cpu",
