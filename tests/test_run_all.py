@@ -74,8 +74,10 @@ def test_run_all_refuses_bad_settings_before_the_first_run(tmp_path):
 
 def test_ctrl_c_stops_the_whole_matrix_marks_the_run_interrupted_and_writes_the_table(tmp_path):
     env, out = _env(tmp_path, FAST_FLAGS=TINY.replace("--epochs 1", "--epochs 200")), tmp_path / "results"
+    # as from a terminal: SIGINT handled by default (a test run started in the background of a
+    # non-interactive shell inherits it ignored, and then neither bash nor python could see Ctrl-C)
     proc = subprocess.Popen(["bash", os.path.join(ROOT, "run_all.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt, deadline = out / "runs" / "fast_relu" / "checkpoint.pt", time.time() + 240
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
