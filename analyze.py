@@ -13,14 +13,18 @@
              spectral norm of the input-output Jacobian over test points and their PGD neighbours),
              which can never exceed it.                                       -> lipschitz.json / .png
 
-All three run unless some are named.  JSON always; PNGs when matplotlib is installed.
+All three run unless some are named.  JSON always; PNGs when matplotlib is installed.  The module
+also makes run_all.sh's table over seeds (``matrix_table``: mean ± std, paired differences to relu
+with a 95% t-interval).
 
     python analyze.py runs/train_fast_fashionmnist_lenet_kaf/checkpoint.pt --n-eval 500
     python analyze.py CKPT --lipschitz --power-iters 300
 """
 import argparse
 import copy
+import csv
 import functools
+import json
 import math
 import os
 
@@ -589,6 +593,135 @@ def plot_lipschitz(result, path, plt):
 
 
 # ============================================================================================== main
+# --------------------------------------------------------------------- run_all.sh's table over seeds
+# two-sided 95% quantiles of Student's t, degrees of freedom 1..30 (1.96 beyond)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+MATRIX_ACCURACIES = {"clean": "clean", "PGD-20": "pgd20x1", "PGD-50x10": "pgd50x10", "APGD-CE": "apgd-ce",
+                     "APGD-DLR": "apgd-dlr", "APGD-T": "apgd-t"}
+
+
+def mean_std(values):
+    """(mean, sample standard deviation with n - 1; 0 for a single value) of a non-empty list."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def paired_difference(a, b):
+    """The paired difference a - b over seeds (lists of equal length, one value per seed): its mean,
+    the 95% Student-t interval of that mean (None under two pairs) and the sign agreement, so a table
+    can say whether a difference is more than seed-to-seed noise."""
+    d = [x - y for x, y in zip(a, b)]
+    mean, std = mean_std(d)
+    k = len(d)
+    half = None if k < 2 else (T975[k - 2] if k <= 31 else 1.96) * std / math.sqrt(k)
+    same_sign = all(v > 0 for v in d) or all(v < 0 for v in d)
+    return {"n": len(d), "differences": d, "mean": mean, "std": std, "half_width": half,
+            "low": None if half is None else mean - half, "high": None if half is None else mean + half,
+            "significant": half is not None and (mean - half > 0 or mean + half < 0), "same_sign": same_sign}
+
+
+def matrix_run(folder):
+    """One run of the matrix, read from its folder (summary.json, eval.json, FAILED / INTERRUPTED
+    markers): accuracies in %, the worst case, checks, time, and what went wrong, if anything."""
+    load = lambda name: json.load(open(os.path.join(folder, name))) if os.path.exists(os.path.join(folder, name)) else {}
+    mark = lambda name: open(os.path.join(folder, name)).read().strip() if os.path.exists(os.path.join(folder, name)) else None
+    s, e = load("summary.json"), load("eval.json")
+    acc = dict(e.get("accuracy", {}))
+    if "clean_full" in e:  # clean accuracy on the whole test set, the attacks on --n-eval images
+        acc["clean"] = e["clean_full"]["accuracy"]
+    run = {k: 100 * acc[key] for k, key in MATRIX_ACCURACIES.items() if key in acc}
+    if "robust_accuracy" in e:
+        run["worst case"] = 100 * e["robust_accuracy"]
+    failed, interrupted = mark("FAILED"), mark("INTERRUPTED")
+    trouble = [f"failed ({failed})" if failed else None, f"interrupted in {interrupted} (resumable)" if interrupted else None,
+               "catastrophic overfitting" if s.get("catastrophic_overfitting") else None,
+               "diverged" if s.get("diverged") else None,
+               s.get("stopped_early") if s.get("stopped_early") and not s.get("diverged") else None]
+    run.update(eps=e.get("eps", s.get("flags", {}).get("epsilon")), n_eval=e.get("n_eval"),
+               n_clean=e.get("clean_full", {}).get("n", e.get("n_eval")),
+               sanity=(("FAIL: " + ", ".join(e["sanity_failed"])) if e["sanity_failed"] else "pass") if "sanity_checks" in e else None,
+               overstated=[w.split()[0] for w in e.get("warnings", [])],
+               train_time=s["train_time_s"] if s.get("epochs_completed") else None,
+               activation_params=s.get("activation_params"), activation_values=s.get("activation_values"),
+               trouble=[t for t in trouble if t], ok=bool(e) and not failed and not interrupted)
+    return run
+
+
+def _pm(values, digits=2):
+    if not values:
+        return "-"
+    m, s = mean_std(values)
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def matrix_table(out, regimes, acts, seeds, baseline="relu"):
+    """The table of a run_all.sh matrix in ``out``: one row per regime x activation with every accuracy
+    as mean ± std over the seeds that finished, the paired difference of the worst case to ``baseline``
+    (mean, 95% t-interval, significant when the interval excludes 0, sign agreement), and a flag for
+    any seed that failed, diverged or overfitted catastrophically.  Writes results.md / .csv / .json
+    (the cells) and results_seeds.csv (one row per run); returns the markdown text."""
+    runs = {(g, a, s): matrix_run(os.path.join(out, "runs", f"{g}_{a}_s{s}")) for g in regimes for a in acts for s in seeds}
+    present = [c for c in [*MATRIX_ACCURACIES, "worst case"] if any(c in r for r in runs.values())] or ["clean", "worst case"]
+    cols = ["regime", "activation", "eps", "seeds ok", *present, f"worst - {baseline} (95% CI)", "significant",
+            "sanity checks", "train time (s)", "activation params", "flags"]
+    cells, per_seed = [], []
+    for g in regimes:
+        for a in acts:
+            rs = {s: runs[(g, a, s)] for s in seeds}
+            ok = {s: r for s, r in rs.items() if r["ok"]}
+            eps = next((r["eps"] for r in rs.values() if r["eps"] is not None), None)
+            cell = {"regime": g, "activation": a, "eps": f"{eps:.4g}" if eps is not None else "-",
+                    "seeds ok": f"{len(ok)}/{len(seeds)}"}
+            for c in present:
+                cell[c] = _pm([r[c] for r in ok.values() if c in r])
+            diff, sig = "-", "-"
+            base = {s: runs[(g, baseline, s)] for s in seeds} if baseline in acts and a != baseline else {}
+            pairs = [(r["worst case"], base[s]["worst case"]) for s, r in ok.items()
+                     if s in base and base[s]["ok"] and "worst case" in r and "worst case" in base[s]]
+            stats = paired_difference(*zip(*pairs)) if pairs else None
+            if stats:
+                diff = f"{stats['mean']:+.2f}" + (f" [{stats['low']:+.2f}, {stats['high']:+.2f}]" if stats["half_width"] is not None else "")
+                sig = ("yes" if stats["significant"] else "no") if stats["half_width"] is not None else "n=1"
+                sig += f"; same sign in {stats['n']}/{stats['n']}" if stats["same_sign"] and stats["n"] > 1 else ""
+            cell[f"worst - {baseline} (95% CI)"], cell["significant"] = diff, sig
+            sanity = [f"s{s}: {r['sanity']}" for s, r in ok.items() if r["sanity"] and r["sanity"] != "pass"]
+            sanity += [f"s{s}: overstated by {', '.join(r['overstated'])}" for s, r in ok.items() if r["overstated"]]
+            cell["sanity checks"] = "; ".join(sanity) or ("pass" if any(r["sanity"] for r in ok.values()) else "-")
+            cell["train time (s)"] = _pm([r["train_time"] for r in ok.values() if r["train_time"] is not None], 1)
+            cell["activation params"] = str(next((r["activation_params"] for r in rs.values() if r["activation_params"] is not None), "-"))
+            flags = [f"s{s}: {', '.join(r['trouble'])}" for s, r in rs.items() if r["trouble"]]
+            flags += [f"s{s}: not run" for s, r in rs.items() if not r["ok"] and not r["trouble"]]
+            cell["flags"] = "; ".join(flags) or "-"
+            cell["paired_difference"] = stats
+            cells.append(cell)
+            for s, r in rs.items():
+                per_seed.append({"regime": g, "activation": a, "seed": s, **{k: v for k, v in r.items() if k != "ok"},
+                                 "status": "ok" if r["ok"] else ", ".join(r["trouble"]) or "not run"})
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(cells)
+    seed_cols = ["regime", "activation", "seed", *present, "eps", "n_eval", "n_clean", "sanity", "train_time",
+                 "activation_params", "status"]
+    with open(os.path.join(out, "results_seeds.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=seed_cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({k: (f"{v:.2f}" if isinstance(v, float) and k in present else v) for k, v in r.items()} for r in per_seed)
+    utils.write_json({"seeds": list(seeds), "baseline": baseline, "cells": cells, "runs": per_seed},
+                     os.path.join(out, "results.json"))
+    text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    text += "".join("| " + " | ".join(c[k] for k in cols) + " |\n" for c in cells)
+    n = {r["n_eval"] for r in per_seed if r["n_eval"]}
+    text += (f"\nmean ± std over seeds {' '.join(map(str, seeds))} (sample std); accuracies in %; worst case = per-example "
+             f"worst over the attacks run, on {'/'.join(map(str, sorted(n))) or '?'} test images; 'worst - {baseline}' is the paired "
+             f"difference over the seeds both finished, with its 95% t-interval; significant = the interval excludes 0.\n")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    return text
+
+
 def main(argv=None):
     """Run the analyses asked for; returns {name: result} as written to the JSON files."""
     args = get_args(argv)

@@ -114,6 +114,9 @@ def get_args(argv=None):
     p.add_argument("--gap-warn", type=float, default=0.10,
                    help="warn when an attack's accuracy is this far above the worst case (it overstates robustness)")
     p.add_argument("--n-eval", type=int, default=None, help="first N test images (default: all)")
+    p.add_argument("--n-clean", type=int, default=None,
+                   help="also the clean accuracy on the first N test images (0 = all): cheap, so a table can give "
+                        "clean accuracy on the whole test set and the attacks on --n-eval images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=utils.DEFAULT_DEVICE)
     p.add_argument("--seed", type=int, default=0)
@@ -123,7 +126,8 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.eps is not None and not 0 < args.eps <= 1:
         p.error("--eps must be in (0, 1] (images are in [0, 1])")
-    if min(args.pgd_steps, args.pgd_restarts, args.batch_size, args.apgd_restarts) < 1 or (args.n_eval is not None and args.n_eval < 1):
+    if min(args.pgd_steps, args.pgd_restarts, args.batch_size, args.apgd_restarts) < 1 or (args.n_eval is not None and args.n_eval < 1) \
+            or (args.n_clean is not None and args.n_clean < 0):
         p.error("--pgd-steps, --pgd-restarts, --apgd-restarts, --batch-size and --n-eval must be >= 1")
     if utils.device_problem(args.device):
         p.error(utils.device_problem(args.device))
@@ -458,6 +462,11 @@ def main(argv=None):
               "pgd": dict(steps=args.pgd_steps, restarts=args.pgd_restarts,
                           alpha=args.pgd_alpha if args.pgd_alpha is not None else eps / 4)}
     result.update(evaluate(model, x, y, args, eps))
+    if args.n_clean is not None:
+        _, xc, yc = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, args.n_clean or None)
+        acc, _ = attacks.robust_accuracy(model, xc, yc, None, args.batch_size)
+        result["clean_full"] = {"n": len(yc), "accuracy": acc}
+        print(f"clean accuracy on {len(yc)} test images: {acc:.4f}", flush=True)
     header, sep, row = markdown(result, label)
     result.update(markdown_header=header, markdown_row=row)
     if not args.no_plot:

@@ -1,49 +1,57 @@
 #!/usr/bin/env bash
-# Reproduce the table of results: every activation x training regime is trained, then evaluated with
-# eval.py, and the rows are collected into $OUT/results.md (+ .csv, .json).
+# Reproduce the table of results: every activation x training regime x seed is trained, then evaluated
+# with eval.py, and the table (mean +- std over seeds, paired differences to relu) is written to
+# $OUT/results.md (+ results.csv, results.json, and results_seeds.csv with one row per run).
 #
 #   bash run_all.sh              # the papers' setting: CIFAR-10, preactresnet18, eps 8/255, standard
-#                                # evaluation on the full test set (a GPU job: hours per run on a CPU)
-#   QUICK=1 bash run_all.sh      # Fashion-MNIST, lenet, eps 0.1, short budgets, quick evaluation on
-#                                # 500 test images: a CPU-sized matrix (see RESULTS.md for its time)
+#                                # evaluation on the full test set, seed 0 (a GPU job: hours per run on a CPU)
+#   QUICK=1 JOBS=2 bash run_all.sh   # Fashion-MNIST, lenet, eps 0.1, short budgets, seeds 0 1 2, quick
+#                                # evaluation (clean on the whole test set, attacks on 1000 images):
+#                                # a CPU-sized matrix, two runs at a time (see RESULTS.md for its time)
 #
 # Environment variables (defaults in brackets: paper / QUICK):
 #   ACTS        activations; NAME-insert = Zhao & Griffin's unit after every conv (--saf-insert NAME)
 #               [relu softplus silu gelu elu prelu psilu psoftplus pssilu kaf kwta mrelu-insert rbf-insert]
 #   REGIMES     any of: fast free pgd                              [fast free pgd]
+#   SEEDS       training seeds (--seed); a cell is the mean +- std over them        [0 / 0 1 2]
+#   JOBS        runs at a time (on one GPU they share it)          [1]
+#   THREADS     CPU threads of each run (OMP_NUM_THREADS): the numbers are bit-identical for equal
+#               THREADS, whatever JOBS, but change (like another seed) with THREADS
+#                                                                  [torch's default, or nproc/JOBS when JOBS > 1 / 1]
 #   DATASET, DATA_DIR, MODEL, EPS                                  [cifar10 ./data preactresnet18 8/255 /
 #                                                                   fashionmnist /usr/share/datasets/fashion-mnist lenet 0.1]
 #   FAST_FLAGS, FREE_FLAGS, PGD_FLAGS  budgets of each regime      [each script's defaults / short ones]
 #   DEVICE      cpu, cuda, cuda:1 ... for training and evaluation  [the scripts' default: cuda when present]
-#   TRAIN_FLAGS extra flags for every training run (e.g. "--n-train 20000 --seed 1")
-#   EVAL_FLAGS  eval.py flags                                      [--preset standard / --preset quick --attacks +apgd-dlr --n-eval 500]
+#   TRAIN_FLAGS extra flags for every training run (e.g. "--n-train 20000"; the seed comes from SEEDS)
+#   EVAL_FLAGS  eval.py flags                [--preset standard / --preset quick --attacks +apgd-dlr --n-eval 1000 --n-clean 0]
 #   OUT         results folder                                     [results / results-quick]
 #
-# Each run lives in $OUT/runs/<regime>_<act>/ with its log and run_config.txt (script and training
-# flags; DATA_DIR and DEVICE may change, as under --resume).  Every run's flags, EVAL_FLAGS, DEVICE and OUT
-# are checked before the first run.  Re-running skips the runs whose eval.json was made with the same
-# EVAL_FLAGS (eval_config.txt; other EVAL_FLAGS re-evaluate), resumes interrupted ones (--resume), and
-# refuses to start when a run folder holds another training configuration (another EPS, *_FLAGS, ...).
-# A failed run is recorded as failed in the table and the others go on; Ctrl-C stops the whole matrix
-# (the current run is marked interrupted and resumes on the next invocation).  The table is written for
-# what finished; the exit code is 130 after Ctrl-C, 1 when a run failed, else 0.
+# Each run lives in $OUT/runs/<regime>_<act>_s<seed>/ with its logs and run_config.txt (script and
+# training flags; DATA_DIR and DEVICE may change, as under --resume).  Every run's flags, EVAL_FLAGS,
+# DEVICE and OUT are checked before the first run.  Re-running skips the runs whose eval.json was made
+# with the same EVAL_FLAGS (eval_config.txt; other EVAL_FLAGS re-evaluate), resumes interrupted ones
+# (--resume), and refuses to start when a run folder holds another training configuration (another
+# EPS, *_FLAGS, ...).  A failed run is recorded as failed (the table flags it, its cell is the mean of
+# the other seeds) and the others go on; Ctrl-C stops the whole matrix (the runs in progress are marked
+# interrupted and resume on the next invocation).  The table is written for what finished; the exit
+# code is 130 after Ctrl-C, 1 when a run failed, else 0.
 set -u
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 
 if [ "${QUICK:-0}" = 1 ]; then
     DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
-    MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-quick}
+    MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-quick}; SEEDS=${SEEDS:-0 1 2}; THREADS=${THREADS:-1}
     # a third of the training set and short budgets; the scripts' own final check on 500 test images
     # (eval.py makes the table)
     short="--n-train 20000 --n-eval 500"
     FAST_FLAGS=${FAST_FLAGS:---epochs 2 $short}
     FREE_FLAGS=${FREE_FLAGS:---epochs 4 --replays 2 --lr-max 0.04 $short}
     PGD_FLAGS=${PGD_FLAGS:---epochs 1 --attack-iters 3 --attack-step 0.04 $short}
-    EVAL_FLAGS=${EVAL_FLAGS:---preset quick --attacks +apgd-dlr --n-eval 500}
+    EVAL_FLAGS=${EVAL_FLAGS:---preset quick --attacks +apgd-dlr --n-eval 1000 --n-clean 0}
 else
     DATASET=${DATASET:-cifar10}; DATA_DIR=${DATA_DIR:-./data}
-    MODEL=${MODEL:-preactresnet18}; EPS=${EPS:-8/255}; OUT=${OUT:-results}
+    MODEL=${MODEL:-preactresnet18}; EPS=${EPS:-8/255}; OUT=${OUT:-results}; SEEDS=${SEEDS:-0}
     FAST_FLAGS=${FAST_FLAGS:-}; FREE_FLAGS=${FREE_FLAGS:-}; PGD_FLAGS=${PGD_FLAGS:-}
     EVAL_FLAGS=${EVAL_FLAGS:---preset standard}
 fi
@@ -51,9 +59,10 @@ ACTS=${ACTS:-relu softplus silu gelu elu prelu psilu psoftplus pssilu kaf kwta m
 REGIMES=${REGIMES:-fast free pgd}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
 DEVICE_FLAGS=${DEVICE:+--device $DEVICE}
+JOBS=${JOBS:-1}
 
-# ---- checked before the first run: regimes, every run's flags (activation, budgets, EPS, DEVICE),
-# EVAL_FLAGS, OUT, and that no run folder holds another training configuration
+# ---- checked before the first run: regimes, seeds, jobs, every run's flags (activation, budgets, EPS,
+# DEVICE), EVAL_FLAGS, OUT, and that no run folder holds another training configuration
 regime_flags() {
     case $1 in fast) echo "$FAST_FLAGS" ;; free) echo "$FREE_FLAGS" ;; pgd) echo "$PGD_FLAGS" ;; esac
 }
@@ -61,12 +70,24 @@ act_flags() {
     case $1 in *-insert) echo "--saf-insert ${1%-insert}" ;; *) echo "--act $1" ;; esac
 }
 train_config() {  # what makes a run: script and training flags (not DATA_DIR / DEVICE, which --resume lets change)
-    echo "train_$1.py --dataset $DATASET --model $MODEL --epsilon $EPS $(act_flags "$2") $(regime_flags "$1") $TRAIN_FLAGS"
+    echo "train_$1.py --dataset $DATASET --model $MODEL --epsilon $EPS $(act_flags "$2") $(regime_flags "$1") $TRAIN_FLAGS --seed $3"
 }
+run_dir() { echo "$OUT/runs/$1_$2_s$3"; }
 for regime in $REGIMES; do
     case $regime in fast|free|pgd) ;; *) echo "run_all.sh: unknown regime '$regime' in REGIMES (choose from: fast free pgd)" >&2; exit 2 ;; esac
 done
-if [ -z "$(echo $ACTS)" ] || [ -z "$(echo $REGIMES)" ]; then echo "run_all.sh: ACTS and REGIMES must not be empty" >&2; exit 2; fi
+if [ -z "$(echo $ACTS)" ] || [ -z "$(echo $REGIMES)" ] || [ -z "$(echo $SEEDS)" ]; then
+    echo "run_all.sh: ACTS, REGIMES and SEEDS must not be empty" >&2; exit 2
+fi
+for seed in $SEEDS; do
+    case $seed in *[!0-9]*) echo "run_all.sh: SEEDS must be non-negative integers, got '$seed'" >&2; exit 2 ;; esac
+done
+for n in "$JOBS" "${THREADS:-1}"; do
+    case $n in ''|*[!0-9]*|0) echo "run_all.sh: JOBS and THREADS must be positive integers" >&2; exit 2 ;; esac
+done
+if [ -z "${THREADS:-}" ] && [ "$JOBS" -gt 1 ]; then THREADS=$(( $(nproc) / JOBS )); [ "$THREADS" -ge 1 ] || THREADS=1; fi
+if [ -n "${THREADS:-}" ]; then export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS; fi
+case " $TRAIN_FLAGS " in *" --seed "*|*" --seed="*) echo "run_all.sh: give the seeds with SEEDS, not --seed in TRAIN_FLAGS" >&2; exit 2 ;; esac
 if ! mkdir -p "$OUT/runs" 2>/dev/null || ! { : > "$OUT/runs/.write-test"; } 2>/dev/null; then
     echo "run_all.sh: OUT=$OUT cannot be created or written" >&2; exit 2
 fi
@@ -91,10 +112,12 @@ evaluation.get_args(["checkpoint.pt", *eval_flags])
 EOF
 then exit 2; fi
 others=""
-for regime in $REGIMES; do
-    for act in $ACTS; do
-        f="$OUT/runs/${regime}_${act}/run_config.txt"
-        if [ -f "$f" ] && [ "$(cat "$f")" != "$(train_config "$regime" "$act")" ]; then others="$others ${regime}_${act}"; fi
+for seed in $SEEDS; do
+    for regime in $REGIMES; do
+        for act in $ACTS; do
+            f="$(run_dir "$regime" "$act" "$seed")/run_config.txt"
+            if [ -f "$f" ] && [ "$(cat "$f")" != "$(train_config "$regime" "$act" "$seed")" ]; then others="$others ${regime}_${act}_s$seed"; fi
+        done
     done
 done
 if [ -n "$others" ]; then
@@ -103,94 +126,68 @@ if [ -n "$others" ]; then
     exit 2
 fi
 
-interrupted=0; failed=0
-trap 'interrupted=1' INT  # the run in progress gets Ctrl-C too, saves what it has, and the matrix stops
-total=$(( $(echo $ACTS | wc -w) * $(echo $REGIMES | wc -w) )); i=0; start=$SECONDS
-for regime in $REGIMES; do
-    flags=$(regime_flags "$regime")
-    for act in $ACTS; do
-        if [ $interrupted = 1 ]; then break 2; fi  # Ctrl-C between two runs
-        i=$((i + 1))
-        dir="$OUT/runs/${regime}_${act}"
-        printf '[%d/%d %5ds] %-6s %-14s ' "$i" "$total" $((SECONDS - start)) "$regime" "$act"
-        if [ -f "$dir/eval.json" ] && [ "$(cat "$dir/eval_config.txt" 2>/dev/null)" = "$EVAL_FLAGS" ]; then
-            echo "done before, skipped"; continue
-        fi
-        mkdir -p "$dir"
-        rm -f "$dir/FAILED" "$dir/INTERRUPTED"
-        [ -f "$dir/run_config.txt" ] || train_config "$regime" "$act" > "$dir/run_config.txt"
+# ---- one run: train (or resume) and evaluate.  Its outcome is one line and, unless it succeeded, a
+# FAILED or INTERRUPTED file in its folder (it runs in the background: it cannot set our variables).
+run_one() {
+    local regime=$1 act=$2 seed=$3 line=$4 dir rc
+    dir=$(run_dir "$regime" "$act" "$seed")
+    mkdir -p "$dir"
+    rm -f "$dir/FAILED" "$dir/INTERRUPTED"
+    [ -f "$dir/run_config.txt" ] || train_config "$regime" "$act" "$seed" > "$dir/run_config.txt"
+    if ! [ -f "$dir/summary.json" ] || ! grep -q '"evaluated": true' "$dir/summary.json"; then
         # shellcheck disable=SC2086  # the flag strings are meant to split into words
-        if ! [ -f "$dir/summary.json" ] || ! grep -q '"evaluated": true' "$dir/summary.json"; then
-            $PYTHON "train_$regime.py" --dataset "$DATASET" --data-dir "$DATA_DIR" --model "$MODEL" --epsilon "$EPS" \
-                $(act_flags "$act") $flags $TRAIN_FLAGS $DEVICE_FLAGS --out-dir "$dir" --resume >> "$dir/train.log" 2>&1
-            rc=$?
-            if [ $interrupted = 1 ] || [ $rc = 130 ]; then
-                interrupted=1; echo "train" > "$dir/INTERRUPTED"; echo "interrupted in training (resumes on the next run)"; break 2
-            fi
-            if [ $rc != 0 ]; then
-                failed=$((failed + 1)); echo "train" > "$dir/FAILED"; echo "FAILED in training (see $dir/train.log)"; continue
-            fi
-        fi
-        rm -f "$dir/eval_config.txt"
-        # shellcheck disable=SC2086
-        $PYTHON eval.py "$dir/checkpoint.pt" $EVAL_FLAGS $DEVICE_FLAGS --out "$dir/eval.json" > "$dir/eval.log" 2>&1
+        $PYTHON "train_$regime.py" --dataset "$DATASET" --data-dir "$DATA_DIR" --model "$MODEL" --epsilon "$EPS" \
+            $(act_flags "$act") $(regime_flags "$regime") $TRAIN_FLAGS --seed "$seed" $DEVICE_FLAGS --out-dir "$dir" \
+            --resume >> "$dir/train.log" 2>&1
         rc=$?
-        if [ $interrupted = 1 ] || [ $rc = 130 ]; then
-            interrupted=1; echo "eval" > "$dir/INTERRUPTED"; echo "interrupted in evaluation (resumes on the next run)"; break 2
-        fi
-        if [ $rc != 0 ]; then
-            failed=$((failed + 1)); echo "eval" > "$dir/FAILED"; echo "FAILED in evaluation (see $dir/eval.log)"; continue
-        fi
-        echo "$EVAL_FLAGS" > "$dir/eval_config.txt"
-        tail -n 1 "$dir/eval.log"
+        if [ $rc = 130 ]; then echo "train" > "$dir/INTERRUPTED"; echo "$line interrupted in training (resumes on the next run)"; return; fi
+        if [ $rc != 0 ]; then echo "train" > "$dir/FAILED"; echo "$line FAILED in training (see $dir/train.log)"; return; fi
+    fi
+    rm -f "$dir/eval_config.txt"
+    # shellcheck disable=SC2086
+    $PYTHON eval.py "$dir/checkpoint.pt" $EVAL_FLAGS $DEVICE_FLAGS --out "$dir/eval.json" > "$dir/eval.log" 2>&1
+    rc=$?
+    if [ $rc = 130 ]; then echo "eval" > "$dir/INTERRUPTED"; echo "$line interrupted in evaluation (resumes on the next run)"; return; fi
+    if [ $rc != 0 ]; then echo "eval" > "$dir/FAILED"; echo "$line FAILED in evaluation (see $dir/eval.log)"; return; fi
+    echo "$EVAL_FLAGS" > "$dir/eval_config.txt"
+    echo "$line $(tail -n 1 "$dir/eval.log")"
+}
+
+# ---- the matrix, seed by seed (a cut leaves whole seeds), JOBS runs at a time.  Ctrl-C reaches every
+# run (they share our process group): each saves what it has and stops, and we wait for them.
+interrupted=0
+trap 'interrupted=1' INT
+total=$(( $(echo $SEEDS | wc -w) * $(echo $ACTS | wc -w) * $(echo $REGIMES | wc -w) )); i=0; start=$SECONDS
+for seed in $SEEDS; do
+    for regime in $REGIMES; do
+        for act in $ACTS; do
+            i=$((i + 1))
+            dir=$(run_dir "$regime" "$act" "$seed")
+            if [ -f "$dir/eval.json" ] && [ "$(cat "$dir/eval_config.txt" 2>/dev/null)" = "$EVAL_FLAGS" ]; then
+                printf '[%d/%d] %-6s %-14s s%-3s done before, skipped\n' "$i" "$total" "$regime" "$act" "$seed"; continue
+            fi
+            while [ $interrupted = 0 ] && [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+            if [ $interrupted = 1 ]; then break 3; fi
+            run_one "$regime" "$act" "$seed" "$(printf '[%d/%d %5ds] %-6s %-14s s%-3s' "$i" "$total" $((SECONDS - start)) "$regime" "$act" "$seed")" &
+        done
     done
 done
+while [ -n "$(jobs -rp)" ]; do wait; done  # a trapped Ctrl-C ends a wait early: wait again
 trap - INT
+failed=0
+for seed in $SEEDS; do for regime in $REGIMES; do for act in $ACTS; do
+    dir=$(run_dir "$regime" "$act" "$seed")
+    if [ -f "$dir/FAILED" ]; then failed=$((failed + 1)); fi
+    if [ -f "$dir/INTERRUPTED" ]; then interrupted=1; fi
+done; done; done
 
-# ---- the table: one row per run of this matrix, in the order above
-$PYTHON - "$OUT" "$REGIMES" "$ACTS" <<'EOF'
-import csv, json, os, sys
-out, regimes, acts = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
-cols = ["regime", "activation", "eps", "clean", "PGD-20", "PGD-50x10", "APGD-CE", "APGD-DLR", "worst case",
-        "sanity checks", "train time (s)", "activation params", "status"]
-pick = {"clean": "clean", "PGD-20": "pgd20x1", "PGD-50x10": "pgd50x10", "APGD-CE": "apgd-ce", "APGD-DLR": "apgd-dlr"}
-rows = []
-for regime in regimes:
-    for act in acts:
-        d = os.path.join(out, "runs", f"{regime}_{act}")
-        load = lambda name: json.load(open(os.path.join(d, name))) if os.path.exists(os.path.join(d, name)) else {}
-        s, e = load("summary.json"), load("eval.json")
-        mark = lambda name: open(os.path.join(d, name)).read().strip() if os.path.exists(os.path.join(d, name)) else None
-        failed, interrupted = mark("FAILED"), mark("INTERRUPTED")
-        eps = e.get("eps", s.get("flags", {}).get("epsilon"))
-        row = dict(regime=regime, activation=act, eps=f"{eps:.4g}" if eps is not None else "-")
-        acc = e.get("accuracy", {})
-        for col, key in pick.items():
-            row[col] = f"{100 * acc[key]:.2f}" if key in acc else "-"
-        row["worst case"] = f"{100 * e['robust_accuracy']:.2f}" if "robust_accuracy" in e else "-"
-        if "sanity_checks" in e:
-            row["sanity checks"] = ("FAIL: " + ", ".join(e["sanity_failed"])) if e["sanity_failed"] else "pass"
-            if e.get("warnings"):  # attacks far above the worst case (see eval.py --gap-warn)
-                row["sanity checks"] += "; overstated by: " + ", ".join(w.split()[0] for w in e["warnings"])
-        else:
-            row["sanity checks"] = "-"
-        row["train time (s)"] = f"{s['train_time_s']:.1f}" if s.get("epochs_completed") else "-"
-        row["activation params"] = str(s.get("activation_params", "-"))
-        row["status"] = (f"failed ({failed})" if failed else f"interrupted in {interrupted} (resumable)" if interrupted
-                         else "ok" if e else "not run") + (
-            f"; {s['stopped_early']}" if s.get("stopped_early") else "")
-        rows.append(row)
-with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-json.dump(rows, open(os.path.join(out, "results.json"), "w"), indent=2)
-with open(os.path.join(out, "results.md"), "w") as f:
-    f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
-    for r in rows:
-        f.write("| " + " | ".join(r[c] for c in cols) + " |\n")
-print(open(os.path.join(out, "results.md")).read(), end="")
-print(f"{len(rows)} rows -> {out}/results.md, results.csv, results.json")
+# ---- the table: one row per regime x activation, mean +- std over the seeds (analyze.matrix_table)
+$PYTHON - "$OUT" "$REGIMES" "$ACTS" "$SEEDS" <<'EOF'
+import sys
+import analyze
+out, regimes, acts, seeds = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), [int(s) for s in sys.argv[4].split()]
+print(analyze.matrix_table(out, regimes, acts, seeds), end="")
+print(f"{len(regimes) * len(acts)} rows x {len(seeds)} seeds -> {out}/results.md, results.csv, results.json, results_seeds.csv")
 EOF
 if [ $interrupted = 1 ]; then echo "run_all.sh: interrupted; run it again to continue" >&2; exit 130; fi
 if [ $failed -gt 0 ]; then echo "run_all.sh: $failed run(s) failed" >&2; exit 1; fi

@@ -1,62 +1,94 @@
-"""run_all.sh in a tiny mode on synthetic data: one table row per run, bad settings refused before the
-first run, failures recorded (non-zero exit), re-runs skip what is done with the same configuration,
-Ctrl-C stops the whole matrix."""
+"""run_all.sh in a tiny mode on synthetic data: one table row per regime x activation over seeds,
+bad settings refused before the first run, failures recorded (non-zero exit) and flagged, re-runs skip
+what is done with the same configuration, JOBS=2 gives the JOBS=1 table, Ctrl-C stops the whole
+matrix; and the table's statistics against hand-computed values."""
 import csv
+import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
+
+import analyze
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--epochs 1 --n-train 256 --batch-size 64 --eval-pgd-steps 2 --n-eval 64"
 
 
 def _env(tmp_path, **changes):
-    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1", DATASET="synthetic", DATA_DIR=str(tmp_path), MODEL="lenet",
-               EPS="0.1", ACTS="relu rbf-insert", REGIMES="fast free", OUT=str(tmp_path / "results"), DEVICE="cpu",
+    env = dict(os.environ, PYTHON=sys.executable, DATASET="synthetic", DATA_DIR=str(tmp_path), MODEL="lenet", THREADS="1",
+               EPS="0.1", ACTS="relu rbf-insert", REGIMES="fast free", SEEDS="0", OUT=str(tmp_path / "results"), DEVICE="cpu",
                FAST_FLAGS=TINY,  # Free diverges: an exploding learning rate, a run that fails
                FREE_FLAGS=TINY.replace("--epochs 1", "--epochs 2 --replays 2") + " --lr-schedule constant --lr-max 1e12",
-               EVAL_FLAGS="--attacks fgsm pgd20 apgd-ce --apgd-iters 5 --n-eval 64 --no-plot")
+               EVAL_FLAGS="--attacks fgsm pgd20 apgd-ce --apgd-iters 5 --n-eval 64 --n-clean 128 --no-plot")
     env.pop("TRITON_INTERPRET", None)
+    env.pop("OMP_NUM_THREADS", None)
     env.update(changes)
     return env
 
 
 def _run_all(env, **kwargs):
-    return subprocess.run(["bash", os.path.join(ROOT, "run_all.sh")], env=env, capture_output=True, text=True, timeout=600, **kwargs)
+    return subprocess.run(["bash", os.path.join(ROOT, "run_all.sh")], env=env, capture_output=True, text=True, timeout=900, **kwargs)
 
 
-def test_run_all_tiny_matrix_writes_one_row_per_run_records_failures_and_skips_finished(tmp_path):
-    env, out = _env(tmp_path), tmp_path / "results"
+def test_run_all_tiny_matrix_writes_one_row_per_cell_records_failures_and_skips_finished(tmp_path):
+    env, out = _env(tmp_path, SEEDS="0 1"), tmp_path / "results"
     r = _run_all(env)
-    assert r.returncode == 1 and "2 run(s) failed" in r.stderr, r.stdout + r.stderr
-    assert "[4/4" in r.stdout
+    assert r.returncode == 1 and "4 run(s) failed" in r.stderr, r.stdout + r.stderr
+    assert "[8/8" in r.stdout
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(row["regime"], row["activation"]) for row in rows] == [(g, a) for g in ("fast", "free") for a in ("relu", "rbf-insert")]
+    seeds = list(csv.DictReader(open(out / "results_seeds.csv")))
+    assert len(seeds) == 8 and {s["seed"] for s in seeds} == {"0", "1"}
     for row in rows:
         assert row["eps"] == "0.1"
         if row["regime"] == "free":
-            assert row["status"].startswith("failed (train)") and row["clean"] == "-"
-        else:
-            assert row["status"] == "ok", row
-            clean, pgd, worst = float(row["clean"]), float(row["PGD-20"]), float(row["worst case"])
-            assert 0 <= worst <= pgd <= clean <= 100 and row["APGD-CE"] != "-" and row["PGD-50x10"] == "-"
-            assert row["sanity checks"] != "-" and float(row["train time (s)"]) > 0
-    assert next(r for r in rows if r["activation"] == "relu")["activation params"] == "0"
+            assert row["seeds ok"] == "0/2" and row["clean"] == "-" and row["flags"] == "s0: failed (train), diverged; s1: failed (train), diverged"
+            continue
+        assert row["seeds ok"] == "2/2" and row["flags"] == "-", row
+        per = [s for s in seeds if (s["regime"], s["activation"]) == ("fast", row["activation"])]
+        for col in ("clean", "PGD-20", "APGD-CE", "worst case"):
+            values = [float(s[col]) for s in per]
+            mean, std = analyze.mean_std(values)
+            shown_mean, shown_std = (float(v) for v in row[col].split(" ± "))  # from the per-seed CSV's 2 decimals
+            assert shown_mean == pytest.approx(mean, abs=0.011) and shown_std == pytest.approx(std, abs=0.011)
+        for s in per:
+            assert 0 <= float(s["worst case"]) <= float(s["PGD-20"]) <= 100 and s["n_clean"] == "128" and s["n_eval"] == "64"
+        assert "PGD-50x10" not in row and row["sanity checks"] != "-"
+    relu, rbf = rows[0], rows[1]
+    assert relu["worst - relu (95% CI)"] == "-" and relu["activation params"] == "0"
+    d = [float(b["worst case"]) - float(a["worst case"]) for a, b in zip(
+        [s for s in seeds if s["regime"] == "fast" and s["activation"] == "relu"],
+        [s for s in seeds if s["regime"] == "fast" and s["activation"] == "rbf-insert"])]
+    assert rbf["worst - relu (95% CI)"].startswith(f"{sum(d) / 2:+.2f} [")
     md = (out / "results.md").read_text().strip().splitlines()
-    assert len(md) == 2 + len(rows)
+    assert len([l for l in md if l.startswith("| ")]) == 1 + len(rows)
     # a re-run skips what is finished, retries what failed, and writes the same table
     r2 = _run_all(env)
-    assert r2.returncode == 1 and r2.stdout.count("done before, skipped") == 2 and r2.stdout.count("FAILED in training") == 2
+    assert r2.returncode == 1 and r2.stdout.count("done before, skipped") == 4 and r2.stdout.count("FAILED in training") == 4
     assert list(csv.DictReader(open(out / "results.csv"))) == rows
     # another EPS (or other training flags) in the same OUT: refused before any run, nothing changed
     r3 = _run_all(_env(tmp_path, EPS="0.2", REGIMES="fast"))
-    assert r3.returncode == 2 and "another training configuration: fast_relu fast_rbf-insert" in r3.stderr and "[1/" not in r3.stdout
+    assert r3.returncode == 2 and "another training configuration: fast_relu_s0 fast_rbf-insert_s0" in r3.stderr and "[1/" not in r3.stdout
     # other EVAL_FLAGS: the finished runs are evaluated again, not skipped
     r4 = _run_all(_env(tmp_path, REGIMES="fast", ACTS="relu", EVAL_FLAGS="--attacks fgsm --n-eval 32 --no-plot"))
     assert r4.returncode == 0 and "done before, skipped" not in r4.stdout
-    assert list(csv.DictReader(open(out / "results.csv")))[0]["PGD-20"] == "-"
+    assert "PGD-20" not in list(csv.DictReader(open(out / "results.csv")))[0]
+
+
+def test_two_jobs_give_the_table_of_one_job(tmp_path):
+    tables = {}
+    for jobs in ("1", "2"):
+        env = _env(tmp_path, JOBS=jobs, SEEDS="0 1", REGIMES="fast", OUT=str(tmp_path / f"jobs{jobs}"))
+        r = _run_all(env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        rows = list(csv.DictReader(open(tmp_path / f"jobs{jobs}" / "results_seeds.csv")))
+        tables[jobs] = [{k: v for k, v in row.items() if k != "train_time"} for row in rows]
+    assert len(tables["1"]) == 4 and tables["1"] == tables["2"]
 
 
 def test_run_all_refuses_bad_settings_before_the_first_run(tmp_path):
@@ -65,26 +97,82 @@ def test_run_all_refuses_bad_settings_before_the_first_run(tmp_path):
                              (dict(REGIMES="fast slow"), "unknown regime 'slow'"),
                              (dict(FAST_FLAGS="--epochs 0"), "--epochs must be >= 1"),
                              (dict(EVAL_FLAGS="--attacks pgd0"), "EVAL_FLAGS: eval.py: error: unknown attack"),
+                             (dict(SEEDS="0 x"), "SEEDS must be non-negative integers"),
+                             (dict(JOBS="0"), "JOBS and THREADS must be positive integers"),
+                             (dict(TRAIN_FLAGS="--seed 3"), "give the seeds with SEEDS"),
                              (dict(OUT=str(tmp_path / "file" / "out")), "cannot be created or written")):
         r = _run_all(_env(tmp_path, **changes))
         lines = [l for l in r.stderr.splitlines() if l.strip()]
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0] and "[1/" not in r.stdout, (changes, r.stderr)
-    assert not (tmp_path / "results" / "runs" / "fast_relu").exists()
+    assert not (tmp_path / "results" / "runs" / "fast_relu_s0").exists()
 
 
-def test_ctrl_c_stops_the_whole_matrix_marks_the_run_interrupted_and_writes_the_table(tmp_path):
-    env, out = _env(tmp_path, FAST_FLAGS=TINY.replace("--epochs 1", "--epochs 200")), tmp_path / "results"
+def test_ctrl_c_stops_the_whole_matrix_marks_the_runs_interrupted_and_writes_the_table(tmp_path):
+    env = _env(tmp_path, FAST_FLAGS=TINY.replace("--epochs 1", "--epochs 200"), REGIMES="fast", JOBS="2")
+    out = tmp_path / "results"
     # as from a terminal: SIGINT handled by default (a test run started in the background of a
     # non-interactive shell inherits it ignored, and then neither bash nor python could see Ctrl-C)
     proc = subprocess.Popen(["bash", os.path.join(ROOT, "run_all.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    ckpt, deadline = out / "runs" / "fast_relu" / "checkpoint.pt", time.time() + 240
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    ckpts, deadline = [out / "runs" / f"fast_{a}_s0" / "checkpoint.pt" for a in ("relu", "rbf-insert")], time.time() + 240
+    while not all(c.exists() for c in ckpts) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted in training" in stdout and "[2/" not in stdout, stdout + stderr
+    assert proc.returncode == 130 and stdout.count("interrupted in training") == 2, stdout + stderr
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert rows[0]["status"] == "interrupted in train (resumable); interrupted in epoch 2" or rows[0]["status"].startswith("interrupted in train"), rows[0]
-    assert all(row["status"] == "not run" for row in rows[1:])
-    assert not (out / "runs" / "fast_rbf-insert").exists()
+    assert len(rows) == 2 and all(row["flags"].startswith("s0: interrupted in train (resumable)") for row in rows), rows
+    for c in ckpts:
+        assert (c.parent / "INTERRUPTED").read_text().strip() == "train"
+        assert "interrupted" in json.load(open(c.parent / "summary.json"))["stopped_early"]
+
+
+# ------------------------------------------------------------------ the statistics, by hand
+def test_mean_std_and_paired_difference_match_hand_computed_values():
+    assert analyze.mean_std([2.0]) == (2.0, 0.0)
+    mean, std = analyze.mean_std([1.0, 2.0, 6.0])
+    assert mean == 3.0 and std == pytest.approx(math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2))
+    # differences 1, 2, 3: mean 2, std 1, 95% t-interval 2 +- 4.303 / sqrt(3) -> includes 0, same sign
+    d = analyze.paired_difference([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
+    assert d["mean"] == 2.0 and d["half_width"] == pytest.approx(4.303 / math.sqrt(3), abs=1e-9)
+    assert not d["significant"] and d["same_sign"] and d["low"] == pytest.approx(2 - 2.4843, abs=1e-4)
+    # differences 2, 3, 4: the interval 3 +- 2.484 excludes 0
+    d = analyze.paired_difference([12.0, 13.0, 14.0], [10.0, 10.0, 10.0])
+    assert d["significant"] and d["low"] > 0
+    # mixed signs, df 1: 0.5 +- 12.706 * 2.1213 / sqrt(2)
+    d = analyze.paired_difference([11.0, 9.0], [10.0, 10.0])
+    assert d["mean"] == 0.0 and not d["same_sign"] and d["half_width"] == pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2))
+    assert analyze.paired_difference([1.0], [0.0])["half_width"] is None
+
+
+def _fake_run(folder, worst, clean=0.8, summary_extra=None, failed=None):
+    os.makedirs(folder)
+    json.dump({"epochs_completed": 1, "train_time_s": 10.0, "activation_params": 0, **(summary_extra or {})},
+              open(os.path.join(folder, "summary.json"), "w"))
+    if failed:
+        open(os.path.join(folder, "FAILED"), "w").write(failed)
+        return
+    json.dump({"eps": 0.1, "n_eval": 1000, "accuracy": {"clean": clean, "pgd20x1": worst + 0.01}, "robust_accuracy": worst,
+               "clean_full": {"n": 10000, "accuracy": clean}, "sanity_checks": {}, "sanity_failed": []},
+              open(os.path.join(folder, "eval.json"), "w"))
+
+
+def test_matrix_table_aggregates_seeds_flags_a_failed_seed_and_pairs_with_relu(tmp_path):
+    runs = tmp_path / "runs"
+    for s, (r, k) in enumerate([(0.60, 0.62), (0.61, 0.64), (0.59, 0.63)]):
+        _fake_run(runs / f"fast_relu_s{s}", r)
+        _fake_run(runs / f"fast_kaf_s{s}", k, summary_extra={"catastrophic_overfitting": {"epoch": 3}} if s == 1 else None)
+    _fake_run(runs / "fast_gelu_s0", 0.5)
+    _fake_run(runs / "fast_gelu_s1", 0.5, failed="train")  # seed 2 never ran
+    text = analyze.matrix_table(str(tmp_path), ["fast"], ["relu", "kaf", "gelu"], [0, 1, 2])
+    rows = {r["activation"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert rows["relu"]["worst case"] == "60.00 ± 1.00" and rows["relu"]["seeds ok"] == "3/3"
+    assert rows["kaf"]["worst case"] == "63.00 ± 1.00"
+    # paired differences 2, 3, 4 -> +3.00 [+0.52, +5.48], significant, same sign
+    assert rows["kaf"]["worst - relu (95% CI)"] == "+3.00 [+0.52, +5.48]" and rows["kaf"]["significant"] == "yes; same sign in 3/3"
+    assert rows["kaf"]["flags"] == "s1: catastrophic overfitting"
+    assert rows["gelu"]["seeds ok"] == "1/3" and rows["gelu"]["worst case"] == "50.00"
+    assert rows["gelu"]["flags"] == "s1: failed (train); s2: not run" and rows["gelu"]["significant"] == "n=1"
+    assert "| fast | gelu |" in text and "mean ± std over seeds 0 1 2" in text
+    per = list(csv.DictReader(open(tmp_path / "results_seeds.csv")))
+    assert len(per) == 9 and [p["status"] for p in per if p["activation"] == "gelu"] == ["ok", "failed (train)", "not run"]
