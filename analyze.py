@@ -656,63 +656,65 @@ def _pm(values, digits=2):
     return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def matrix_table(out, regimes, acts, seeds, baseline="relu"):
-    """The table of a run_all.sh matrix in ``out``: one row per regime x activation with every accuracy
-    as mean ± std over the seeds that finished, the paired difference of the worst case to ``baseline``
-    (mean, 95% t-interval, significant when the interval excludes 0, sign agreement), and a flag for
-    any seed that failed, diverged or overfitted catastrophically.  Writes results.md / .csv / .json
-    (the cells) and results_seeds.csv (one row per run); returns the markdown text."""
-    runs = {(g, a, s): matrix_run(os.path.join(out, "runs", f"{g}_{a}_s{s}")) for g in regimes for a in acts for s in seeds}
+def matrix_table(out, cells, seeds, baseline="relu"):
+    """The table of a run_all.sh matrix in ``out``: one row per cell (regime, activation) with every
+    accuracy as mean ± std over the seeds that finished, the paired difference of the worst case to
+    ``baseline`` in the same regime (mean, 95% t-interval, significant when the interval excludes 0,
+    sign agreement), and a flag for any seed that failed, diverged or overfitted catastrophically.
+    Writes results.md / .csv / .json (the cells) and results_seeds.csv (one row per run); returns the
+    markdown text."""
+    cells = [tuple(c) for c in cells]
+    runs = {(g, a, s): matrix_run(os.path.join(out, "runs", f"{g}_{a}_s{s}"))
+            for g, a in cells + [(g, baseline) for g, _ in cells] for s in seeds}
     present = [c for c in [*MATRIX_ACCURACIES, "worst case"] if any(c in r for r in runs.values())] or ["clean", "worst case"]
     cols = ["regime", "activation", "eps", "seeds ok", *present, f"worst - {baseline} (95% CI)", "significant",
             "sanity checks", "train time (s)", "activation params", "flags"]
-    cells, per_seed = [], []
-    for g in regimes:
-        for a in acts:
-            rs = {s: runs[(g, a, s)] for s in seeds}
-            ok = {s: r for s, r in rs.items() if r["ok"]}
-            eps = next((r["eps"] for r in rs.values() if r["eps"] is not None), None)
-            cell = {"regime": g, "activation": a, "eps": f"{eps:.4g}" if eps is not None else "-",
-                    "seeds ok": f"{len(ok)}/{len(seeds)}"}
-            for c in present:
-                cell[c] = _pm([r[c] for r in ok.values() if c in r])
-            diff, sig = "-", "-"
-            base = {s: runs[(g, baseline, s)] for s in seeds} if baseline in acts and a != baseline else {}
-            pairs = [(r["worst case"], base[s]["worst case"]) for s, r in ok.items()
-                     if s in base and base[s]["ok"] and "worst case" in r and "worst case" in base[s]]
-            stats = paired_difference(*zip(*pairs)) if pairs else None
-            if stats:
-                diff = f"{stats['mean']:+.2f}" + (f" [{stats['low']:+.2f}, {stats['high']:+.2f}]" if stats["half_width"] is not None else "")
-                sig = ("yes" if stats["significant"] else "no") if stats["half_width"] is not None else "n=1"
-                sig += f"; same sign in {stats['n']}/{stats['n']}" if stats["same_sign"] and stats["n"] > 1 else ""
-            cell[f"worst - {baseline} (95% CI)"], cell["significant"] = diff, sig
-            sanity = [f"s{s}: {r['sanity']}" for s, r in ok.items() if r["sanity"] and r["sanity"] != "pass"]
-            sanity += [f"s{s}: overstated by {', '.join(r['overstated'])}" for s, r in ok.items() if r["overstated"]]
-            cell["sanity checks"] = "; ".join(sanity) or ("pass" if any(r["sanity"] for r in ok.values()) else "-")
-            cell["train time (s)"] = _pm([r["train_time"] for r in ok.values() if r["train_time"] is not None], 1)
-            cell["activation params"] = str(next((r["activation_params"] for r in rs.values() if r["activation_params"] is not None), "-"))
-            flags = [f"s{s}: {', '.join(r['trouble'])}" for s, r in rs.items() if r["trouble"]]
-            flags += [f"s{s}: not run" for s, r in rs.items() if not r["ok"] and not r["trouble"]]
-            cell["flags"] = "; ".join(flags) or "-"
-            cell["paired_difference"] = stats
-            cells.append(cell)
-            for s, r in rs.items():
-                per_seed.append({"regime": g, "activation": a, "seed": s, **{k: v for k, v in r.items() if k != "ok"},
-                                 "status": "ok" if r["ok"] else ", ".join(r["trouble"]) or "not run"})
+    rows, per_seed = [], []
+    for g, a in cells:
+        rs = {s: runs[(g, a, s)] for s in seeds}
+        ok = {s: r for s, r in rs.items() if r["ok"]}
+        eps = next((r["eps"] for r in rs.values() if r["eps"] is not None), None)
+        cell = {"regime": g, "activation": a, "eps": f"{eps:.4g}" if eps is not None else "-",
+                "seeds ok": f"{len(ok)}/{len(seeds)}"}
+        for c in present:
+            cell[c] = _pm([r[c] for r in ok.values() if c in r])
+        diff, sig = "-", "-"
+        base = {s: runs[(g, baseline, s)] for s in seeds} if (g, baseline) in cells and a != baseline else {}
+        pairs = [(r["worst case"], base[s]["worst case"]) for s, r in ok.items()
+                 if s in base and base[s]["ok"] and "worst case" in r and "worst case" in base[s]]
+        stats = paired_difference(*zip(*pairs)) if pairs else None
+        if stats:
+            diff = f"{stats['mean']:+.2f}" + (f" [{stats['low']:+.2f}, {stats['high']:+.2f}]" if stats["half_width"] is not None else "")
+            sig = ("yes" if stats["significant"] else "no") if stats["half_width"] is not None else "n=1"
+            sig += f"; same sign in {stats['n']}/{stats['n']}" if stats["same_sign"] and stats["n"] > 1 else ""
+        cell[f"worst - {baseline} (95% CI)"], cell["significant"] = diff, sig
+        sanity = [f"s{s}: {r['sanity']}" for s, r in ok.items() if r["sanity"] and r["sanity"] != "pass"]
+        sanity += [f"s{s}: overstated by {', '.join(r['overstated'])}" for s, r in ok.items() if r["overstated"]]
+        cell["sanity checks"] = "; ".join(sanity) or ("pass" if any(r["sanity"] for r in ok.values()) else "-")
+        cell["train time (s)"] = _pm([r["train_time"] for r in ok.values() if r["train_time"] is not None], 1)
+        cell["activation params"] = str(next((r["activation_params"] for r in rs.values() if r["activation_params"] is not None), "-"))
+        flags = [f"s{s}: {', '.join(r['trouble'])}" for s, r in rs.items() if r["trouble"]]
+        flags += [f"s{s}: not run" for s, r in rs.items() if not r["ok"] and not r["trouble"]]
+        cell["flags"] = "; ".join(flags) or "-"
+        cell["paired_difference"] = stats
+        rows.append(cell)
+        for s, r in rs.items():
+            per_seed.append({"regime": g, "activation": a, "seed": s, **{k: v for k, v in r.items() if k != "ok"},
+                             "status": "ok" if r["ok"] else ", ".join(r["trouble"]) or "not run"})
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
-        w.writerows(cells)
+        w.writerows(rows)
     seed_cols = ["regime", "activation", "seed", *present, "eps", "n_eval", "n_clean", "sanity", "train_time",
                  "activation_params", "status"]
     with open(os.path.join(out, "results_seeds.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=seed_cols, extrasaction="ignore")
         w.writeheader()
         w.writerows({k: (f"{v:.2f}" if isinstance(v, float) and k in present else v) for k, v in r.items()} for r in per_seed)
-    utils.write_json({"seeds": list(seeds), "baseline": baseline, "cells": cells, "runs": per_seed},
+    utils.write_json({"seeds": list(seeds), "baseline": baseline, "cells": rows, "runs": per_seed},
                      os.path.join(out, "results.json"))
     text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    text += "".join("| " + " | ".join(c[k] for k in cols) + " |\n" for c in cells)
+    text += "".join("| " + " | ".join(c[k] for k in cols) + " |\n" for c in rows)
     n = {r["n_eval"] for r in per_seed if r["n_eval"]}
     text += (f"\nmean ± std over seeds {' '.join(map(str, seeds))} (sample std); accuracies in %; worst case = per-example "
              f"worst over the attacks run, on {'/'.join(map(str, sorted(n))) or '?'} test images; 'worst - {baseline}' is the paired "
@@ -720,6 +722,57 @@ def matrix_table(out, regimes, acts, seeds, baseline="relu"):
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     return text
+
+
+SAF_METRICS = {"adversarial": ("accuracy", "accuracy on targeted-FGS adversarial samples"),
+               "nonsense": ("nonsense", "share of nonsense samples rejected as nonsense"),
+               "noisy": ("accuracy", "accuracy on noisy samples")}
+
+
+def saf_table(out, cells, seeds):
+    """Zhao & Griffin's three curves (eval.py --saf-curves) of every cell, mean ± std over the seeds
+    that have them: saf_curves.md (a table per kind, a column per beta), saf_curves.json and, with
+    matplotlib, saf_curves.png (a panel per kind, a line per cell).  Returns the markdown, or None
+    when no run has the curves."""
+    curves = {}
+    for g, a in cells:
+        found = []
+        for s in seeds:
+            path = os.path.join(out, "runs", f"{g}_{a}_s{s}", "eval.json")
+            if os.path.exists(path) and "saf_curves" in (e := json.load(open(path))):
+                found.append(e["saf_curves"])
+        if found:
+            curves[(g, a)] = found
+    if not curves:
+        return None
+    first = next(iter(curves.values()))[0]
+    betas = list(first["adversarial"])
+    summary, text = {"threshold": first["threshold"], "betas": betas, "cells": []}, ""
+    for kind, (key, title) in SAF_METRICS.items():
+        text += (f"\n**{title}** (threshold {first['threshold']:g}; mean ± std over seeds, %)\n\n"
+                 f"| regime | activation | seeds | " + " | ".join(f"beta {b}" for b in betas) + " |\n|" + "---|" * (3 + len(betas)) + "\n")
+        for (g, a), found in curves.items():
+            values = {b: [100 * c[kind][b][key] for c in found if b in c[kind]] for b in betas}
+            text += f"| {g} | {a} | {len(found)} | " + " | ".join(_pm(values[b], 1) for b in betas) + " |\n"
+            summary["cells"].append({"regime": g, "activation": a, "kind": kind, "metric": key, "seeds": len(found),
+                                     "mean": {b: mean_std(v)[0] for b, v in values.items() if v},
+                                     "std": {b: mean_std(v)[1] for b, v in values.items() if v}})
+    with open(os.path.join(out, "saf_curves.md"), "w") as f:
+        f.write(text.lstrip())
+    utils.write_json(summary, os.path.join(out, "saf_curves.json"))
+    plt = utils.pyplot()
+    if plt is not None:
+        fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
+        for ax, (kind, (key, title)) in zip(axes, SAF_METRICS.items()):
+            for c in summary["cells"]:
+                if c["kind"] == kind:
+                    ax.plot([float(b) for b in c["mean"]], list(c["mean"].values()), marker="o", label=f"{c['regime']} {c['activation']}")
+            ax.set(xlabel="beta", ylabel="%", title=title, ylim=(0, 100))
+            ax.grid(alpha=0.3)
+        axes[-1].legend(fontsize=7)
+        fig.savefig(os.path.join(out, "saf_curves.png"), dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return text.lstrip()
 
 
 def main(argv=None):

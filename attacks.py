@@ -490,3 +490,72 @@ def input_gradient_stats(model, x, y, loss="ce", batch_size=256, device=None):
             total += flat.mean(1).sum().item()
             zero += int((flat.amax(1) == 0).sum())
     return {"mean_abs_grad": total / len(x), "zero_grad_share": zero / len(x), "n": len(x)}
+
+
+def targeted_fgs(model, x, target, beta):
+    """One fast-gradient-sign step of strength ``beta`` towards class ``target`` (Zhao & Griffin 2016,
+    after Goodfellow et al.): x' = clip(x - beta * sign(grad_x CE(f(x), target)), 0, 1), i.e. down the
+    loss of the chosen category.  Eval mode, float32."""
+    if beta == 0:
+        return x.detach()
+    with eval_float32(model):
+        x = x.detach().float().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x).float(), target), x)
+    return (x - beta * grad.sign()).clamp(0, 1).detach()
+
+
+def saf_curves(model, x, y, betas, threshold=0.9, seed=0, noise_mean=0.5, noise_std=0.25, batch_size=256,
+               device=None, progress=None):
+    """Zhao & Griffin's three curves over a strength beta, on (x, y) ([0,1] images, may live on the
+    CPU), each with the "nonsense" decision: a prediction whose best softmax confidence is below
+    ``threshold`` is read as "this is nonsense" rather than a category.
+
+    - adversarial: x' = targeted_fgs(x, t, beta) towards a random incorrect category t; accuracy =
+      share still predicted correctly (above the threshold), fooled = share predicted as t;
+    - nonsense: pure noise clip(noise_mean + noise_std z, 0, 1) pushed towards a random category t by
+      targeted_fgs with strength beta; rejected = share decided "nonsense" (the higher the better),
+      fooled = share predicted as t above the threshold;
+    - noisy: clip(x + beta z, 0, 1), z ~ N(0, I); accuracy as for adversarial samples.
+
+    Targets and noise come from torch.Generator().manual_seed(seed) on the CPU, one draw per image
+    shared by all betas (the curves are not jagged by resampling).  Returns {kind: {beta: {...}}}."""
+    device = device or next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    out = {k: {b: {"correct": 0, "fooled": 0, "nonsense": 0} for b in betas} for k in ("adversarial", "nonsense", "noisy")}
+    starts = range(0, len(x), batch_size)
+    k = None
+    for i in (progress(starts) if progress else starts):
+        xb, yb = x[i:i + batch_size].float(), y[i:i + batch_size]
+        if k is None:
+            with torch.no_grad(), eval_float32(model):
+                k = model(xb[:1].to(device)).shape[1]
+        wrong = (yb + torch.randint(1, k, yb.shape, generator=g)) % k  # a random incorrect category
+        target = torch.randint(0, k, yb.shape, generator=g)
+        noise = (noise_mean + noise_std * torch.randn(xb.shape, generator=g)).clamp(0, 1)
+        z = torch.randn(xb.shape, generator=g)
+        xb, yb, wrong, target, noise, z = (t.to(device) for t in (xb, yb, wrong, target, noise, z))
+        for b in betas:
+            for kind, xin, t in (("adversarial", targeted_fgs(model, xb, wrong, b), wrong),
+                                 ("nonsense", targeted_fgs(model, noise, target, b), target),
+                                 ("noisy", (xb + b * z).clamp(0, 1), None)):
+                with torch.no_grad(), eval_float32(model):
+                    p = F.softmax(model(xin).float(), 1).max(1)
+                sure = p.values >= threshold
+                r = out[kind][b]
+                r["nonsense"] += (~sure).sum().item()
+                if kind != "nonsense":
+                    r["correct"] += (sure & (p.indices == yb)).sum().item()
+                if t is not None:
+                    r["fooled"] += (sure & (p.indices == t)).sum().item()
+    n = len(x)
+    result = {}
+    for kind, curve in out.items():
+        result[kind] = {}
+        for b, r in curve.items():
+            row = {"nonsense": r["nonsense"] / n}
+            if kind != "nonsense":
+                row["accuracy"] = r["correct"] / n
+            if kind != "noisy":
+                row["fooled"] = r["fooled"] / n
+            result[kind][f"{b:.6g}"] = row
+    return {"threshold": threshold, "n": n, "betas": list(betas), **result}

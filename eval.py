@@ -99,8 +99,14 @@ def get_args(argv=None):
     p.add_argument("--noise-sigmas", type=utils.fraction, nargs="*", default=None,
                    help=f"Gaussian noise sweep (default with extras: {DEFAULT_SIGMAS}; none given = skip)")
     p.add_argument("--nonsense-n", type=int, default=None, help="pure-noise images for the nonsense rate (default 1000 with extras; 0 = skip)")
-    p.add_argument("--nonsense-threshold", type=float, default=0.9, help="confidence above which a noise image counts")
+    p.add_argument("--nonsense-threshold", type=float, default=0.9,
+                   help="confidence above which a noise image counts as confidently classified (below it, --saf-curves read a prediction as 'nonsense')")
     p.add_argument("--nonsense-std", type=float, default=0.25, help="noise images are clip(0.5 + std * N(0,1), 0, 1)")
+    p.add_argument("--saf-curves", action="store_true",
+                   help="Zhao & Griffin's three curves over a strength beta: targeted-FGS adversarial, nonsense "
+                        "(noise pushed to a category), noisy; a prediction below --nonsense-threshold is 'nonsense'")
+    p.add_argument("--saf-betas", type=utils.fraction, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
+                   help="strengths beta of the --saf-curves")
     p.add_argument("--curve-eps", type=utils.fraction, nargs="*", default=None,
                    help="eps values of the accuracy-vs-eps curve (default with extras: eps x 0,1/4,1/2,1,2,4; none given = skip)")
     p.add_argument("--curve-steps", type=int, default=None, help="PGD steps of the curve and the large-eps check (default 20; 10 in quick)")
@@ -355,6 +361,15 @@ def evaluate(model, x, y, args, eps, progress=True):
                                                    args.seed, std=args.nonsense_std, batch_size=args.batch_size)
         print(f"  nonsense   {result['nonsense']['rate']:.4f} of {args.nonsense_n} noise images with confidence > "
               f"{args.nonsense_threshold:g} (mean confidence {result['nonsense']['mean_confidence']:.3f})", flush=True)
+    if args.saf_curves:
+        t0 = time.time()
+        saf = attacks.saf_curves(model, x, y, args.saf_betas, args.nonsense_threshold, args.seed, noise_std=args.nonsense_std,
+                                 batch_size=args.batch_size, progress=bar("saf curves"))
+        result["saf_curves"] = saf
+        for kind, key in (("adversarial", "accuracy"), ("nonsense", "nonsense"), ("noisy", "accuracy")):
+            print(f"  {kind:<11s} {'rejected as nonsense' if kind == 'nonsense' else 'accuracy'} over beta: " +
+                  "  ".join(f"{b}: {r[key]:.3f}" for b, r in saf[kind].items()), flush=True)
+        print(f"  (saf curves, threshold {args.nonsense_threshold:g}: {time.time() - t0:.1f}s)", flush=True)
     # ---- sanity checks
     grad_stats = attacks.input_gradient_stats(model, x, y, batch_size=args.batch_size)
     result["input_gradients"] = grad_stats
@@ -414,12 +429,13 @@ def markdown(result, label):
 
 def plot(result, path):
     """accuracy vs eps and vs noise sigma as a PNG, if matplotlib is installed; returns the path or None."""
-    if "accuracy_vs_eps" not in result and "noise_accuracy" not in result:
+    if "accuracy_vs_eps" not in result and "noise_accuracy" not in result and "saf_curves" not in result:
         return None
     plt = utils.pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    saf = result.get("saf_curves")
+    fig, axes = plt.subplots(1, 5 if saf else 2, figsize=(25 if saf else 10, 4))
     for ax, key, xlabel, title in [(axes[0], "accuracy_vs_eps", "eps (L-inf)", "PGD accuracy vs eps"),
                                    (axes[1], "noise_accuracy", "noise sigma", "accuracy under Gaussian noise")]:
         data = result.get(key, {})
@@ -430,6 +446,15 @@ def plot(result, path):
         ax.set(xlabel=xlabel, ylabel="accuracy", title=title, ylim=(0, 1))
         ax.grid(alpha=0.3)
     axes[0].axvline(result["eps"], color="k", linestyle="--", linewidth=0.8)
+    for ax, kind, keys in zip(axes[2:], ("adversarial", "nonsense", "noisy"),
+                              (("accuracy", "fooled", "nonsense"), ("nonsense", "fooled"), ("accuracy", "nonsense"))):
+        betas = [float(b) for b in saf[kind]] if saf else []
+        for key in keys:
+            ax.plot(betas, [saf[kind][f"{b:.6g}"][key] for b in betas], marker="o", label=key)
+        ax.set(xlabel="beta", ylabel="share of samples", title=f"{kind} samples (threshold {saf['threshold']:g})" if saf else kind,
+               ylim=(0, 1))
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.suptitle(result.get("label", ""))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -12,7 +12,15 @@
 # Environment variables (defaults in brackets: paper / QUICK):
 #   ACTS        activations; NAME-insert = Zhao & Griffin's unit after every conv (--saf-insert NAME)
 #               [relu softplus silu gelu elu prelu psilu psoftplus pssilu kaf kwta mrelu-insert rbf-insert]
-#   REGIMES     any of: fast free pgd                              [fast free pgd]
+#   REGIMES     any of: fast free pgd natural (train_fast.py --attack none)        [fast free pgd]
+#   CELLS       instead of REGIMES x ACTS, an explicit list of REGIME:ACT cells, where ACT may carry
+#               Zhao & Griffin's tricks as suffixes: +R random training ($TRICK_R), +M mean training
+#               ($TRICK_M), +H the hybrid loss ($TRICK_H); e.g. "natural:mrelu-insert+H+R+M fast:relu"
+#   STUDY=saf   Zhao & Griffin's grid (Fashion-MNIST lenet, seeds 0 1, OUT results-saf): relu /
+#               mrelu-insert+H / rbf-insert+H x {none, +R, +M, +R+M} under natural training and the
+#               three under FGSM-RS, evaluated with APGD-CE + APGD-DLR and the three curves
+#               (eval.py --saf-curves -> $OUT/saf_curves.md, .json, .png)
+#   NATURAL_FLAGS, TRICK_R, TRICK_M, TRICK_H   [FAST_FLAGS; --random-training 0.5; --mean-training 8; --hybrid-weight 1]
 #   SEEDS       training seeds (--seed); a cell is the mean +- std over them        [0 / 0 1 2]
 #   JOBS        runs at a time (on one GPU they share it)          [1]
 #   THREADS     CPU threads of each run (OMP_NUM_THREADS): the numbers are bit-identical for equal
@@ -39,7 +47,23 @@ set -u
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
 
-if [ "${QUICK:-0}" = 1 ]; then
+if [ "${STUDY:-}" = saf ]; then
+    # Zhao & Griffin's grid on Fashion-MNIST: plain (relu) and robust CNNs (an mReLU / RBF unit after every
+    # conv and hidden fc, trained on the hybrid loss: +H) under natural training with none / R / M / R-M,
+    # and the three units under FGSM-RS; clean, the worst case of APGD-CE + APGD-DLR, the three curves
+    DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
+    MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-saf}; SEEDS=${SEEDS:-0 1}; THREADS=${THREADS:-1}
+    FAST_FLAGS=${FAST_FLAGS:---epochs 2 --n-train 20000 --n-eval 500}
+    EVAL_FLAGS=${EVAL_FLAGS:---attacks apgd-ce apgd-dlr --n-eval 1000 --n-clean 0 --saf-curves}
+    if [ -z "${CELLS:-}" ]; then
+        for unit in relu mrelu-insert+H rbf-insert+H; do
+            for t in "" +R +M +R+M; do CELLS="${CELLS:-} natural:$unit$t"; done
+        done
+        CELLS="$CELLS fast:relu fast:mrelu-insert+H fast:rbf-insert+H"
+    fi
+elif [ "${STUDY:-}" != "" ]; then
+    echo "run_all.sh: unknown STUDY '$STUDY' (choose from: saf)" >&2; exit 2
+elif [ "${QUICK:-0}" = 1 ]; then
     DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
     MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-quick}; SEEDS=${SEEDS:-0 1 2}; THREADS=${THREADS:-1}
     # a third of the training set and short budgets; the scripts' own final check on 500 test images
@@ -52,33 +76,48 @@ if [ "${QUICK:-0}" = 1 ]; then
 else
     DATASET=${DATASET:-cifar10}; DATA_DIR=${DATA_DIR:-./data}
     MODEL=${MODEL:-preactresnet18}; EPS=${EPS:-8/255}; OUT=${OUT:-results}; SEEDS=${SEEDS:-0}
-    FAST_FLAGS=${FAST_FLAGS:-}; FREE_FLAGS=${FREE_FLAGS:-}; PGD_FLAGS=${PGD_FLAGS:-}
     EVAL_FLAGS=${EVAL_FLAGS:---preset standard}
 fi
+FAST_FLAGS=${FAST_FLAGS:-}; FREE_FLAGS=${FREE_FLAGS:-}; PGD_FLAGS=${PGD_FLAGS:-}; NATURAL_FLAGS=${NATURAL_FLAGS:-$FAST_FLAGS}
+TRICK_R=${TRICK_R:---random-training 0.5}; TRICK_M=${TRICK_M:---mean-training 8}; TRICK_H=${TRICK_H:---hybrid-weight 1}
 ACTS=${ACTS:-relu softplus silu gelu elu prelu psilu psoftplus pssilu kaf kwta mrelu-insert rbf-insert}
 REGIMES=${REGIMES:-fast free pgd}
+if [ -z "${CELLS:-}" ]; then
+    for regime in $REGIMES; do for act in $ACTS; do CELLS="${CELLS:-} $regime:$act"; done; done
+fi
+CELLS=$(echo ${CELLS:-})
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
 DEVICE_FLAGS=${DEVICE:+--device $DEVICE}
 JOBS=${JOBS:-1}
 
-# ---- checked before the first run: regimes, seeds, jobs, every run's flags (activation, budgets, EPS,
+# ---- checked before the first run: cells, seeds, jobs, every run's flags (activation, budgets, EPS,
 # DEVICE), EVAL_FLAGS, OUT, and that no run folder holds another training configuration
+script_of() { case $1 in natural) echo fast ;; *) echo "$1" ;; esac; }
 regime_flags() {
-    case $1 in fast) echo "$FAST_FLAGS" ;; free) echo "$FREE_FLAGS" ;; pgd) echo "$PGD_FLAGS" ;; esac
+    case $1 in fast) echo "$FAST_FLAGS" ;; free) echo "$FREE_FLAGS" ;; pgd) echo "$PGD_FLAGS" ;; natural) echo "--attack none $NATURAL_FLAGS" ;; esac
 }
-act_flags() {
-    case $1 in *-insert) echo "--saf-insert ${1%-insert}" ;; *) echo "--act $1" ;; esac
+act_flags() {  # relu, NAME-insert, and any of the suffixes +R +M +H (the tricks of Zhao & Griffin)
+    local base=${1%%+*} t flags
+    case $base in *-insert) flags="--saf-insert ${base%-insert}" ;; *) flags="--act $base" ;; esac
+    for t in $(echo "${1#"$base"}" | tr '+' ' '); do
+        case $t in R) flags="$flags $TRICK_R" ;; M) flags="$flags $TRICK_M" ;; H) flags="$flags $TRICK_H" ;; *) return 1 ;; esac
+    done
+    echo "$flags"
 }
 train_config() {  # what makes a run: script and training flags (not DATA_DIR / DEVICE, which --resume lets change)
-    echo "train_$1.py --dataset $DATASET --model $MODEL --epsilon $EPS $(act_flags "$2") $(regime_flags "$1") $TRAIN_FLAGS --seed $3"
+    echo "train_$(script_of "$1").py --dataset $DATASET --model $MODEL --epsilon $EPS $(act_flags "$2") $(regime_flags "$1") $TRAIN_FLAGS --seed $3"
 }
 run_dir() { echo "$OUT/runs/$1_$2_s$3"; }
-for regime in $REGIMES; do
-    case $regime in fast|free|pgd) ;; *) echo "run_all.sh: unknown regime '$regime' in REGIMES (choose from: fast free pgd)" >&2; exit 2 ;; esac
-done
-if [ -z "$(echo $ACTS)" ] || [ -z "$(echo $REGIMES)" ] || [ -z "$(echo $SEEDS)" ]; then
-    echo "run_all.sh: ACTS, REGIMES and SEEDS must not be empty" >&2; exit 2
+if [ -z "$CELLS" ] || [ -z "$(echo $SEEDS)" ]; then
+    echo "run_all.sh: ACTS, REGIMES (or CELLS) and SEEDS must not be empty" >&2; exit 2
 fi
+for cell in $CELLS; do
+    regime=${cell%%:*}; act=${cell#*:}
+    case $regime in fast|free|pgd|natural) ;; *) echo "run_all.sh: unknown regime '$regime' (choose from: fast free pgd natural)" >&2; exit 2 ;; esac
+    if [ "$act" = "$cell" ] || [ -z "$act" ] || ! act_flags "$act" > /dev/null; then
+        echo "run_all.sh: bad cell '$cell' (REGIME:ACT, ACT = NAME or NAME-insert with any of +R +M +H)" >&2; exit 2
+    fi
+done
 for seed in $SEEDS; do
     case $seed in *[!0-9]*) echo "run_all.sh: SEEDS must be non-negative integers, got '$seed'" >&2; exit 2 ;; esac
 done
@@ -92,32 +131,30 @@ if ! mkdir -p "$OUT/runs" 2>/dev/null || ! { : > "$OUT/runs/.write-test"; } 2>/d
     echo "run_all.sh: OUT=$OUT cannot be created or written" >&2; exit 2
 fi
 rm -f "$OUT/runs/.write-test"
+checks=""  # one line per cell: the one-line error's prefix, the script, its training flags
+for cell in $CELLS; do
+    regime=${cell%%:*}; act=${cell#*:}
+    checks="$checks$regime $act	train_$(script_of "$regime")	--dataset $DATASET --data-dir $DATA_DIR --model $MODEL --epsilon $EPS $(act_flags "$act") $(regime_flags "$regime") $TRAIN_FLAGS $DEVICE_FLAGS --resume
+"
+done
 # shellcheck disable=SC2086
-if ! $PYTHON - "$REGIMES" "$ACTS" "$EVAL_FLAGS $DEVICE_FLAGS" <<'EOF'
-import os, sys
-import eval as evaluation, train_fast, train_free, train_pgd
-regimes, acts, eval_flags = sys.argv[1].split(), sys.argv[2].split(), sys.argv[3].split()
-scripts = dict(fast=train_fast, free=train_free, pgd=train_pgd)
-env = lambda k: os.environ.get(k, "")
-for regime in regimes:
-    for act in acts:
-        act_flags = ["--saf-insert", act[:-len("-insert")]] if act.endswith("-insert") else ["--act", act]
-        argv = ["--dataset", env("DATASET"), "--data-dir", env("DATA_DIR"), "--model", env("MODEL"), "--epsilon", env("EPS"),
-                *act_flags, *env(regime.upper() + "_FLAGS").split(), *env("TRAIN_FLAGS").split(),
-                *(["--device", env("DEVICE")] if env("DEVICE") else []), "--resume"]
-        sys.argv[0] = f"run_all.sh: {regime} {act}: train_{regime}.py"  # the one-line error's prefix
-        scripts[regime].get_args(argv)
+if ! printf '%s' "$checks" | $PYTHON -c '
+import importlib, sys
+import eval as evaluation
+for line in sys.stdin.read().splitlines():
+    label, script, flags = line.split("\t")
+    sys.argv[0] = f"run_all.sh: {label}: {script}.py"  # the one-line error prefix
+    importlib.import_module(script).get_args(flags.split())
 sys.argv[0] = "run_all.sh: EVAL_FLAGS: eval.py"
-evaluation.get_args(["checkpoint.pt", *eval_flags])
-EOF
+evaluation.get_args(["checkpoint.pt", *sys.argv[1:]])
+' $EVAL_FLAGS $DEVICE_FLAGS
 then exit 2; fi
 others=""
 for seed in $SEEDS; do
-    for regime in $REGIMES; do
-        for act in $ACTS; do
-            f="$(run_dir "$regime" "$act" "$seed")/run_config.txt"
-            if [ -f "$f" ] && [ "$(cat "$f")" != "$(train_config "$regime" "$act" "$seed")" ]; then others="$others ${regime}_${act}_s$seed"; fi
-        done
+    for cell in $CELLS; do
+        regime=${cell%%:*}; act=${cell#*:}
+        f="$(run_dir "$regime" "$act" "$seed")/run_config.txt"
+        if [ -f "$f" ] && [ "$(cat "$f")" != "$(train_config "$regime" "$act" "$seed")" ]; then others="$others ${regime}_${act}_s$seed"; fi
     done
 done
 if [ -n "$others" ]; then
@@ -136,7 +173,7 @@ run_one() {
     [ -f "$dir/run_config.txt" ] || train_config "$regime" "$act" "$seed" > "$dir/run_config.txt"
     if ! [ -f "$dir/summary.json" ] || ! grep -q '"evaluated": true' "$dir/summary.json"; then
         # shellcheck disable=SC2086  # the flag strings are meant to split into words
-        $PYTHON "train_$regime.py" --dataset "$DATASET" --data-dir "$DATA_DIR" --model "$MODEL" --epsilon "$EPS" \
+        $PYTHON "train_$(script_of "$regime").py" --dataset "$DATASET" --data-dir "$DATA_DIR" --model "$MODEL" --epsilon "$EPS" \
             $(act_flags "$act") $(regime_flags "$regime") $TRAIN_FLAGS --seed "$seed" $DEVICE_FLAGS --out-dir "$dir" \
             --resume >> "$dir/train.log" 2>&1
         rc=$?
@@ -157,37 +194,41 @@ run_one() {
 # run (they share our process group): each saves what it has and stops, and we wait for them.
 interrupted=0
 trap 'interrupted=1' INT
-total=$(( $(echo $SEEDS | wc -w) * $(echo $ACTS | wc -w) * $(echo $REGIMES | wc -w) )); i=0; start=$SECONDS
+total=$(( $(echo $SEEDS | wc -w) * $(echo $CELLS | wc -w) )); i=0; start=$SECONDS
 for seed in $SEEDS; do
-    for regime in $REGIMES; do
-        for act in $ACTS; do
-            i=$((i + 1))
-            dir=$(run_dir "$regime" "$act" "$seed")
-            if [ -f "$dir/eval.json" ] && [ "$(cat "$dir/eval_config.txt" 2>/dev/null)" = "$EVAL_FLAGS" ]; then
-                printf '[%d/%d] %-6s %-14s s%-3s done before, skipped\n' "$i" "$total" "$regime" "$act" "$seed"; continue
-            fi
-            while [ $interrupted = 0 ] && [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
-            if [ $interrupted = 1 ]; then break 3; fi
-            run_one "$regime" "$act" "$seed" "$(printf '[%d/%d %5ds] %-6s %-14s s%-3s' "$i" "$total" $((SECONDS - start)) "$regime" "$act" "$seed")" &
-        done
+    for cell in $CELLS; do
+        regime=${cell%%:*}; act=${cell#*:}
+        i=$((i + 1))
+        dir=$(run_dir "$regime" "$act" "$seed")
+        if [ -f "$dir/eval.json" ] && [ "$(cat "$dir/eval_config.txt" 2>/dev/null)" = "$EVAL_FLAGS" ]; then
+            printf '[%d/%d] %-7s %-16s s%-3s done before, skipped\n' "$i" "$total" "$regime" "$act" "$seed"; continue
+        fi
+        while [ $interrupted = 0 ] && [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+        if [ $interrupted = 1 ]; then break 2; fi
+        run_one "$regime" "$act" "$seed" "$(printf '[%d/%d %5ds] %-7s %-16s s%-3s' "$i" "$total" $((SECONDS - start)) "$regime" "$act" "$seed")" &
     done
 done
 while [ -n "$(jobs -rp)" ]; do wait; done  # a trapped Ctrl-C ends a wait early: wait again
 trap - INT
 failed=0
-for seed in $SEEDS; do for regime in $REGIMES; do for act in $ACTS; do
-    dir=$(run_dir "$regime" "$act" "$seed")
+for seed in $SEEDS; do for cell in $CELLS; do
+    dir=$(run_dir "${cell%%:*}" "${cell#*:}" "$seed")
     if [ -f "$dir/FAILED" ]; then failed=$((failed + 1)); fi
     if [ -f "$dir/INTERRUPTED" ]; then interrupted=1; fi
-done; done; done
+done; done
 
-# ---- the table: one row per regime x activation, mean +- std over the seeds (analyze.matrix_table)
-$PYTHON - "$OUT" "$REGIMES" "$ACTS" "$SEEDS" <<'EOF'
+# ---- the table: one row per cell, mean +- std over the seeds (analyze.matrix_table), and Zhao &
+# Griffin's curves where the evaluation made them (analyze.saf_table)
+$PYTHON - "$OUT" "$CELLS" "$SEEDS" <<'EOF'
 import sys
 import analyze
-out, regimes, acts, seeds = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), [int(s) for s in sys.argv[4].split()]
-print(analyze.matrix_table(out, regimes, acts, seeds), end="")
-print(f"{len(regimes) * len(acts)} rows x {len(seeds)} seeds -> {out}/results.md, results.csv, results.json, results_seeds.csv")
+out, cells, seeds = sys.argv[1], [c.split(":", 1) for c in sys.argv[2].split()], [int(s) for s in sys.argv[3].split()]
+print(analyze.matrix_table(out, cells, seeds), end="")
+print(f"{len(cells)} rows x {len(seeds)} seeds -> {out}/results.md, results.csv, results.json, results_seeds.csv")
+saf = analyze.saf_table(out, cells, seeds)
+if saf:
+    print(saf, end="")
+    print(f"-> {out}/saf_curves.md, saf_curves.json (+ saf_curves.png with matplotlib)")
 EOF
 if [ $interrupted = 1 ]; then echo "run_all.sh: interrupted; run it again to continue" >&2; exit 130; fi
 if [ $failed -gt 0 ]; then echo "run_all.sh: $failed run(s) failed" >&2; exit 1; fi

@@ -7,7 +7,8 @@ delta <- delta + alpha * sign(grad_delta loss), alpha = 1.25 eps; project onto t
 0 -> 0.2 -> 0, eps 8/255, alpha 10/255, batch 128, SGD momentum 0.9, weight decay 5e-4.  After each
 epoch PGD on a held batch of training images watches for catastrophic overfitting; if it collapses,
 the run stops with the best weights.  Optional fixes: N-FGSM (de Jorge et al. 2022) and GradAlign
-(Andriushchenko & Flammarion 2020).
+(Andriushchenko & Flammarion 2020).  `--attack none` trains naturally (clean images, no attack), the
+regime of Zhao & Griffin's plain and robust CNNs; summary.json's "regime" says which one ran.
 
     python train_fast.py --act kaf --epochs 15
     python train_fast.py --dataset fashionmnist --data-dir /usr/share/datasets/fashion-mnist \\
@@ -27,6 +28,8 @@ import utils
 def get_args(argv=None):
     p = utils.parser(__doc__.split("\n\n")[0])
     g = p.add_argument_group("FGSM training")
+    g.add_argument("--attack", default="fgsm", choices=["fgsm", "none"],
+                   help="none: natural (clean) training, as Zhao & Griffin's plain and robust CNNs (the overfitting guard is then off)")
     g.add_argument("--alpha", type=utils.fraction, default=None, help="FGSM step (default 1.25 * eps; eps with --nfgsm)")
     g.add_argument("--init", default="random", choices=["random", "zero"], help="start of the FGSM step (zero = plain FGSM training)")
     g.add_argument("--nfgsm", action="store_true", help="N-FGSM: noise U(-2eps, 2eps), step eps, no projection to the eps-ball")
@@ -38,6 +41,10 @@ def get_args(argv=None):
         p.error("--alpha must be > 0")
     if args.grad_align < 0:
         p.error("--grad-align must be >= 0")
+    if args.attack == "none" and (args.nfgsm or args.alpha is not None or args.init != "random"):
+        p.error("--attack none trains on clean images; --nfgsm, --alpha and --init belong to the FGSM attack")
+    if args.attack == "none":
+        args.co_guard = 0.0  # PGD accuracy of a naturally trained model is near 0 and means nothing to the guard
     if args.nfgsm and args.init == "zero":
         p.error("--nfgsm starts from noise; it cannot be combined with --init zero")
     return args
@@ -83,10 +90,10 @@ def train_step(run, tr, x, y, args):
     Returns the loss, the number of correct predictions and a non-finite flag, as device tensors."""
     eps = args.epsilon
     alpha = args.alpha if args.alpha is not None else (eps if args.nfgsm else 1.25 * eps)
-    delta = fgsm_delta(run, x, y, eps, alpha, args.init, args.nfgsm)
+    delta = fgsm_delta(run, x, y, eps, alpha, args.init, args.nfgsm) if args.attack == "fgsm" else 0  # none: natural training
     with run.autocast():
         logits = run.forward(x + delta)
-        loss = F.cross_entropy(logits, y)
+        loss = tricks.hybrid_loss(logits, y, args.hybrid_weight, args.hybrid_p)  # CE unless --hybrid-weight
     total = loss
     if args.grad_align > 0:
         total = total + args.grad_align * grad_align_penalty(run, x, y, eps)
@@ -120,6 +127,7 @@ def main(argv=None, data=None):
                               train_time_s=train_time, guard=guard, curve=curve)
 
     summary = utils.start_summary(run, args, args.epochs)
+    summary["regime"] = "natural" if args.attack == "none" else "n-fgsm" if args.nfgsm else "fgsm-rs" if args.init == "random" else "fgsm"
     summary["catastrophic_overfitting"] = guard
     epoch = start
     try:

@@ -58,7 +58,7 @@ def replay_step(run, tr, x, y, delta, args):
     d = delta[:n].detach().requires_grad_(True)
     with run.autocast():
         logits = run.forward(x + d)
-        loss = F.cross_entropy(logits, y)
+        loss = tricks.hybrid_loss(logits, y, args.hybrid_weight, args.hybrid_p)  # CE unless --hybrid-weight
     total = loss + tr.mean_loss(run.model, run.forward, run.autocast) if tr.mean_copies else loss
     total = total + utils.activation_penalty(run, args)  # PSSiLU: Dai et al.'s L1 penalty on the shift
     run.scaler.scale(total).backward()  # one pass: the weights' gradients and d.grad
@@ -103,6 +103,7 @@ def main(argv=None, data=None):
                               train_time_s=train_time, guard=guard, curve=curve, delta=delta)
 
     summary = utils.start_summary(run, args, n_passes, label="pass")
+    summary["regime"] = "free"
     summary["catastrophic_overfitting"] = guard
     epoch = start
     try:

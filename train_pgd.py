@@ -102,7 +102,7 @@ def train_step(run, tr, x, y, args):
         run.model.train()
         with run.autocast():
             logits = run.forward(x + delta)
-            loss = F.cross_entropy(logits, y)
+            loss = tricks.hybrid_loss(logits, y, args.hybrid_weight, args.hybrid_p)  # CE unless --hybrid-weight
     total = loss + tr.mean_loss(run.model, run.forward, run.autocast) if tr.mean_copies else loss
     total = total + utils.activation_penalty(run, args)  # PSSiLU: Dai et al.'s L1 penalty on the shift
     run.scaler.scale(total).backward()  # fp16: scaled, so that small gradients do not underflow
@@ -132,6 +132,7 @@ def main(argv=None, data=None):
                               train_time_s=train_time, guard=guard, curve=curve, attack_steps=attack_steps)
 
     summary = utils.start_summary(run, args, args.epochs)
+    summary["regime"] = args.loss if args.loss == "trades" else "pgd"
     summary["catastrophic_overfitting"] = guard
     epoch = start
     try:

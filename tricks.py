@@ -3,6 +3,8 @@
 * Zhao & Griffin's random training ("R") and mean training ("M"): :class:`TrainingTricks`, whose
   ``mix(x, y)`` changes a clean minibatch before the regime perturbs it and whose ``mean_loss`` is
   added to the training loss;
+* Zhao & Griffin's hybrid loss (``--hybrid-weight``): :func:`hybrid_loss`, used by every regime in
+  place of the cross-entropy;
 * Dai et al.'s extra (e.g. generated) training images: also mixed in by ``TrainingTricks.mix``;
 * the LR range test (``--lr-find``): :func:`lr_range_test`, run instead of training.
 
@@ -30,6 +32,9 @@ def add_flags(p):
                    help="Zhao & Griffin's mean training: N noisy copies of the mean training image per optimiser step, trained towards uniform confidence")
     g.add_argument("--mean-noise", type=utils.fraction, default=0.1, help="std of the Gaussian noise on the mean-image copies")
     g.add_argument("--mean-weight", type=float, default=1.0, help="weight of the mean-training loss KL(uniform || softmax)")
+    g.add_argument("--hybrid-weight", type=float, default=0.0, metavar="LAMBDA",
+                   help="Zhao & Griffin's hybrid loss: CE + LAMBDA * mean_k |z_k - onehot_k|^p on the logits z (0 = plain CE; see tricks.hybrid_loss)")
+    g.add_argument("--hybrid-p", type=float, default=2.0, help="the order p of the hybrid loss's error term")
     g.add_argument("--extra-data", default=None, metavar="NPZ",
                    help="Dai et al.'s extra (e.g. generated) training images: .npz with images (uint8 or float in [0,1]) and labels")
     g.add_argument("--extra-fraction", type=float, default=None,
@@ -40,6 +45,24 @@ def add_flags(p):
     g.add_argument("--lr-find-steps", type=int, default=100, help="minibatches of the LR range test")
     g.add_argument("--lr-find-min", type=float, default=1e-4, help="first LR of the range test")
     g.add_argument("--lr-find-max", type=float, default=10.0, help="last LR of the range test")
+
+
+def hybrid_loss(logits, y, weight=0.0, p=2.0):
+    """Zhao & Griffin 2016's hybrid loss, batch mean of
+
+        -log softmax(z)_y  +  weight * (1/K) sum_k |z_k - t_k|^p,    t = one-hot(y), z = logits (K classes).
+
+    The seed text survives only in words ("designed to prefer y_c large relatively and absolutely ...
+    it is necessary to involve p-order errors ... [so that] nonsense samples would [get] small y's"):
+    our reading is the softmax loss (y_c large *relative* to the others) plus a p-order error that pulls
+    every raw output to its one-hot target (y_c large *absolutely*, the others near 0), so that an input
+    far from the data gets small outputs everywhere.  The weight and p are not given in the text; p = 2
+    and weight 1 are our defaults for the study.  weight 0 is exactly F.cross_entropy."""
+    ce = F.cross_entropy(logits, y)
+    if weight == 0:
+        return ce
+    t = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    return ce + weight * (logits - t).abs().pow(p).mean()
 
 
 def flag_problems(args):
@@ -55,6 +78,10 @@ def flag_problems(args):
         problems.append("--random-training must be a fraction in [0, 1]")
     if args.random_strength is not None and args.random_strength <= 0:
         problems.append("--random-strength must be > 0")
+    if args.hybrid_weight < 0 or args.hybrid_p < 1:
+        problems.append("--hybrid-weight must be >= 0 and --hybrid-p >= 1")
+    if args.hybrid_weight > 0 and getattr(args, "loss", "ce") == "trades":
+        problems.append("--hybrid-weight replaces the cross-entropy of --loss ce; it cannot be combined with --loss trades")
     if args.mean_training < 0 or args.mean_noise < 0 or args.mean_weight < 0:
         problems.append("--mean-training, --mean-noise and --mean-weight must be >= 0")
     if args.extra_fraction is not None and args.extra_data is None:

@@ -321,7 +321,7 @@ def test_fgsm_rs_and_nfgsm_are_one_signed_gradient_step_from_their_noise_and_rai
 def test_free_replay_moves_delta_by_one_signed_step_of_eps_and_raises_the_loss():
     run, x, y = linear_problem()
     eps = 0.05
-    args = argparse.Namespace(epsilon=eps, grad_clip=0, act="relu", pssilu_reg=0, pssilu_beta_clip=0, freeze_act=False)
+    args = argparse.Namespace(epsilon=eps, grad_clip=0, act="relu", pssilu_reg=0, pssilu_beta_clip=0, freeze_act=False, hybrid_weight=0.0, hybrid_p=2.0)
     tr = argparse.Namespace(mean_copies=0)
     delta = in_image(x, torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(1)))
     start = delta.clone()
@@ -358,13 +358,18 @@ def test_trades_attack_raises_the_kl_term_far_above_random_noise_of_the_same_siz
 
 
 def test_adversarial_training_beats_natural_training_where_the_natural_model_breaks(tmp_path, monkeypatch):
-    """FGSM-RS training against the same run with its perturbation replaced by zeros (natural
-    training): at eps 0.1 the natural model is broken by PGD-10, the adversarially trained one much less."""
+    """FGSM-RS training against natural training (--attack none, which must never compute an attack):
+    at eps 0.1 the natural model is broken by PGD-10, the adversarially trained one much less."""
     flags = ["--dataset", "synthetic", "--model", "lenet", "--n-train", "1024", "--n-eval", "256", "--batch-size", "64",
              "--epochs", "3", "--epsilon", "0.1", "--eval-pgd-steps", "10", "--device", "cpu", "--co-guard", "0"]
     adversarial = train_fast.main(flags + ["--out-dir", str(tmp_path / "adv")])
-    monkeypatch.setattr(train_fast, "fgsm_delta", lambda run, x, *args, **kwargs: torch.zeros_like(x))
-    natural = train_fast.main(flags + ["--out-dir", str(tmp_path / "nat")])
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("natural training computed an FGSM perturbation")
+    monkeypatch.setattr(train_fast, "fgsm_delta", no_attack)
+    monkeypatch.setattr(train_fast, "input_gradient", no_attack)
+    natural = train_fast.main(flags + ["--attack", "none", "--out-dir", str(tmp_path / "nat")])
+    assert natural["regime"] == "natural" and adversarial["regime"] == "fgsm-rs"
     assert natural["clean_acc"] > 0.9 and adversarial["clean_acc"] > 0.9
     assert natural["pgd_acc"] < 0.4 and adversarial["pgd_acc"] > natural["pgd_acc"] + 0.2, (natural["pgd_acc"], adversarial["pgd_acc"])
 

@@ -91,6 +91,36 @@ def test_two_jobs_give_the_table_of_one_job(tmp_path):
     assert len(tables["1"]) == 4 and tables["1"] == tables["2"]
 
 
+def test_the_saf_study_runs_natural_training_the_tricks_and_writes_the_curves(tmp_path):
+    cells = "natural:relu natural:mrelu-insert+H+R+M fast:rbf-insert+H"
+    env = _env(tmp_path, STUDY="saf", CELLS=cells, NATURAL_FLAGS=TINY,
+               EVAL_FLAGS="--attacks fgsm apgd-ce --apgd-iters 5 --n-eval 64 --saf-curves --saf-betas 0 0.2 --no-plot")
+    out = tmp_path / "results"
+    r = _run_all(env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    config = (out / "runs" / "natural_mrelu-insert+H+R+M_s0" / "run_config.txt").read_text()
+    for flag in ("train_fast.py", "--saf-insert mrelu", "--attack none", "--hybrid-weight 1", "--random-training 0.5",
+                 "--mean-training 8"):
+        assert flag in config, config
+    regimes = {d.name: json.load(open(d / "summary.json"))["regime"] for d in (out / "runs").iterdir()}
+    assert regimes == {"natural_relu_s0": "natural", "natural_mrelu-insert+H+R+M_s0": "natural", "fast_rbf-insert+H_s0": "fgsm-rs"}
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(row["regime"], row["activation"]) for row in rows] == [tuple(c.split(":")) for c in cells.split()]
+    curves = json.load(open(out / "saf_curves.json"))
+    assert curves["betas"] == ["0", "0.2"] and len(curves["cells"]) == 3 * 3
+    md = (out / "saf_curves.md").read_text()
+    assert md.count("| natural | mrelu-insert+H+R+M | 1 |") == 3 and "beta 0.2" in md
+
+
+def test_the_default_settings_pass_the_checks(tmp_path):
+    """QUICK and STUDY=saf with nothing else set reach the EVAL_FLAGS check (their own defaults are valid)."""
+    for mode in (dict(QUICK="1"), dict(STUDY="saf")):
+        env = {k: v for k, v in _env(tmp_path, EVAL_FLAGS="--attacks pgd0", **mode).items()
+               if k not in ("DATASET", "DATA_DIR", "MODEL", "EPS", "ACTS", "REGIMES", "SEEDS", "FAST_FLAGS", "FREE_FLAGS")}
+        r = _run_all(env)
+        assert r.returncode == 2 and "EVAL_FLAGS: eval.py: error: unknown attack" in r.stderr, (mode, r.stderr)
+
+
 def test_run_all_refuses_bad_settings_before_the_first_run(tmp_path):
     (tmp_path / "file").write_text("")
     for changes, message in ((dict(ACTS="relu nosuchact"), "fast nosuchact: train_fast.py: error: argument --act: invalid choice"),
@@ -98,6 +128,8 @@ def test_run_all_refuses_bad_settings_before_the_first_run(tmp_path):
                              (dict(FAST_FLAGS="--epochs 0"), "--epochs must be >= 1"),
                              (dict(EVAL_FLAGS="--attacks pgd0"), "EVAL_FLAGS: eval.py: error: unknown attack"),
                              (dict(SEEDS="0 x"), "SEEDS must be non-negative integers"),
+                             (dict(CELLS="fast:relu+X"), "bad cell 'fast:relu+X'"),
+                             (dict(STUDY="nosuch"), "unknown STUDY 'nosuch'"),
                              (dict(JOBS="0"), "JOBS and THREADS must be positive integers"),
                              (dict(TRAIN_FLAGS="--seed 3"), "give the seeds with SEEDS"),
                              (dict(OUT=str(tmp_path / "file" / "out")), "cannot be created or written")):
@@ -164,7 +196,7 @@ def test_matrix_table_aggregates_seeds_flags_a_failed_seed_and_pairs_with_relu(t
         _fake_run(runs / f"fast_kaf_s{s}", k, summary_extra={"catastrophic_overfitting": {"epoch": 3}} if s == 1 else None)
     _fake_run(runs / "fast_gelu_s0", 0.5)
     _fake_run(runs / "fast_gelu_s1", 0.5, failed="train")  # seed 2 never ran
-    text = analyze.matrix_table(str(tmp_path), ["fast"], ["relu", "kaf", "gelu"], [0, 1, 2])
+    text = analyze.matrix_table(str(tmp_path), [("fast", "relu"), ("fast", "kaf"), ("fast", "gelu")], [0, 1, 2])
     rows = {r["activation"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
     assert rows["relu"]["worst case"] == "60.00 ± 1.00" and rows["relu"]["seeds ok"] == "3/3"
     assert rows["kaf"]["worst case"] == "63.00 ± 1.00"
