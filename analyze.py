@@ -729,6 +729,65 @@ SAF_METRICS = {"adversarial": ("accuracy", "accuracy on targeted-FGS adversarial
                "noisy": ("accuracy", "accuracy on noisy samples")}
 
 
+def curve_table(out, cells, seeds, share=0.95):
+    """Accuracy over iterations (the --eval-every probes in summary.json's "curve") of every cell that
+    has them, for the schedule study: per cell the final and best probe accuracies (mean over seeds)
+    and the iterations each seed took to reach ``share`` of the best final probe PGD accuracy of all
+    cells (the fast-schedule thesis's "iterations to a given accuracy").  Writes curves.md,
+    curves.json and, with matplotlib, curves.png (clean and PGD accuracy over iterations, a line per
+    cell, mean over seeds).  Returns the markdown, or None when no run has a curve."""
+    found = {}
+    for g, a in cells:
+        per_seed = {}
+        for s in seeds:
+            path = os.path.join(out, "runs", f"{g}_{a}_s{s}", "summary.json")
+            if os.path.exists(path) and (c := json.load(open(path)).get("curve")):
+                per_seed[s] = c
+        if per_seed:
+            found[(g, a)] = per_seed
+    if not found:
+        return None
+    final = {k: mean_std([c[-1]["pgd_acc"] for c in v.values()])[0] for k, v in found.items()}
+    target = share * max(final.values())
+    rows, text = [], (f"| regime | activation | seeds | steps | final clean (probe) | final PGD-10 (probe) | best PGD-10 (probe) | "
+                      f"steps to {100 * share:.0f}% of the best final PGD-10 ({100 * target:.1f}%) |\n|" + "---|" * 8 + "\n")
+    for (g, a), per_seed in found.items():
+        reach = {s: next((p["iteration"] for p in c if p["pgd_acc"] >= target), None) for s, c in per_seed.items()}
+        reached = [v for v in reach.values() if v is not None]
+        reach_text = _pm(reached, 0) if reached else "never"
+        if reached and len(reached) < len(reach):
+            reach_text += " (" + ", ".join(f"s{s} never" for s, v in reach.items() if v is None) + ")"
+        pm = lambda key, pick: _pm([100 * pick(c, key) for c in per_seed.values()])
+        row = {"regime": g, "activation": a, "seeds": len(per_seed), "steps": max(c[-1]["iteration"] for c in per_seed.values()),
+               "final_clean": pm("clean_acc", lambda c, k: c[-1][k]), "final_pgd": pm("pgd_acc", lambda c, k: c[-1][k]),
+               "best_pgd": pm("pgd_acc", lambda c, k: max(p[k] for p in c)), "steps_to_target": reach_text,
+               "steps_to_target_per_seed": reach,
+               "curve": [{"iteration": p["iteration"], "lr": p["lr"],
+                          "clean_acc": mean_std([c[i]["clean_acc"] for c in per_seed.values() if i < len(c)])[0],
+                          "pgd_acc": mean_std([c[i]["pgd_acc"] for c in per_seed.values() if i < len(c)])[0]}
+                         for i, p in enumerate(max(per_seed.values(), key=len))]}
+        rows.append(row)
+        text += (f"| {g} | {a} | {row['seeds']} | {row['steps']} | {row['final_clean']} | {row['final_pgd']} | "
+                 f"{row['best_pgd']} | {reach_text} |\n")
+    text += "\nprobe: clean and PGD-10 accuracy on the first held-out test images every --eval-every steps; mean ± std over seeds, %\n"
+    utils.write_json({"share": share, "target_pgd_acc": target, "cells": rows}, os.path.join(out, "curves.json"))
+    with open(os.path.join(out, "curves.md"), "w") as f:
+        f.write(text)
+    plt = utils.pyplot()
+    if plt is not None:
+        fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+        for ax, key, title in ((axes[0], "clean_acc", "clean accuracy (probe)"), (axes[1], "pgd_acc", "PGD-10 accuracy (probe)")):
+            for row in rows:
+                ax.plot([p["iteration"] for p in row["curve"]], [100 * p[key] for p in row["curve"]], label=row["activation"])
+            ax.set(xlabel="optimiser steps", ylabel="%", title=title)
+            ax.grid(alpha=0.3)
+        axes[1].axhline(100 * target, color="k", linestyle="--", linewidth=0.8)
+        axes[1].legend(fontsize=7)
+        fig.savefig(os.path.join(out, "curves.png"), dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return text
+
+
 def saf_table(out, cells, seeds):
     """Zhao & Griffin's three curves (eval.py --saf-curves) of every cell, mean ± std over the seeds
     that have them: saf_curves.md (a table per kind, a column per beta), saf_curves.json and, with

@@ -20,6 +20,13 @@
 #               mrelu-insert+H / rbf-insert+H x {none, +R, +M, +R+M} under natural training and the
 #               three under FGSM-RS, evaluated with APGD-CE + APGD-DLR and the three curves
 #               (eval.py --saf-curves -> $OUT/saf_curves.md, .json, .png)
+#               A cell's ACT may end in ,FLAG=VALUE options for that cell alone, e.g.
+#               "free:relu,lr-schedule=onecycle,epochs=2"
+#   STUDY=schedules  the fast-schedule thesis: train_free.py (m = 2, weight decay 2e-4) under piecewise,
+#               triangular, triangular-decreasing, sgdr, sgdr-decreasing, linear, exponential, constant,
+#               trapezoid and onecycle (+ momentum cycling) at one budget, onecycle also at half of it,
+#               seeds 0 1, with the --eval-every curves ($OUT/curves.md, .json, .png: accuracy over
+#               iterations, iterations to reach 95% of the best final PGD accuracy)
 #   NATURAL_FLAGS, TRICK_R, TRICK_M, TRICK_H   [FAST_FLAGS; --random-training 0.5; --mean-training 8; --hybrid-weight 1]
 #   SEEDS       training seeds (--seed); a cell is the mean +- std over them        [0 / 0 1 2]
 #   JOBS        runs at a time (on one GPU they share it)          [1]
@@ -61,8 +68,22 @@ if [ "${STUDY:-}" = saf ]; then
         done
         CELLS="$CELLS fast:relu fast:mrelu-insert+H fast:rbf-insert+H"
     fi
+elif [ "${STUDY:-}" = schedules ]; then
+    # the fast-schedule thesis: Free training (m = 2) under every schedule family at one budget, 1cycle
+    # (with momentum cycling) also at half of it, weight decay 2e-4 as the thesis; clean and PGD-10
+    # accuracy on 500 held-out test images every 50 optimiser steps (the curves), then the worst case
+    DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
+    MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-schedules}; SEEDS=${SEEDS:-0 1}; THREADS=${THREADS:-1}
+    FREE_FLAGS=${FREE_FLAGS:---epochs 4 --replays 2 --lr-max 0.04 --weight-decay 2e-4 --n-train 20000 --n-eval 500 --eval-every 50}
+    EVAL_FLAGS=${EVAL_FLAGS:---attacks apgd-ce apgd-dlr --n-eval 1000 --n-clean 0}
+    if [ -z "${CELLS:-}" ]; then
+        for sched in piecewise triangular triangular-decreasing sgdr sgdr-decreasing linear exponential constant trapezoid; do
+            CELLS="${CELLS:-} free:relu,lr-schedule=$sched"
+        done
+        CELLS="$CELLS free:relu,lr-schedule=onecycle,momentum-schedule=onecycle free:relu,lr-schedule=onecycle,momentum-schedule=onecycle,epochs=2"
+    fi
 elif [ "${STUDY:-}" != "" ]; then
-    echo "run_all.sh: unknown STUDY '$STUDY' (choose from: saf)" >&2; exit 2
+    echo "run_all.sh: unknown STUDY '$STUDY' (choose from: saf schedules)" >&2; exit 2
 elif [ "${QUICK:-0}" = 1 ]; then
     DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
     MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-quick}; SEEDS=${SEEDS:-0 1 2}; THREADS=${THREADS:-1}
@@ -96,16 +117,26 @@ script_of() { case $1 in natural) echo fast ;; *) echo "$1" ;; esac; }
 regime_flags() {
     case $1 in fast) echo "$FAST_FLAGS" ;; free) echo "$FREE_FLAGS" ;; pgd) echo "$PGD_FLAGS" ;; natural) echo "--attack none $NATURAL_FLAGS" ;; esac
 }
-act_flags() {  # relu, NAME-insert, and any of the suffixes +R +M +H (the tricks of Zhao & Griffin)
-    local base=${1%%+*} t flags
+act_flags() {  # NAME or NAME-insert, then any of +R +M +H (Zhao & Griffin's tricks)
+    local spec=${1%%,*} base t flags
+    base=${spec%%+*}
     case $base in *-insert) flags="--saf-insert ${base%-insert}" ;; *) flags="--act $base" ;; esac
-    for t in $(echo "${1#"$base"}" | tr '+' ' '); do
+    for t in $(echo "${spec#"$base"}" | tr '+' ' '); do
         case $t in R) flags="$flags $TRICK_R" ;; M) flags="$flags $TRICK_M" ;; H) flags="$flags $TRICK_H" ;; *) return 1 ;; esac
     done
     echo "$flags"
 }
+cell_flags() {  # an ACT's trailing ,FLAG=VALUE options: the cell's own flags, given last so that they win
+    local spec=${1%%,*} t flags=""
+    if [ "$spec" != "$1" ]; then
+        for t in $(echo "${1#"$spec",}" | tr ',' ' '); do
+            case $t in ?*=?*) flags="$flags --${t%%=*} ${t#*=}" ;; *) return 1 ;; esac
+        done
+    fi
+    echo "$flags"
+}
 train_config() {  # what makes a run: script and training flags (not DATA_DIR / DEVICE, which --resume lets change)
-    echo "train_$(script_of "$1").py --dataset $DATASET --model $MODEL --epsilon $EPS $(act_flags "$2") $(regime_flags "$1") $TRAIN_FLAGS --seed $3"
+    echo "train_$(script_of "$1").py --dataset $DATASET --model $MODEL --epsilon $EPS $(act_flags "$2") $(regime_flags "$1") $TRAIN_FLAGS$(cell_flags "$2") --seed $3"
 }
 run_dir() { echo "$OUT/runs/$1_$2_s$3"; }
 if [ -z "$CELLS" ] || [ -z "$(echo $SEEDS)" ]; then
@@ -114,8 +145,8 @@ fi
 for cell in $CELLS; do
     regime=${cell%%:*}; act=${cell#*:}
     case $regime in fast|free|pgd|natural) ;; *) echo "run_all.sh: unknown regime '$regime' (choose from: fast free pgd natural)" >&2; exit 2 ;; esac
-    if [ "$act" = "$cell" ] || [ -z "$act" ] || ! act_flags "$act" > /dev/null; then
-        echo "run_all.sh: bad cell '$cell' (REGIME:ACT, ACT = NAME or NAME-insert with any of +R +M +H)" >&2; exit 2
+    if [ "$act" = "$cell" ] || [ -z "$act" ] || ! act_flags "$act" > /dev/null || ! cell_flags "$act" > /dev/null; then
+        echo "run_all.sh: bad cell '$cell' (REGIME:ACT, ACT = NAME or NAME-insert, then any of +R +M +H, then any ,FLAG=VALUE)" >&2; exit 2
     fi
 done
 for seed in $SEEDS; do
@@ -134,7 +165,7 @@ rm -f "$OUT/runs/.write-test"
 checks=""  # one line per cell: the one-line error's prefix, the script, its training flags
 for cell in $CELLS; do
     regime=${cell%%:*}; act=${cell#*:}
-    checks="$checks$regime $act	train_$(script_of "$regime")	--dataset $DATASET --data-dir $DATA_DIR --model $MODEL --epsilon $EPS $(act_flags "$act") $(regime_flags "$regime") $TRAIN_FLAGS $DEVICE_FLAGS --resume
+    checks="$checks$regime $act	train_$(script_of "$regime")	--dataset $DATASET --data-dir $DATA_DIR --model $MODEL --epsilon $EPS $(act_flags "$act") $(regime_flags "$regime") $TRAIN_FLAGS $(cell_flags "$act") $DEVICE_FLAGS --resume
 "
 done
 # shellcheck disable=SC2086
@@ -174,7 +205,7 @@ run_one() {
     if ! [ -f "$dir/summary.json" ] || ! grep -q '"evaluated": true' "$dir/summary.json"; then
         # shellcheck disable=SC2086  # the flag strings are meant to split into words
         $PYTHON "train_$(script_of "$regime").py" --dataset "$DATASET" --data-dir "$DATA_DIR" --model "$MODEL" --epsilon "$EPS" \
-            $(act_flags "$act") $(regime_flags "$regime") $TRAIN_FLAGS --seed "$seed" $DEVICE_FLAGS --out-dir "$dir" \
+            $(act_flags "$act") $(regime_flags "$regime") $TRAIN_FLAGS $(cell_flags "$act") --seed "$seed" $DEVICE_FLAGS --out-dir "$dir" \
             --resume >> "$dir/train.log" 2>&1
         rc=$?
         if [ $rc = 130 ]; then echo "train" > "$dir/INTERRUPTED"; echo "$line interrupted in training (resumes on the next run)"; return; fi
@@ -225,6 +256,10 @@ import analyze
 out, cells, seeds = sys.argv[1], [c.split(":", 1) for c in sys.argv[2].split()], [int(s) for s in sys.argv[3].split()]
 print(analyze.matrix_table(out, cells, seeds), end="")
 print(f"{len(cells)} rows x {len(seeds)} seeds -> {out}/results.md, results.csv, results.json, results_seeds.csv")
+curves = analyze.curve_table(out, cells, seeds)
+if curves:
+    print(curves, end="")
+    print(f"-> {out}/curves.md, curves.json (+ curves.png with matplotlib)")
 saf = analyze.saf_table(out, cells, seeds)
 if saf:
     print(saf, end="")

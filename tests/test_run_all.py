@@ -112,9 +112,49 @@ def test_the_saf_study_runs_natural_training_the_tricks_and_writes_the_curves(tm
     assert md.count("| natural | mrelu-insert+H+R+M | 1 |") == 3 and "beta 0.2" in md
 
 
+def test_cell_options_and_the_schedule_study_write_accuracy_over_iterations(tmp_path):
+    cells = "free:relu,lr-schedule=onecycle,momentum-schedule=onecycle free:relu,lr-schedule=constant,epochs=2"
+    env = _env(tmp_path, STUDY="schedules", CELLS=cells, FREE_FLAGS=TINY.replace("--epochs 1", "--epochs 4 --replays 2") + " --eval-every 2",
+               EVAL_FLAGS="--attacks fgsm --n-eval 32 --no-plot")
+    out = tmp_path / "results"
+    r = _run_all(env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = out / "runs" / "free_relu,lr-schedule=constant,epochs=2_s0"
+    config = (run / "run_config.txt").read_text()
+    assert config.strip().endswith("--lr-schedule constant --epochs 2 --seed 0"), config
+    flags = json.load(open(run / "summary.json"))["flags"]
+    assert flags["lr_schedule"] == "constant" and flags["epochs"] == 2 and flags["eval_every"] == 2
+    curves = json.load(open(out / "curves.json"))
+    assert [c["activation"] for c in curves["cells"]] == [c.split(":")[1] for c in cells.split()]
+    assert curves["cells"][0]["steps"] == 2 * curves["cells"][1]["steps"]  # 4 natural epochs against 2
+    assert "steps to 95% of the best final PGD-10" in (out / "curves.md").read_text()
+
+
+def _fake_curve(folder, points):
+    os.makedirs(folder)
+    json.dump({"curve": [{"iteration": i, "lr": 0.1, "clean_acc": 0.9, "pgd_acc": p} for i, p in points]},
+              open(os.path.join(folder, "summary.json"), "w"))
+
+
+def test_curve_table_counts_the_steps_to_95_percent_of_the_best_final_accuracy(tmp_path):
+    runs = tmp_path / "runs"
+    _fake_curve(runs / "free_a_s0", [(10, 0.2), (20, 0.5), (30, 0.6)])    # best final 0.6 -> target 0.57
+    _fake_curve(runs / "free_a_s1", [(10, 0.2), (20, 0.58), (30, 0.6)])
+    _fake_curve(runs / "free_b_s0", [(10, 0.3), (20, 0.4), (30, 0.5)])    # never reaches 0.57
+    _fake_curve(runs / "free_b_s1", [(10, 0.57), (20, 0.4), (30, 0.5)])   # reaches it at 10
+    analyze.curve_table(str(tmp_path), [("free", "a"), ("free", "b")], [0, 1])
+    result = json.load(open(tmp_path / "curves.json"))
+    assert result["target_pgd_acc"] == pytest.approx(0.95 * 0.6)
+    a, b = result["cells"]
+    assert a["steps_to_target_per_seed"] == {"0": 30, "1": 20} and a["steps_to_target"] == "25 ± 7"
+    assert b["steps_to_target_per_seed"] == {"0": None, "1": 10} and b["steps_to_target"] == "10 (s0 never)"
+    assert a["final_pgd"] == "60.00 ± 0.00" and b["best_pgd"] == "53.50 ± 4.95"
+    assert [p["pgd_acc"] for p in a["curve"]] == pytest.approx([0.2, 0.54, 0.6])
+
+
 def test_the_default_settings_pass_the_checks(tmp_path):
     """QUICK and STUDY=saf with nothing else set reach the EVAL_FLAGS check (their own defaults are valid)."""
-    for mode in (dict(QUICK="1"), dict(STUDY="saf")):
+    for mode in (dict(QUICK="1"), dict(STUDY="saf"), dict(STUDY="schedules")):
         env = {k: v for k, v in _env(tmp_path, EVAL_FLAGS="--attacks pgd0", **mode).items()
                if k not in ("DATASET", "DATA_DIR", "MODEL", "EPS", "ACTS", "REGIMES", "SEEDS", "FAST_FLAGS", "FREE_FLAGS")}
         r = _run_all(env)
@@ -129,6 +169,8 @@ def test_run_all_refuses_bad_settings_before_the_first_run(tmp_path):
                              (dict(EVAL_FLAGS="--attacks pgd0"), "EVAL_FLAGS: eval.py: error: unknown attack"),
                              (dict(SEEDS="0 x"), "SEEDS must be non-negative integers"),
                              (dict(CELLS="fast:relu+X"), "bad cell 'fast:relu+X'"),
+                             (dict(CELLS="fast:relu,epochs"), "bad cell 'fast:relu,epochs'"),
+                             (dict(CELLS="fast:relu,no-such-flag=1"), "fast relu,no-such-flag=1: train_fast.py: error: unrecognized arguments"),
                              (dict(STUDY="nosuch"), "unknown STUDY 'nosuch'"),
                              (dict(JOBS="0"), "JOBS and THREADS must be positive integers"),
                              (dict(TRAIN_FLAGS="--seed 3"), "give the seeds with SEEDS"),
