@@ -808,11 +808,13 @@ def saf_table(out, cells, seeds):
     betas = list(first["adversarial"])
     summary, text = {"threshold": first["threshold"], "betas": betas, "cells": []}, ""
     for kind, (key, title) in SAF_METRICS.items():
-        text += (f"\n**{title}** (threshold {first['threshold']:g}; mean ± std over seeds, %)\n\n"
-                 f"| regime | activation | seeds | " + " | ".join(f"beta {b}" for b in betas) + " |\n|" + "---|" * (3 + len(betas)) + "\n")
+        text += (f"\n**{title}** (a prediction is nonsense when its best confidence score is below {first['threshold']:g}; "
+                 f"mean ± std over seeds, %)\n\n"
+                 f"| regime | activation | score | seeds | " + " | ".join(f"beta {b}" for b in betas) + " |\n|" + "---|" * (4 + len(betas)) + "\n")
         for (g, a), found in curves.items():
             values = {b: [100 * c[kind][b][key] for c in found if b in c[kind]] for b in betas}
-            text += f"| {g} | {a} | {len(found)} | " + " | ".join(_pm(values[b], 1) for b in betas) + " |\n"
+            text += (f"| {g} | {a} | {found[0].get('confidence', 'softmax')} | {len(found)} | "
+                     + " | ".join(_pm(values[b], 1) for b in betas) + " |\n")
             summary["cells"].append({"regime": g, "activation": a, "kind": kind, "metric": key, "seeds": len(found),
                                      "mean": {b: mean_std(v)[0] for b, v in values.items() if v},
                                      "std": {b: mean_std(v)[1] for b, v in values.items() if v}})

@@ -505,10 +505,12 @@ def targeted_fgs(model, x, target, beta):
 
 
 def saf_curves(model, x, y, betas, threshold=0.9, seed=0, noise_mean=0.5, noise_std=0.25, batch_size=256,
-               device=None, progress=None):
+               device=None, progress=None, confidence="softmax"):
     """Zhao & Griffin's three curves over a strength beta, on (x, y) ([0,1] images, may live on the
-    CPU), each with the "nonsense" decision: a prediction whose best softmax confidence is below
-    ``threshold`` is read as "this is nonsense" rather than a category.
+    CPU), each with the "nonsense" decision: a prediction whose best confidence score is below
+    ``threshold`` is read as "this is nonsense" rather than a category.  The score is the softmax
+    probability, or with ``confidence="output"`` the raw output itself (the scale a model trained on
+    the hybrid loss learns: 1 for its category, 0 for the others).
 
     - adversarial: x' = targeted_fgs(x, t, beta) towards a random incorrect category t; accuracy =
       share still predicted correctly (above the threshold), fooled = share predicted as t;
@@ -539,7 +541,8 @@ def saf_curves(model, x, y, betas, threshold=0.9, seed=0, noise_mean=0.5, noise_
                                  ("nonsense", targeted_fgs(model, noise, target, b), target),
                                  ("noisy", (xb + b * z).clamp(0, 1), None)):
                 with torch.no_grad(), eval_float32(model):
-                    p = F.softmax(model(xin).float(), 1).max(1)
+                    out_b = model(xin).float()
+                    p = (F.softmax(out_b, 1) if confidence == "softmax" else out_b).max(1)
                 sure = p.values >= threshold
                 r = out[kind][b]
                 r["nonsense"] += (~sure).sum().item()
@@ -558,4 +561,4 @@ def saf_curves(model, x, y, betas, threshold=0.9, seed=0, noise_mean=0.5, noise_
             if kind != "noisy":
                 row["fooled"] = r["fooled"] / n
             result[kind][f"{b:.6g}"] = row
-    return {"threshold": threshold, "n": n, "betas": list(betas), **result}
+    return {"threshold": threshold, "confidence": confidence, "n": n, "betas": list(betas), **result}

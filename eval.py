@@ -107,6 +107,9 @@ def get_args(argv=None):
                         "(noise pushed to a category), noisy; a prediction below --nonsense-threshold is 'nonsense'")
     p.add_argument("--saf-betas", type=utils.fraction, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
                    help="strengths beta of the --saf-curves")
+    p.add_argument("--confidence", default="auto", choices=["auto", "softmax", "output"],
+                   help="the --saf-curves' confidence score: softmax probability, or the raw output (what the hybrid loss trains "
+                        "towards 1); auto: output for a model trained with --hybrid-weight > 0, else softmax")
     p.add_argument("--curve-eps", type=utils.fraction, nargs="*", default=None,
                    help="eps values of the accuracy-vs-eps curve (default with extras: eps x 0,1/4,1/2,1,2,4; none given = skip)")
     p.add_argument("--curve-steps", type=int, default=None, help="PGD steps of the curve and the large-eps check (default 20; 10 in quick)")
@@ -364,12 +367,12 @@ def evaluate(model, x, y, args, eps, progress=True):
     if args.saf_curves:
         t0 = time.time()
         saf = attacks.saf_curves(model, x, y, args.saf_betas, args.nonsense_threshold, args.seed, noise_std=args.nonsense_std,
-                                 batch_size=args.batch_size, progress=bar("saf curves"))
+                                 batch_size=args.batch_size, progress=bar("saf curves"), confidence=args.confidence)
         result["saf_curves"] = saf
         for kind, key in (("adversarial", "accuracy"), ("nonsense", "nonsense"), ("noisy", "accuracy")):
             print(f"  {kind:<11s} {'rejected as nonsense' if kind == 'nonsense' else 'accuracy'} over beta: " +
                   "  ".join(f"{b}: {r[key]:.3f}" for b, r in saf[kind].items()), flush=True)
-        print(f"  (saf curves, threshold {args.nonsense_threshold:g}: {time.time() - t0:.1f}s)", flush=True)
+        print(f"  (saf curves, {args.confidence} confidence, threshold {args.nonsense_threshold:g}: {time.time() - t0:.1f}s)", flush=True)
     # ---- sanity checks
     grad_stats = attacks.input_gradient_stats(model, x, y, batch_size=args.batch_size)
     result["input_gradients"] = grad_stats
@@ -479,6 +482,8 @@ def main(argv=None):
         utils.check_writable(args.plot or os.path.splitext(out)[0] + ".png", "--plot")
     model, train_args, eps = utils.load_for_eval(args.checkpoint, args.device, args.eps)
     dataset, x, y = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, args.n_eval)
+    if args.confidence == "auto":
+        args.confidence = "output" if (train_args.get("hybrid_weight") or 0) > 0 else "softmax"
     cfg = getattr(model, "config", {})
     label = f"{cfg.get('arch', '?')} {models.act_label(cfg.get('act', '?'), cfg.get('saf_insert'))} " \
             f"({train_args.get('dataset', dataset)}, {model.checkpoint.get('script', '?')})"

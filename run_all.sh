@@ -61,7 +61,7 @@ if [ "${STUDY:-}" = saf ]; then
     DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
     MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-saf}; SEEDS=${SEEDS:-0 1}; THREADS=${THREADS:-1}
     FAST_FLAGS=${FAST_FLAGS:---epochs 2 --n-train 20000 --n-eval 500}
-    EVAL_FLAGS=${EVAL_FLAGS:---attacks apgd-ce apgd-dlr --n-eval 1000 --n-clean 0 --saf-curves}
+    EVAL_FLAGS=${EVAL_FLAGS:---attacks apgd-ce apgd-dlr --n-eval 1000 --n-clean 0 --saf-curves --confidence auto}
     if [ -z "${CELLS:-}" ]; then
         for unit in relu mrelu-insert+H rbf-insert+H; do
             for t in "" +R +M +R+M; do CELLS="${CELLS:-} natural:$unit$t"; done

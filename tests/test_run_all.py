@@ -109,7 +109,8 @@ def test_the_saf_study_runs_natural_training_the_tricks_and_writes_the_curves(tm
     curves = json.load(open(out / "saf_curves.json"))
     assert curves["betas"] == ["0", "0.2"] and len(curves["cells"]) == 3 * 3
     md = (out / "saf_curves.md").read_text()
-    assert md.count("| natural | mrelu-insert+H+R+M | 1 |") == 3 and "beta 0.2" in md
+    assert md.count("| natural | mrelu-insert+H+R+M | output | 1 |") == 3 and md.count("| natural | relu | softmax | 1 |") == 3
+    assert "beta 0.2" in md
 
 
 def test_cell_options_and_the_schedule_study_write_accuracy_over_iterations(tmp_path):

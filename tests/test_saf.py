@@ -97,6 +97,15 @@ def test_the_threshold_decides_nonsense():
     assert unsure["nonsense"]["0"]["nonsense"] == 1.0 and sure["nonsense"]["0"]["nonsense"] == 0.0
 
 
+def test_the_output_confidence_reads_the_raw_scores():
+    x, y = torch.rand(20, 1, 2, 2), torch.zeros(20, dtype=torch.long)
+    # raw outputs (1.0, 0, 0): softmax confidence 0.58, output confidence 1.0
+    model = Constant([1.0, 0.0, 0.0])
+    assert attacks.saf_curves(model, x, y, [0.0], threshold=0.9)["noisy"]["0"]["accuracy"] == 0.0
+    result = attacks.saf_curves(model, x, y, [0.0], threshold=0.9, confidence="output")
+    assert result["noisy"]["0"]["accuracy"] == 1.0 and result["confidence"] == "output"
+
+
 def test_saf_curves_on_a_trained_toy_have_the_expected_shapes():
     model, x, y = _trained_toy()
     r = attacks.saf_curves(model, x, y, [0.0, 0.2, 0.8], threshold=0.5)
@@ -116,6 +125,7 @@ def test_eval_saf_curves_end_to_end(tmp_path):
     result = eval_script.main([str(ckpt_dir / "checkpoint.pt"), "--attacks", "fgsm", "--n-eval", "32", "--saf-curves",
                                "--saf-betas", "0", "0.1", "0.3", "--nonsense-threshold", "0.6", "--no-plot", "--out", str(out)])
     saved = json.load(open(out))["saf_curves"]
+    assert saved["confidence"] == "softmax"  # auto: the model was trained on the cross-entropy
     assert saved == json.loads(json.dumps(result["saf_curves"]))
     assert set(saved) >= {"adversarial", "nonsense", "noisy"} and saved["threshold"] == 0.6
     for kind in ("adversarial", "nonsense", "noisy"):
