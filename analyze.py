@@ -638,7 +638,8 @@ def matrix_run(folder):
     trouble = [f"failed ({failed})" if failed else None, f"interrupted in {interrupted} (resumable)" if interrupted else None,
                "catastrophic overfitting" if s.get("catastrophic_overfitting") else None,
                "diverged" if s.get("diverged") else None,
-               s.get("stopped_early") if s.get("stopped_early") and not s.get("diverged") else None]
+               s.get("stopped_early") if s.get("stopped_early") and not s.get("diverged")
+               and not (s.get("catastrophic_overfitting") and "overfitting" in s["stopped_early"]) else None]
     run.update(eps=e.get("eps", s.get("flags", {}).get("epsilon")), n_eval=e.get("n_eval"),
                n_clean=e.get("clean_full", {}).get("n", e.get("n_eval")),
                sanity=(("FAIL: " + ", ".join(e["sanity_failed"])) if e["sanity_failed"] else "pass") if "sanity_checks" in e else None,
