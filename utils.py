@@ -543,6 +543,8 @@ def parse_args(parser, argv=None, checks=()):
     for name in ("epochs", "batch_size", "eval_pgd_steps", "eval_pgd_restarts", "lr_cycles"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1")
+    if args.batch_size == 1:
+        problems.append("--batch-size must be >= 2: BatchNorm cannot train on one image")
     if args.lr_max <= 0:
         problems.append("--lr-max must be > 0")
     for name in ("n_train", "n_eval"):

@@ -532,6 +532,8 @@ def test_train_fast_end_to_end_then_eval_then_reload(tmp_path):
     (["train_fast.py", "--act", "sigmoid"], "invalid choice"),
     (["train_fast.py", "--epsilon", "0"], "--epsilon must be in (0, 1]"),
     (["train_fast.py", "--epsilon", "8/0"], "fraction"),
+    (["train_fast.py", "--batch-size", "1"], "BatchNorm cannot train on one image"),
+    (["train_fast.py", "--attack", "none", "--nfgsm"], "belong to the FGSM attack"),
     (["train_fast.py", "--act", "relu", "--kaf-size", "10"], "applies to --act kaf"),
     (["train_fast.py", "--dataset", "cifar10", "--data-dir", "/nonexistent/dir", "--device", "cpu"], "--data-dir"),
     (["eval.py", "/nonexistent/checkpoint.pt", "--device", "cpu"], "checkpoint not found"),
