@@ -431,32 +431,33 @@ def markdown(result, label):
 
 
 def plot(result, path):
-    """accuracy vs eps and vs noise sigma as a PNG, if matplotlib is installed; returns the path or None."""
-    if "accuracy_vs_eps" not in result and "noise_accuracy" not in result and "saf_curves" not in result:
-        return None
-    plt = utils.pyplot()
+    """The curves the evaluation made (accuracy vs eps, vs noise sigma, Zhao & Griffin's three), a
+    panel each, as a PNG if matplotlib is installed; returns the path or None."""
+    saf = result.get("saf_curves")
+    panels = [(key, xlabel, title) for key, xlabel, title in [
+        ("accuracy_vs_eps", "eps (L-inf)", "PGD accuracy vs eps"), ("noise_accuracy", "noise sigma", "accuracy under Gaussian noise"),
+        ("adversarial", "beta", "adversarial samples"), ("nonsense", "beta", "nonsense samples"), ("noisy", "beta", "noisy samples")]
+        if (key in result if key in ("accuracy_vs_eps", "noise_accuracy") else saf and key in saf)]
+    plt = utils.pyplot() if panels else None
     if plt is None:
         return None
-    saf = result.get("saf_curves")
-    fig, axes = plt.subplots(1, 5 if saf else 2, figsize=(25 if saf else 10, 4))
-    for ax, key, xlabel, title in [(axes[0], "accuracy_vs_eps", "eps (L-inf)", "PGD accuracy vs eps"),
-                                   (axes[1], "noise_accuracy", "noise sigma", "accuracy under Gaussian noise")]:
-        data = result.get(key, {})
-        data = data.get("accuracy", data) if key == "accuracy_vs_eps" else data
-        if data:
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (key, xlabel, title) in zip(axes[0], panels):
+        if key in ("accuracy_vs_eps", "noise_accuracy"):
+            data = result[key].get("accuracy", result[key]) if key == "accuracy_vs_eps" else result[key]
             xs = sorted(float(k) for k in data)
             ax.plot(xs, [data[f"{v:.6g}"] for v in xs], marker="o")
-        ax.set(xlabel=xlabel, ylabel="accuracy", title=title, ylim=(0, 1))
-        ax.grid(alpha=0.3)
-    axes[0].axvline(result["eps"], color="k", linestyle="--", linewidth=0.8)
-    for ax, kind, keys in zip(axes[2:], ("adversarial", "nonsense", "noisy"),
-                              (("accuracy", "fooled", "nonsense"), ("nonsense", "fooled"), ("accuracy", "nonsense"))):
-        betas = [float(b) for b in saf[kind]] if saf else []
-        for key in keys:
-            ax.plot(betas, [saf[kind][f"{b:.6g}"][key] for b in betas], marker="o", label=key)
-        ax.set(xlabel="beta", ylabel="share of samples", title=f"{kind} samples (threshold {saf['threshold']:g})" if saf else kind,
-               ylim=(0, 1))
-        ax.legend()
+            ax.set(ylabel="accuracy")
+            if key == "accuracy_vs_eps":
+                ax.axvline(result["eps"], color="k", linestyle="--", linewidth=0.8)
+        else:
+            betas = [float(b) for b in saf[key]]
+            for metric in saf[key][f"{betas[0]:.6g}"]:
+                ax.plot(betas, [saf[key][f"{b:.6g}"][metric] for b in betas], marker="o", label=metric)
+            title += f" ({saf.get('confidence', 'softmax')} score, threshold {saf['threshold']:g})"
+            ax.set(ylabel="share of samples")
+            ax.legend()
+        ax.set(xlabel=xlabel, title=title, ylim=(0, 1))
         ax.grid(alpha=0.3)
     fig.suptitle(result.get("label", ""))
     fig.savefig(path, dpi=120, bbox_inches="tight")
