@@ -778,8 +778,9 @@ def curve_table(out, cells, seeds, share=0.95):
     if plt is not None:
         fig, axes = plt.subplots(1, 2, figsize=(14, 5))
         for ax, key, title in ((axes[0], "clean_acc", "clean accuracy (probe)"), (axes[1], "pgd_acc", "PGD-10 accuracy (probe)")):
-            for row in rows:
-                ax.plot([p["iteration"] for p in row["curve"]], [100 * p[key] for p in row["curve"]], label=row["activation"])
+            for i, row in enumerate(rows):  # past ten lines the colours repeat: change the line style
+                ax.plot([p["iteration"] for p in row["curve"]], [100 * p[key] for p in row["curve"]], label=row["activation"],
+                        linestyle=("-", "--", ":")[i // 10 % 3])
             ax.set(xlabel="optimiser steps", ylabel="%", title=title)
             ax.grid(alpha=0.3)
         axes[1].axhline(100 * target, color="k", linestyle="--", linewidth=0.8)
@@ -826,9 +827,9 @@ def saf_table(out, cells, seeds):
     if plt is not None:
         fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
         for ax, (kind, (key, title)) in zip(axes, SAF_METRICS.items()):
-            for c in summary["cells"]:
-                if c["kind"] == kind:
-                    ax.plot([float(b) for b in c["mean"]], list(c["mean"].values()), marker="o", label=f"{c['regime']} {c['activation']}")
+            for i, c in enumerate(c for c in summary["cells"] if c["kind"] == kind):
+                ax.plot([float(b) for b in c["mean"]], list(c["mean"].values()), marker="o", label=f"{c['regime']} {c['activation']}",
+                        linestyle=("-", "--", ":")[i // 10 % 3])
             ax.set(xlabel="beta", ylabel="%", title=title, ylim=(0, 100))
             ax.grid(alpha=0.3)
         axes[-1].legend(fontsize=7)
