@@ -135,8 +135,11 @@ cell_flags() {  # an ACT's trailing ,FLAG=VALUE options: the cell's own flags, g
     fi
     echo "$flags"
 }
+cell_train_flags() {  # a cell's training flags past the data and model: its own ,FLAG=VALUE options last, so they win
+    echo "$(act_flags "$2") $(regime_flags "$1") $TRAIN_FLAGS$(cell_flags "$2")"
+}
 train_config() {  # what makes a run: script and training flags (not DATA_DIR / DEVICE, which --resume lets change)
-    echo "train_$(script_of "$1").py --dataset $DATASET --model $MODEL --epsilon $EPS $(act_flags "$2") $(regime_flags "$1") $TRAIN_FLAGS$(cell_flags "$2") --seed $3"
+    echo "train_$(script_of "$1").py --dataset $DATASET --model $MODEL --epsilon $EPS $(cell_train_flags "$1" "$2") --seed $3"
 }
 run_dir() { echo "$OUT/runs/$1_$2_s$3"; }
 if [ -z "$CELLS" ] || [ -z "$(echo $SEEDS)" ]; then
@@ -165,7 +168,7 @@ rm -f "$OUT/runs/.write-test"
 checks=""  # one line per cell: the one-line error's prefix, the script, its training flags
 for cell in $CELLS; do
     regime=${cell%%:*}; act=${cell#*:}
-    checks="$checks$regime $act	train_$(script_of "$regime")	--dataset $DATASET --data-dir $DATA_DIR --model $MODEL --epsilon $EPS $(act_flags "$act") $(regime_flags "$regime") $TRAIN_FLAGS $(cell_flags "$act") $DEVICE_FLAGS --resume
+    checks="$checks$regime $act	train_$(script_of "$regime")	--dataset $DATASET --data-dir $DATA_DIR --model $MODEL --epsilon $EPS $(cell_train_flags "$regime" "$act") $DEVICE_FLAGS --resume
 "
 done
 # shellcheck disable=SC2086
@@ -205,7 +208,7 @@ run_one() {
     if ! [ -f "$dir/summary.json" ] || ! grep -q '"evaluated": true' "$dir/summary.json"; then
         # shellcheck disable=SC2086  # the flag strings are meant to split into words
         $PYTHON "train_$(script_of "$regime").py" --dataset "$DATASET" --data-dir "$DATA_DIR" --model "$MODEL" --epsilon "$EPS" \
-            $(act_flags "$act") $(regime_flags "$regime") $TRAIN_FLAGS $(cell_flags "$act") --seed "$seed" $DEVICE_FLAGS --out-dir "$dir" \
+            $(cell_train_flags "$regime" "$act") --seed "$seed" $DEVICE_FLAGS --out-dir "$dir" \
             --resume >> "$dir/train.log" 2>&1
         rc=$?
         if [ $rc = 130 ]; then echo "train" > "$dir/INTERRUPTED"; echo "$line interrupted in training (resumes on the next run)"; return; fi
