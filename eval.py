@@ -9,8 +9,8 @@ and under every attack), so it is never above any single attack's accuracy.
 Presets (--preset; --attacks replaces the attack list, or adds to it with +NAME):
   basic     (default when neither --preset nor --attacks is given) clean, FGSM, PGD --pgd-steps x
             --pgd-restarts; no extras
-  quick     clean, FGSM, PGD-20, APGD-CE and APGD-T (50 iterations; APGD-T: 9 target classes, AutoAttack's
-            targets at half its iterations); noise, nonsense and accuracy-vs-eps (PGD-10)
+  quick     clean, FGSM, PGD-20, APGD-CE and APGD-T (AutoAttack's white-box pair at its budget: 100
+            iterations, APGD-T towards 9 target classes); noise, nonsense and accuracy-vs-eps (PGD-10)
   standard  clean, FGSM, PGD-20, PGD-50 x 10 restarts, APGD-CE + APGD-DLR (100 iterations), APGD-T
             (100 iterations x 9 target classes: AutoAttack's budget), Square (5000 queries; black-box,
             for sanity check 4); noise, nonsense, accuracy-vs-eps (PGD-20)
@@ -66,7 +66,7 @@ import utils
 PRESETS = {
     "basic": dict(attacks=["fgsm", "pgd"], apgd_iters=100, apgd_targets=9, square_queries=5000, curve_steps=20,
                   extras=False),
-    "quick": dict(attacks=["fgsm", "pgd20", "apgd-ce", "apgd-t"], apgd_iters=50, apgd_targets=9,
+    "quick": dict(attacks=["fgsm", "pgd20", "apgd-ce", "apgd-t"], apgd_iters=100, apgd_targets=9,
                   square_queries=1000, curve_steps=10, extras=True),
     "standard": dict(attacks=["fgsm", "pgd20", "pgd50x10", "apgd-ce", "apgd-dlr", "apgd-t", "square"], apgd_iters=100,
                      apgd_targets=9, square_queries=5000, curve_steps=20, extras=True),
@@ -90,7 +90,7 @@ def get_args(argv=None):
     p.add_argument("--pgd-steps", type=int, default=20, help="steps of the attack named 'pgd' (basic preset)")
     p.add_argument("--pgd-restarts", type=int, default=1, help="restarts of the attack named 'pgd'")
     p.add_argument("--pgd-alpha", type=utils.fraction, default=None, help="PGD step of every PGD attack (default eps/4)")
-    p.add_argument("--apgd-iters", type=int, default=None, help="APGD iterations (default: 100; 50 in quick)")
+    p.add_argument("--apgd-iters", type=int, default=None, help="APGD iterations (default: 100, AutoAttack's)")
     p.add_argument("--apgd-restarts", type=int, default=1)
     p.add_argument("--apgd-targets", type=int, default=None,
                    help="target classes of APGD-T, the most likely after the top one (default 9, as AutoAttack)")

@@ -38,7 +38,7 @@
 #   FAST_FLAGS, FREE_FLAGS, PGD_FLAGS  budgets of each regime      [each script's defaults / short ones]
 #   DEVICE      cpu, cuda, cuda:1 ... for training and evaluation  [the scripts' default: cuda when present]
 #   TRAIN_FLAGS extra flags for every training run (e.g. "--n-train 20000"; the seed comes from SEEDS)
-#   EVAL_FLAGS  eval.py flags                [--preset standard / --preset quick --attacks +apgd-dlr --n-eval 1000 --n-clean 0]
+#   EVAL_FLAGS  eval.py flags                [--preset standard / --preset quick --n-eval 1000 --n-clean 0]
 #   OUT         results folder                                     [results / results-quick]
 #
 # Each run lives in $OUT/runs/<regime>_<act>_s<seed>/ with its logs and run_config.txt (script and
@@ -93,7 +93,7 @@ elif [ "${QUICK:-0}" = 1 ]; then
     FAST_FLAGS=${FAST_FLAGS:---epochs 2 $short}
     FREE_FLAGS=${FREE_FLAGS:---epochs 4 --replays 2 --lr-max 0.04 $short}
     PGD_FLAGS=${PGD_FLAGS:---epochs 1 --attack-iters 3 --attack-step 0.04 $short}
-    EVAL_FLAGS=${EVAL_FLAGS:---preset quick --attacks +apgd-dlr --n-eval 1000 --n-clean 0}
+    EVAL_FLAGS=${EVAL_FLAGS:---preset quick --n-eval 1000 --n-clean 0}
 else
     DATASET=${DATASET:-cifar10}; DATA_DIR=${DATA_DIR:-./data}
     MODEL=${MODEL:-preactresnet18}; EPS=${EPS:-8/255}; OUT=${OUT:-results}; SEEDS=${SEEDS:-0}

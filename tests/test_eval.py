@@ -475,13 +475,13 @@ def test_attack_list_flags():
     assert eval_args().attack_list == ["fgsm", "pgd"]  # no preset, no --attacks: the basic report
     quick = eval_args("--preset", "quick", "--attacks", "+square")
     assert quick.attack_list == ["fgsm", "pgd20", "apgd-ce", "apgd-t", "square"]
-    assert quick.apgd_iters == 50 and quick.apgd_targets == 9
+    assert quick.apgd_iters == 100 and quick.apgd_targets == 9  # AutoAttack's APGD-CE + APGD-T budget
     standard = eval_args("--preset", "standard")
     assert standard.attack_list == ["fgsm", "pgd20", "pgd50x10", "apgd-ce", "apgd-dlr", "apgd-t", "square"]
     assert standard.apgd_iters == 100 and standard.apgd_targets == 9  # AutoAttack's APGD-T budget
     args = eval_args("--preset", "standard", "--attacks", "apgd-ce,pgd50x10", "apgd-t")
     assert args.attack_list == ["apgd-ce", "pgd50x10", "apgd-t"] and args.apgd_iters == 100 and args.large_eps == 0.5
-    assert eval_args("--preset", "quick").apgd_iters == 50
+    assert eval_args("--preset", "quick", "--apgd-iters", "50").apgd_iters == 50  # the flag beats the preset
     with pytest.raises(SystemExit):
         eval_args("--attacks", "cw-l2")
 
