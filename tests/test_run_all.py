@@ -115,8 +115,9 @@ def test_the_saf_study_runs_natural_training_the_tricks_and_writes_the_curves(tm
 
 def test_cell_options_and_the_schedule_study_write_accuracy_over_iterations(tmp_path):
     cells = "free:relu,lr-schedule=onecycle,momentum-schedule=onecycle free:relu,lr-schedule=constant,epochs=2"
+    baseline = "relu,lr-schedule=constant,epochs=2"
     env = _env(tmp_path, STUDY="schedules", CELLS=cells, FREE_FLAGS=TINY.replace("--epochs 1", "--epochs 4 --replays 2") + " --eval-every 2",
-               EVAL_FLAGS="--attacks fgsm --n-eval 32 --no-plot")
+               EVAL_FLAGS="--attacks fgsm --n-eval 32 --no-plot", BASELINE=baseline)
     out = tmp_path / "results"
     r = _run_all(env)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -129,6 +130,8 @@ def test_cell_options_and_the_schedule_study_write_accuracy_over_iterations(tmp_
     assert [c["activation"] for c in curves["cells"]] == [c.split(":")[1] for c in cells.split()]
     assert curves["cells"][0]["steps"] == 2 * curves["cells"][1]["steps"]  # 4 natural epochs against 2
     assert "steps to 95% of the best final PGD-10" in (out / "curves.md").read_text()
+    rows = list(csv.DictReader(open(out / "results.csv")))  # every cell paired with BASELINE's, not relu's
+    assert rows[0][f"worst - {baseline} (95% CI)"] not in ("", "-") and rows[1][f"worst - {baseline} (95% CI)"] == "-"
 
 
 def _fake_curve(folder, points):
@@ -174,6 +177,7 @@ def test_run_all_refuses_bad_settings_before_the_first_run(tmp_path):
                              (dict(CELLS="fast:relu,no-such-flag=1"), "fast relu,no-such-flag=1: train_fast.py: error: unrecognized arguments"),
                              (dict(STUDY="nosuch"), "unknown STUDY 'nosuch'"),
                              (dict(JOBS="0"), "JOBS and THREADS must be positive integers"),
+                             (dict(BASELINE="rellu"), "BASELINE 'rellu' is the ACT of no cell"),
                              (dict(TRAIN_FLAGS="--seed 3"), "give the seeds with SEEDS"),
                              (dict(OUT=str(tmp_path / "file" / "out")), "cannot be created or written")):
         r = _run_all(_env(tmp_path, **changes))
