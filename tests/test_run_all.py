@@ -111,6 +111,7 @@ def test_the_saf_study_runs_natural_training_the_tricks_and_writes_the_curves(tm
     md = (out / "saf_curves.md").read_text()
     assert md.count("| natural | mrelu-insert+H+R+M | output | 1 |") == 3 and md.count("| natural | relu | softmax | 1 |") == 3
     assert "beta 0.2" in md
+    assert (out / "saf_curves.png").exists() == (analyze.utils.pyplot() is not None)
 
 
 def test_cell_options_and_the_schedule_study_write_accuracy_over_iterations(tmp_path):
@@ -130,6 +131,7 @@ def test_cell_options_and_the_schedule_study_write_accuracy_over_iterations(tmp_
     assert [c["activation"] for c in curves["cells"]] == [c.split(":")[1] for c in cells.split()]
     assert curves["cells"][0]["steps"] == 2 * curves["cells"][1]["steps"]  # 4 natural epochs against 2
     assert "steps to 95% of the best final PGD-10" in (out / "curves.md").read_text()
+    assert (out / "curves.png").exists() == (analyze.utils.pyplot() is not None)
     rows = list(csv.DictReader(open(out / "results.csv")))  # every cell paired with BASELINE's, not relu's
     assert rows[0][f"worst - {baseline} (95% CI)"] not in ("", "-") and rows[1][f"worst - {baseline} (95% CI)"] == "-"
 

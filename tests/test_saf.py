@@ -12,6 +12,7 @@ import attacks
 import eval as eval_script
 import train_fast
 import tricks
+import utils
 
 
 def test_hybrid_loss_equals_its_formula_on_a_hand_example():
@@ -123,8 +124,11 @@ def test_eval_saf_curves_end_to_end(tmp_path):
                      "--out-dir", str(ckpt_dir)])
     out = tmp_path / "e.json"
     result = eval_script.main([str(ckpt_dir / "checkpoint.pt"), "--attacks", "fgsm", "--n-eval", "32", "--saf-curves",
-                               "--saf-betas", "0", "0.1", "0.3", "--nonsense-threshold", "0.6", "--no-plot", "--out", str(out)])
+                               "--saf-betas", "0", "0.1", "0.3", "--nonsense-threshold", "0.6", "--out", str(out)])
     saved = json.load(open(out))["saf_curves"]
+    png = tmp_path / "e.png"  # the curves' panels, when matplotlib is installed (requirements-dev.txt has it)
+    assert result.get("plot") == (str(png) if utils.pyplot() else None)
+    assert not utils.pyplot() or png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert saved["confidence"] == "softmax"  # auto: the model was trained on the cross-entropy
     assert saved == json.loads(json.dumps(result["saf_curves"]))
     assert set(saved) >= {"adversarial", "nonsense", "noisy"} and saved["threshold"] == 0.6
