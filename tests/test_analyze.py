@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import activations as A
 import analyze
+import eval as eval_script
 import models
 import utils
 
@@ -241,6 +242,16 @@ def test_analyze_end_to_end_writes_json_and_optional_pngs(tmp_path, capsys):
     assert "Lipschitz bound" in printed and ("matplotlib is not installed" in printed) == (utils.pyplot() is None)
     only = analyze.main([ckpt, "--shapes", "--out", str(tmp_path / "only"), "--no-plot"])
     assert list(only) == ["shapes"] and os.listdir(tmp_path / "only") == ["shapes.json"]
+
+
+def test_without_matplotlib_analyze_and_eval_write_json_only(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(utils, "pyplot", lambda: None)  # what utils.pyplot returns when the import fails
+    ckpt = _checkpoint(tmp_path)
+    out = tmp_path / "analysis"
+    analyze.main([ckpt, "--shapes", "--out", str(out)])
+    assert os.listdir(out) == ["shapes.json"] and "matplotlib is not installed" in capsys.readouterr().out
+    result = eval_script.main([ckpt, "--attacks", "fgsm", "--noise-sigmas", "0.1", "--n-eval", "8", "--device", "cpu", "--out", str(tmp_path / "e.json")])
+    assert result["plot"] is None and not (tmp_path / "e.png").exists()
 
 
 def test_analyze_bad_input_gives_one_line_error(tmp_path):
