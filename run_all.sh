@@ -30,7 +30,7 @@
 #   NATURAL_FLAGS, TRICK_R, TRICK_M, TRICK_H   [FAST_FLAGS; --random-training 0.5; --mean-training 8; --hybrid-weight 1]
 #   SEEDS       training seeds (--seed); a cell is the mean +- std over them        [0 / 0 1 2]
 #   BASELINE    the ACT each cell is paired with in its regime (worst-case difference over seeds)
-#                                                        [relu / relu,lr-schedule=piecewise for schedules]
+#                                       [relu / relu,lr-schedule=piecewise for the schedules' own cells]
 #   JOBS        runs at a time (on one GPU they share it)          [1]
 #   THREADS     CPU threads of each run (OMP_NUM_THREADS): the numbers are bit-identical for equal
 #               THREADS, whatever JOBS, but change (like another seed) with THREADS
@@ -76,13 +76,13 @@ elif [ "${STUDY:-}" = schedules ]; then
     # accuracy on 500 held-out test images every 50 optimiser steps (the curves), then the worst case
     DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
     MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-schedules}; SEEDS=${SEEDS:-0 1}; THREADS=${THREADS:-1}
-    BASELINE=${BASELINE:-relu,lr-schedule=piecewise}
     FREE_FLAGS=${FREE_FLAGS:---epochs 4 --replays 2 --lr-max 0.04 --weight-decay 2e-4 --n-train 20000 --n-eval 500 --eval-every 50}
     EVAL_FLAGS=${EVAL_FLAGS:---attacks apgd-ce apgd-dlr --n-eval 1000 --n-clean 0}
     if [ -z "${CELLS:-}" ]; then
         for sched in piecewise triangular triangular-decreasing sgdr sgdr-decreasing linear exponential constant trapezoid; do
             CELLS="${CELLS:-} free:relu,lr-schedule=$sched"
         done
+        BASELINE=${BASELINE:-relu,lr-schedule=piecewise}
         CELLS="$CELLS free:relu,lr-schedule=onecycle,momentum-schedule=onecycle free:relu,lr-schedule=onecycle,momentum-schedule=onecycle,epochs=2"
     fi
 elif [ "${STUDY:-}" != "" ]; then
@@ -155,8 +155,8 @@ for cell in $CELLS; do
         echo "run_all.sh: bad cell '$cell' (REGIME:ACT, ACT = NAME or NAME-insert, then any of +R +M +H, then any ,FLAG=VALUE)" >&2; exit 2
     fi
 done
-if [ -n "${BASELINE:-}" ] && ! case " $CELLS " in *":$BASELINE "*) true ;; *) false ;; esac; then
-    echo "run_all.sh: BASELINE '$BASELINE' is the ACT of no cell" >&2; exit 2
+if [ -n "${BASELINE:-}" ]; then
+    case " $CELLS " in *":$BASELINE "*) ;; *) echo "run_all.sh: BASELINE '$BASELINE' is the ACT of no cell" >&2; exit 2 ;; esac
 fi
 for seed in $SEEDS; do
     case $seed in *[!0-9]*) echo "run_all.sh: SEEDS must be non-negative integers, got '$seed'" >&2; exit 2 ;; esac
