@@ -482,7 +482,11 @@ def main(argv=None):
     if not args.no_plot:
         utils.check_writable(args.plot or os.path.splitext(out)[0] + ".png", "--plot")
     model, train_args, eps = utils.load_for_eval(args.checkpoint, args.device, args.eps)
-    dataset, x, y = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, args.n_eval)
+    # one read of the test split: the attacks take its first --n-eval images, clean accuracy --n-clean
+    n_read = args.n_eval if args.n_clean is None else None if not args.n_clean or args.n_eval is None \
+        else max(args.n_eval, args.n_clean)
+    dataset, x_read, y_read = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, n_read)
+    x, y = x_read[:args.n_eval], y_read[:args.n_eval]
     if args.confidence == "auto":
         args.confidence = "output" if (train_args.get("hybrid_weight") or 0) > 0 else "softmax"
     cfg = getattr(model, "config", {})
@@ -494,7 +498,7 @@ def main(argv=None):
                           alpha=args.pgd_alpha if args.pgd_alpha is not None else eps / 4)}
     result.update(evaluate(model, x, y, args, eps))
     if args.n_clean is not None:
-        _, xc, yc = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, args.n_clean or None)
+        xc, yc = x_read[:args.n_clean or None], y_read[:args.n_clean or None]
         acc, _ = attacks.robust_accuracy(model, xc, yc, None, args.batch_size)
         result["clean_full"] = {"n": len(yc), "accuracy": acc}
         print(f"clean accuracy on {len(yc)} test images: {acc:.4f}", flush=True)

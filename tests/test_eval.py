@@ -565,3 +565,23 @@ def test_eval_of_interrupted_pt_writes_its_own_json_and_an_unwritable_out_is_ref
             err = [l for l in captured.err.splitlines() if l.strip()]
             assert e.value.code == 2 and len(err) == 1 and message in err[0] and captured.out == "", (main, err)
     assert not (out / "eval.json").exists()
+
+
+def test_n_clean_is_the_clean_accuracy_of_the_first_n_test_images_and_the_split_is_read_once(tmp_path, monkeypatch):
+    import models
+    import utils
+    out = tmp_path / "run"
+    train_fast.main(["--dataset", "synthetic", "--model", "lenet", "--epochs", "1", "--n-train", "128", "--n-eval", "16",
+                     "--batch-size", "64", "--epsilon", "0.1", "--eval-pgd-steps", "1", "--device", "cpu", "--out-dir", str(out)])
+    model = models.load_checkpoint(str(out / "checkpoint.pt")).eval()
+    xt, yt = utils.load_split("synthetic", None, train=False)
+    reads = []
+    load_split = utils.load_split
+    monkeypatch.setattr(utils, "load_split", lambda *a, **k: reads.append(a) or load_split(*a, **k))
+    for n_eval, n_clean, n_expected in ((8, 24, 24), (24, 8, 8), (8, 0, len(yt))):
+        reads.clear()
+        r = eval_script.main([str(out / "checkpoint.pt"), "--attacks", "fgsm", "--n-eval", str(n_eval), "--n-clean", str(n_clean),
+                              "--no-plot", "--device", "cpu", "--out", str(tmp_path / "e.json")])
+        assert len(reads) == 1 and r["n_eval"] == n_eval and r["clean_full"]["n"] == n_expected
+        assert r["clean_full"]["accuracy"] == pytest.approx(accuracy(model, xt[:n_expected].float() / 255, yt[:n_expected]))
+        assert r["accuracy"]["clean"] == pytest.approx(accuracy(model, xt[:n_eval].float() / 255, yt[:n_eval]))
