@@ -226,16 +226,32 @@ def test_mean_std_and_paired_difference_match_hand_computed_values():
     assert analyze.paired_difference([1.0], [0.0])["half_width"] is None
 
 
-def _fake_run(folder, worst, clean=0.8, summary_extra=None, failed=None):
+def _fake_run(folder, worst, clean=0.8, summary_extra=None, failed=None, fgsm=None):
     os.makedirs(folder)
     json.dump({"epochs_completed": 1, "train_time_s": 10.0, "activation_params": 0, **(summary_extra or {})},
               open(os.path.join(folder, "summary.json"), "w"))
     if failed:
         open(os.path.join(folder, "FAILED"), "w").write(failed)
         return
-    json.dump({"eps": 0.1, "n_eval": 1000, "accuracy": {"clean": clean, "pgd20x1": worst + 0.01}, "robust_accuracy": worst,
+    json.dump({"eps": 0.1, "n_eval": 1000, "accuracy": {"clean": clean, "fgsm": worst + 0.1 if fgsm is None else fgsm,
+                                                         "pgd20x1": worst + 0.01}, "robust_accuracy": worst,
                "clean_full": {"n": 10000, "accuracy": clean}, "sanity_checks": {}, "sanity_failed": []},
               open(os.path.join(folder, "eval.json"), "w"))
+
+
+def test_matrix_table_flags_a_model_that_resists_fgsm_far_more_than_the_worst_case(tmp_path):
+    runs = tmp_path / "runs"
+    for s in range(2):
+        _fake_run(runs / f"fast_relu_s{s}", 0.60, fgsm=0.60 + analyze.CO_GAP - 0.01)  # a large gap, yet healthy
+    _fake_run(runs / "fast_rbf-insert_s0", 0.30)
+    _fake_run(runs / "fast_rbf-insert_s1", 0.0, clean=0.685, fgsm=0.922)  # FGSM above clean, PGD at 0
+    analyze.matrix_table(str(tmp_path), [("fast", "relu"), ("fast", "rbf-insert")], [0, 1])
+    rows = {r["activation"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert rows["relu"]["flags"] == "-" and rows["rbf-insert"]["seeds ok"] == "2/2"
+    assert rows["rbf-insert"]["flags"] == "s1: catastrophically overfitted model (FGSM 92.2 vs worst case 0.0)"
+    per = {(p["activation"], p["seed"]): p for p in csv.DictReader(open(tmp_path / "results_seeds.csv"))}
+    assert per[("rbf-insert", "1")]["status"] == "ok" and per[("rbf-insert", "1")]["flags"].startswith("catastrophically")
+    assert per[("rbf-insert", "0")]["flags"] == ""
 
 
 def test_matrix_table_aggregates_seeds_flags_a_failed_seed_and_pairs_with_relu(tmp_path):
