@@ -259,11 +259,11 @@ done; done
 
 # ---- the table: one row per cell, mean +- std over the seeds (analyze.matrix_table), and Zhao &
 # Griffin's curves where the evaluation made them (analyze.saf_table)
-$PYTHON - "$OUT" "$CELLS" "$SEEDS" "${BASELINE:-relu}" <<'EOF'
+$PYTHON - "$OUT" "$CELLS" "$SEEDS" "${BASELINE:-relu}" "$EVAL_FLAGS" <<'EOF'
 import sys
 import analyze
 out, cells, seeds = sys.argv[1], [c.split(":", 1) for c in sys.argv[2].split()], [int(s) for s in sys.argv[3].split()]
-print(analyze.matrix_table(out, cells, seeds, baseline=sys.argv[4]), end="")
+print(analyze.matrix_table(out, cells, seeds, baseline=sys.argv[4], eval_flags=sys.argv[5]), end="")
 print(f"{len(cells)} rows x {len(seeds)} seeds -> {out}/results.md, results.csv, results.json, results_seeds.csv")
 curves = analyze.curve_table(out, cells, seeds)
 if curves:

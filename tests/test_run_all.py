@@ -242,16 +242,31 @@ def _fake_run(folder, worst, clean=0.8, summary_extra=None, failed=None, fgsm=No
 def test_matrix_table_flags_a_model_that_resists_fgsm_far_more_than_the_worst_case(tmp_path):
     runs = tmp_path / "runs"
     for s in range(2):
-        _fake_run(runs / f"fast_relu_s{s}", 0.60, fgsm=0.60 + analyze.CO_GAP - 0.01)  # a large gap, yet healthy
+        _fake_run(runs / f"fast_relu_s{s}", 0.80, clean=0.95, fgsm=0.95)  # FGSM >= clean, but a gap of 15 points
+    _fake_run(runs / "fast_gelu_s0", 0.30, clean=0.95, fgsm=0.94)  # a gap of 64 points, FGSM below clean
+    _fake_run(runs / "fast_gelu_s1", 0.35, clean=0.60, fgsm=0.60)  # FGSM = clean, a gap of 25 points
     _fake_run(runs / "fast_rbf-insert_s0", 0.30)
     _fake_run(runs / "fast_rbf-insert_s1", 0.0, clean=0.685, fgsm=0.922)  # FGSM above clean, PGD at 0
-    analyze.matrix_table(str(tmp_path), [("fast", "relu"), ("fast", "rbf-insert")], [0, 1])
+    analyze.matrix_table(str(tmp_path), [("fast", "relu"), ("fast", "gelu"), ("fast", "rbf-insert")], [0, 1])
     rows = {r["activation"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
-    assert rows["relu"]["flags"] == "-" and rows["rbf-insert"]["seeds ok"] == "2/2"
-    assert rows["rbf-insert"]["flags"] == "s1: catastrophically overfitted model (FGSM 92.2 vs worst case 0.0)"
+    assert rows["relu"]["flags"] == rows["gelu"]["flags"] == "-" and rows["rbf-insert"]["seeds ok"] == "2/2"
+    assert rows["rbf-insert"]["flags"] == "s1: catastrophically overfitted model (clean 68.5, FGSM 92.2, worst case 0.0)"
     per = {(p["activation"], p["seed"]): p for p in csv.DictReader(open(tmp_path / "results_seeds.csv"))}
     assert per[("rbf-insert", "1")]["status"] == "ok" and per[("rbf-insert", "1")]["flags"].startswith("catastrophically")
     assert per[("rbf-insert", "0")]["flags"] == ""
+
+
+def test_matrix_table_leaves_out_an_evaluation_made_with_other_eval_flags(tmp_path):
+    runs = tmp_path / "runs"
+    for s, (worst, flags) in enumerate([(0.60, "--preset quick\n"), (0.62, "--preset quick\n"), (0.90, "--preset basic\n")]):
+        _fake_run(runs / f"fast_relu_s{s}", worst)
+        (runs / f"fast_relu_s{s}" / "eval_config.txt").write_text(flags)
+    analyze.matrix_table(str(tmp_path), [("fast", "relu")], [0, 1, 2], eval_flags="--preset quick")
+    row = next(csv.DictReader(open(tmp_path / "results.csv")))
+    assert row["seeds ok"] == "2/3" and row["worst case"] == "61.00 ± 1.41"
+    assert row["flags"] == "s2: evaluated with other EVAL_FLAGS (redone by the next run_all.sh)"
+    analyze.matrix_table(str(tmp_path), [("fast", "relu")], [0, 1, 2])  # without eval_flags every evaluation counts
+    assert next(csv.DictReader(open(tmp_path / "results.csv")))["seeds ok"] == "3/3"
 
 
 def test_matrix_table_aggregates_seeds_flags_a_failed_seed_and_pairs_with_relu(tmp_path):
