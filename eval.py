@@ -483,8 +483,9 @@ def main(argv=None):
         utils.check_writable(args.plot or os.path.splitext(out)[0] + ".png", "--plot")
     model, train_args, eps = utils.load_for_eval(args.checkpoint, args.device, args.eps)
     # one read of the test split: the attacks take its first --n-eval images, clean accuracy --n-clean
-    n_read = args.n_eval if args.n_clean is None else None if not args.n_clean or args.n_eval is None \
-        else max(args.n_eval, args.n_clean)
+    n_read = args.n_eval
+    if args.n_clean is not None:
+        n_read = None if args.n_clean == 0 or args.n_eval is None else max(args.n_eval, args.n_clean)
     dataset, x_read, y_read = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, n_read)
     x, y = x_read[:args.n_eval], y_read[:args.n_eval]
     if args.confidence == "auto":
