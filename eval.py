@@ -137,7 +137,7 @@ def get_args(argv=None):
         p.error("--eps must be in (0, 1] (images are in [0, 1])")
     if min(args.pgd_steps, args.pgd_restarts, args.batch_size, args.apgd_restarts) < 1 or (args.n_eval is not None and args.n_eval < 1) \
             or (args.n_clean is not None and args.n_clean < 0):
-        p.error("--pgd-steps, --pgd-restarts, --apgd-restarts, --batch-size and --n-eval must be >= 1")
+        p.error("--pgd-steps, --pgd-restarts, --apgd-restarts, --batch-size and --n-eval must be >= 1, --n-clean >= 0")
     if utils.device_problem(args.device):
         p.error(utils.device_problem(args.device))
     # ---- the attack list: the preset's, replaced or extended by --attacks

@@ -129,6 +129,7 @@ def test_non_finite_gradient_norm_is_caught_with_grad_clip(tmp_path):
     (["eval.py", "ckpt.pt", "--attacks", "pgd0"], "unknown attack 'pgd0'"),
     (["eval.py", "ckpt.pt", "--attacks", "pgd20x0"], "unknown attack 'pgd20x0'"),
     (["eval.py", "ckpt.pt", "--eps", "1.5"], "--eps must be in (0, 1]"),
+    (["eval.py", "ckpt.pt", "--n-clean", "-1"], "--n-clean >= 0"),
     (["train_fast.py", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["train_free.py", "--resume", "--lr-find"], "cannot be combined"),
     (["train_fast.py", "--act", "kaf", "--kaf-size", "1"], "kaf dictionary size must be >= 2"),
