@@ -17,6 +17,7 @@ Imports torch, numpy, tqdm (optional) and the project's modules.
 import argparse
 import atexit
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -755,8 +756,10 @@ def setup(args, script, data=None):
     model                models.build's model (normalises inside, takes [0, 1] images)
     forward              what the training loss calls: the model, its DDP wrapper under torchrun, compiled with --compile
     attack_forward       what attacks call: the bare (compiled) model -- they need input gradients only
-    opt, scaler          SGD (no weight decay on the activations' own parameters) and the fp16 loss scaler
-                         (disabled unless --amp gives fp16)
+    opt, scaler          SGD, the activations' own parameters in a group of their own decayed at
+                         --act-weight-decay (default --weight-decay: Dai et al.'s train.py builds one SGD
+                         over model.parameters() with weight decay, so their PAF parameters are decayed
+                         too), and the fp16 loss scaler (disabled unless --amp gives fp16)
     amp_dtype, autocast  the mixed-precision dtype (None: float32) and a function returning its autocast context
     channels_last        whether model and batches are channels_last (CUDA only)
 
@@ -1056,14 +1059,23 @@ def evaluate(run, args):
     return clean, robust
 
 
+def parameter_digest(model):
+    """SHA-256 of the model's parameters' bytes in order: equal digests mean bit-identical weights
+    (unlike float sums, whose rounding depends on the thread count)."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def finish(run, args, summary):
     """After training: the final clean / PGD evaluation (rank 0) and summary.json.  Returns the summary."""
-    if run.world > 1:  # the DDP test's witness: per-tensor float64 parameter sums of every rank
-        sums = torch.stack([p.detach().double().sum() for p in run.model.parameters()])
-        gathered = [torch.empty_like(sums) for _ in range(run.world)]
-        torch.distributed.all_gather(gathered, sums)
-        summary["rank_param_sums"] = [g.tolist() for g in gathered]
-        summary["params_identical_across_ranks"] = all(s == summary["rank_param_sums"][0] for s in summary["rank_param_sums"][1:])
+    if run.world > 1:  # the DDP test's witness: each rank's parameters as a digest of their exact bytes
+        digest = parameter_digest(run.model)
+        gathered = [None] * run.world
+        torch.distributed.all_gather_object(gathered, digest)
+        summary["rank_param_digests"] = gathered
+        summary["params_identical_across_ranks"] = len(set(gathered)) == 1
     if run.rank != 0:  # rank 0 evaluates and writes the summary; the others wait for it
         torch.distributed.barrier()
         return summary

@@ -285,6 +285,21 @@ def test_big_models_build_with_all_activations(arch):
         assert sum(isinstance(m, activations.REGISTRY[name][0]) for m in model.modules()) >= 1
 
 
+@pytest.mark.parametrize("arch", models.ARCH_NAMES)
+def test_every_model_is_its_bare_network_applied_to_normalised_inputs(arch):
+    """forward(x) == net((x - mean) / std), computed here from the numbers, not from the buffers."""
+    c, size = (1, 28) if arch == "lenet" else (3, 32)
+    mean, std = [0.3, 0.45, 0.6][:c], [0.2, 0.5, 0.35][:c]
+    torch.manual_seed(0)
+    model = models.build(arch, "relu", 10, c, size, mean=mean, std=std).eval()
+    x = torch.rand(2, c, size, size)
+    expected_input = (x - torch.tensor(mean).view(1, c, 1, 1)) / torch.tensor(std).view(1, c, 1, 1)
+    with torch.no_grad():
+        out, bare = model(x), model.net(expected_input)
+        assert torch.equal(out, bare)  # the same float32 operations: bit for bit
+        assert not torch.equal(out, model.net(x))  # the inputs' normalisation reaches the output
+
+
 def test_models_normalise_inside_and_saf_insert():
     model = models.build("lenet", "relu", 10, 1, 28, mean=[0.3], std=[0.2])
     assert torch.allclose(model.mean.flatten(), torch.tensor([0.3])) and torch.allclose(model.std.flatten(), torch.tensor([0.2]))
@@ -450,6 +465,39 @@ def test_pgd_keeps_the_first_misclassified_iterate():
     # restarts: an example fooled by one run keeps that run's point
     adv = attacks.pgd(model, x, y, 0.05, 0.01, 5, restarts=3, random_init=False)
     assert attacks.predict(model, adv).tolist() == [1, 1, 0]
+
+
+class FarFromTheBoundary(torch.nn.Module):
+    """Two classes; class 0 wins by a margin of at least 5 that no step within eps can close, so PGD
+    fools nothing and its loss softplus(w.x + b - 10) grows with w.x."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 1)
+        with torch.no_grad():
+            self.lin.weight.uniform_(-0.3, 0.3)
+            self.lin.bias.zero_()
+
+    def forward(self, x):
+        z = self.lin(x.flatten(1))
+        return torch.cat([torch.full_like(z, 10.0), z], 1)
+
+
+def test_pgd_restarts_keep_the_last_iterate_of_the_highest_loss_run_where_none_fools():
+    model = FarFromTheBoundary()
+    x, y = torch.rand(32, 1, 4, 4) * 0.5 + 0.25, torch.zeros(32, dtype=torch.long)
+    eps, alpha = 0.1, 0.01  # one small step: where a run ends depends on its random start
+    torch.manual_seed(7)
+    runs = [attacks.pgd(model, x, y, eps, alpha, 1) for _ in range(3)]  # the same three random starts
+    torch.manual_seed(7)
+    adv = attacks.pgd(model, x, y, eps, alpha, 1, restarts=3)
+    assert (attacks.predict(model, adv) == y).all()  # nothing fooled: the rule under test applies
+    with torch.no_grad():
+        losses = torch.stack([attacks.per_example_loss(model(r), y) for r in runs])  # 3 x 32
+    winner = losses.argmax(0)
+    assert len(set(winner.tolist())) == 3  # the restarts differ, and each wins somewhere
+    expected = torch.stack(runs)[winner, torch.arange(len(x))]
+    assert torch.equal(adv, expected)
 
 
 def test_cw_margin_loss():
