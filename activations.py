@@ -291,6 +291,11 @@ def pssilu_l1(model):
     return sum(m.beta().sum() for m in activation_modules(model) if isinstance(m, PSSiLU))
 
 
+# Dai et al.'s trainers clip the gradient norm of PSSiLU's shift to 0.01 every step (0.1 in their
+# TRADES trainer: train_pgd.py sets that one); --pssilu-beta-clip overrides it
+PSSILU_SHIFT_GRAD_CLIP = 0.01
+
+
 def pssilu_shift_parameters(model):
     """The b parameters of the model's PSSiLU units (their gradient norm is clipped on its own)."""
     return [m.b for m in activation_modules(model) if isinstance(m, PSSiLU)]

@@ -4,7 +4,7 @@ Times the training scripts' own steps -- ``train_fast.train_step``, ``train_free
 (m replays) and ``train_pgd.train_step`` on the set-up ``utils.setup`` builds from the scripts' own
 flags -- so what is measured is what training runs.  The data is synthetic but shaped like
 --dataset: the same image size, channels, classes, normalisation and augmentation (crop+flip on the
-device for the CIFAR shapes), generated with ``utils.synthetic_data`` and passed to ``utils.setup``
+device for the CIFAR shapes), generated with ``data.synthetic_data`` and passed to ``utils.setup``
 (or to the script's ``main``) in place of the real files, so nothing is downloaded.
 
 Per configuration (regime x activation): --warmup steps, then --steps timed steps (a step is one
@@ -61,6 +61,7 @@ import models
 import train_fast
 import train_free
 import train_pgd
+import data
 import utils
 import tricks
 from utils import tqdm
@@ -77,7 +78,7 @@ MIB = 2 ** 20
 def get_args(argv=None):
     p = utils.Parser(description=__doc__.split("\n\n")[0] + " Flags it does not know go to the training scripts (an activation's own options, e.g. --kaf-kernel, to its rows only).")
     p.add_argument("--device", default=utils.DEFAULT_DEVICE, help="cuda if present, else cpu")
-    p.add_argument("--dataset", default="cifar10", choices=list(utils.DATASETS),
+    p.add_argument("--dataset", default="cifar10", choices=list(data.DATASETS),
                    help="shape of the synthetic data: channels, size, classes, normalisation, augmentation (default cifar10)")
     p.add_argument("--model", default="preactresnet18", choices=models.ARCH_NAMES, help="default preactresnet18")
     p.add_argument("--acts", nargs="+", default=["relu", "kaf"], help="activations to compare (default relu kaf; "
@@ -120,7 +121,7 @@ def get_args(argv=None):
 def synthetic_images(dataset, n, seed, chunk=8192):
     """n synthetic uint8 images (and labels) shaped like ``dataset``, generated in chunks to keep
     the float temporaries small."""
-    parts = [utils.synthetic_data(dataset, min(chunk, n - i), seed * 100003 + i) for i in range(0, n, chunk)]
+    parts = [data.synthetic_data(dataset, min(chunk, n - i), seed * 100003 + i) for i in range(0, n, chunk)]
     return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
 
@@ -280,13 +281,13 @@ def bench_steps(cfg):
     regime, device = cfg["regime"], torch.device(cfg["device"])
     cuda = device.type == "cuda"
     n_train = cfg["batch_size"] * 4  # a few full batches, cycled
-    data = synthetic_like(cfg["dataset"], n_train, 64)
+    arrays = synthetic_like(cfg["dataset"], n_train, 64)
     with tempfile.TemporaryDirectory() as tmp:
         script_args = REGIMES[regime].get_args(cfg["argv"] + ["--out-dir", tmp])
-        run = utils.setup(script_args, f"train_{regime}", data=data)
+        run = utils.setup(script_args, f"train_{regime}", arrays=arrays)
         train_step = make_train_step(regime, run, script_args)
-    utils.scheduled_lr(run.opt, 0, 1, script_args)  # --lr-schedule constant: --lr-max throughout
-    batches = utils.forever(run.batches)
+    utils.set_lr(run.opt, *[v[0] for v in utils.lr_schedule(script_args, 1)])  # constant: --lr-max
+    batches = data.forever(run.batches)
     run.model.train()
     if cuda:
         torch.cuda.synchronize(device)
@@ -332,13 +333,13 @@ def bench_end_to_end(cfg):
     """Time one whole training run (``train_<regime>.main``) on synthetic data; returns the result row."""
     regime, device = cfg["regime"], torch.device(cfg["device"])
     cuda = device.type == "cuda"
-    data = synthetic_like(cfg["dataset"], cfg["n_train"], cfg["n_eval"])
+    arrays = synthetic_like(cfg["dataset"], cfg["n_train"], cfg["n_eval"])
     with tempfile.TemporaryDirectory() as tmp:
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         tic = time.perf_counter()
-        summary = REGIMES[regime].main(cfg["argv"] + ["--out-dir", tmp], data=data)
+        summary = REGIMES[regime].main(cfg["argv"] + ["--out-dir", tmp], arrays=arrays)
         if cuda:
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - tic

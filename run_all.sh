@@ -257,22 +257,8 @@ for seed in $SEEDS; do for cell in $CELLS; do
     if [ -f "$dir/INTERRUPTED" ]; then interrupted=1; fi
 done; done
 
-# ---- the table: one row per cell, mean +- std over the seeds (analyze.matrix_table), and Zhao &
-# Griffin's curves where the evaluation made them (analyze.saf_table)
-$PYTHON - "$OUT" "$CELLS" "$SEEDS" "${BASELINE:-relu}" "$EVAL_FLAGS" <<'EOF'
-import sys
-import analyze
-out, cells, seeds = sys.argv[1], [c.split(":", 1) for c in sys.argv[2].split()], [int(s) for s in sys.argv[3].split()]
-print(analyze.matrix_table(out, cells, seeds, baseline=sys.argv[4], eval_flags=sys.argv[5]), end="")
-print(f"{len(cells)} rows x {len(seeds)} seeds -> {out}/results.md, results.csv, results.json, results_seeds.csv")
-curves = analyze.curve_table(out, cells, seeds)
-if curves:
-    print(curves, end="")
-    print(f"-> {out}/curves.md, curves.json (+ curves.png with matplotlib)")
-saf = analyze.saf_table(out, cells, seeds)
-if saf:
-    print(saf, end="")
-    print(f"-> {out}/saf_curves.md, saf_curves.json (+ saf_curves.png with matplotlib)")
-EOF
+# ---- the tables: one row per cell, mean +- std over the seeds, and the curves where the runs made
+# them (tables.py)
+$PYTHON tables.py "$OUT" "$CELLS" "$SEEDS" "${BASELINE:-relu}" "$EVAL_FLAGS"
 if [ $interrupted = 1 ]; then echo "run_all.sh: interrupted; run it again to continue" >&2; exit 130; fi
 if [ $failed -gt 0 ]; then echo "run_all.sh: $failed run(s) failed" >&2; exit 1; fi

@@ -14,13 +14,12 @@ regime of Zhao & Griffin's plain and robust CNNs; summary.json's "regime" says w
     python train_fast.py --dataset fashionmnist --data-dir /usr/share/datasets/fashion-mnist \\
         --model lenet --act relu --epochs 3 --epsilon 0.1
 """
-import copy
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 
+import activations
 import tricks
 import utils
 
@@ -53,26 +52,10 @@ def get_args(argv=None):
 def input_gradient(run, x, y, create_graph=False):
     """Gradient of the (scaled) training loss w.r.t. the input only: no weight gradients computed."""
     x = x if x.requires_grad else x.detach().requires_grad_(True)
-    with run.autocast():
+    with run.amp:
         loss = F.cross_entropy(run.attack_forward(x), y)
     (grad,) = torch.autograd.grad(run.scaler.scale(loss), x, create_graph=create_graph)
     return grad
-
-
-def fgsm_delta(run, x, y, eps, alpha, init="random", nfgsm=False):
-    """The FGSM(-RS) or N-FGSM perturbation of a training batch (model in train mode, as in the paper)."""
-    if nfgsm:
-        delta = torch.empty_like(x).uniform_(-2 * eps, 2 * eps)
-    elif init == "random":
-        delta = torch.empty_like(x).uniform_(-eps, eps)
-    else:
-        delta = torch.zeros_like(x)
-    delta = (x + delta).clamp(0, 1) - x
-    grad = input_gradient(run, x + delta, y)
-    delta = delta.detach() + alpha * grad.sign()
-    if not nfgsm:
-        delta = delta.clamp(-eps, eps)
-    return ((x + delta).clamp(0, 1) - x).detach()
 
 
 def grad_align_penalty(run, x, y, eps):
@@ -85,90 +68,104 @@ def grad_align_penalty(run, x, y, eps):
 
 
 def train_step(run, tr, x, y, args):
-    """One minibatch: the FGSM(-RS / N-FGSM) perturbation, then one SGD step on the perturbed batch
-    (plus the GradAlign and mean-training terms when asked), at the LR the optimiser holds.
-    Returns the loss, the number of correct predictions and a non-finite flag, as device tensors."""
+    """One minibatch at the LR the optimiser holds: the FGSM(-RS / N-FGSM) perturbation (model in
+    train mode, as in the paper), then one SGD step on the perturbed batch.  Returns the loss, the
+    number of correct predictions and a non-finite flag, as device tensors (no host sync)."""
     eps = args.epsilon
-    alpha = args.alpha if args.alpha is not None else (eps if args.nfgsm else 1.25 * eps)
-    delta = fgsm_delta(run, x, y, eps, alpha, args.init, args.nfgsm) if args.attack == "fgsm" else 0  # none: natural training
-    with run.autocast():
+    # ---- the perturbation: a random start, one signed-gradient step, projection
+    if args.attack == "none":  # natural training
+        delta = 0
+    else:
+        alpha = args.alpha if args.alpha is not None else (eps if args.nfgsm else 1.25 * eps)
+        if args.nfgsm:  # N-FGSM: larger noise, no projection back to the eps-ball
+            delta = torch.empty_like(x).uniform_(-2 * eps, 2 * eps)
+        elif args.init == "random":
+            delta = torch.empty_like(x).uniform_(-eps, eps)
+        else:
+            delta = torch.zeros_like(x)
+        delta = (x + delta).clamp(0, 1) - x
+        delta = delta.detach() + alpha * input_gradient(run, x + delta, y).sign()
+        if not args.nfgsm:
+            delta = delta.clamp(-eps, eps)
+        delta = ((x + delta).clamp(0, 1) - x).detach()
+    # ---- forward and loss under the run's one AMP context
+    with run.amp:
         logits = run.forward(x + delta)
-        loss = tricks.hybrid_loss(logits, y, args.hybrid_weight, args.hybrid_p)  # CE unless --hybrid-weight
+        if args.hybrid_weight:  # Zhao & Griffin's hybrid loss
+            loss = tricks.hybrid_loss(logits, y, args.hybrid_weight, args.hybrid_p)
+        else:
+            loss = F.cross_entropy(logits, y)
     total = loss
-    if args.grad_align > 0:
+    if args.grad_align > 0:  # GradAlign's gradient-alignment term
         total = total + args.grad_align * grad_align_penalty(run, x, y, eps)
-    if tr.mean_copies:
-        total = total + tr.mean_loss(run.model, run.forward, run.autocast)
-    total = total + utils.activation_penalty(run, args)  # PSSiLU: Dai et al.'s L1 penalty on the shift
+    if tr.mean_copies:  # Zhao & Griffin's mean training
+        total = total + tr.mean_loss(run.model, run.forward, run.amp)
+    if run.pssilu_reg:  # Dai et al.'s L1 penalty on PSSiLU's shift
+        total = total + run.pssilu_reg * activations.pssilu_l1(run.model)
+    # ---- backward, unscale, clip, step, update, zero_grad
     run.scaler.scale(total).backward()  # fp16: scaled, so that small gradients do not underflow
     bad = ~torch.isfinite(loss.detach().float())
-    bad = bad | utils.clip_gradients(run, args)  # --grad-clip, PSSiLU's --pssilu-beta-clip
+    if args.grad_clip > 0 or run.shift_params:
+        run.scaler.unscale_(run.opt)  # clip the true gradients
+    if args.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+        if not run.scaler.is_enabled():  # under fp16 an inf norm is the scaler's business
+            bad = bad | ~torch.isfinite(norm)
+    if run.shift_params:  # Dai et al. clip the gradient norm of PSSiLU's shift on its own
+        torch.nn.utils.clip_grad_norm_(run.shift_params, run.shift_clip)
     run.scaler.step(run.opt)  # skipped by the fp16 scaler when the gradients overflowed
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
     return loss.detach(), (logits.argmax(1) == y).sum(), bad
 
 
-def main(argv=None, data=None):
-    """Train; ``data`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench.py)."""
+def main(argv=None, arrays=None):
+    """Train; ``arrays`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench.py)."""
     args = get_args(argv)
-    run = utils.setup(args, "train_fast", data)  # device, data on it, model, SGD, AMP scaler, out dir
-    tr = tricks.TrainingTricks.for_run(args, run)  # random / mean training, extra data: no-ops unless asked
+    run = utils.setup(args, "train_fast", arrays)  # device, data on it, model, SGD, AMP, out dir
+    tr = tricks.TrainingTricks.for_run(args, run)  # random / mean training, extra data: off unless asked
     if args.lr_find:
-        return tricks.lr_range_test(run, args, lambda x, y: train_step(run, tr, x, y, args)[0])
+        return tricks.lr_range_test(run, args, lambda x, y: train_step(run, tr, *tr.mix(x, y), args)[0])
     total_steps = args.epochs * len(run.batches)
-    start, it, history, best, train_time, guard, curve = 0, 0, [], None, 0.0, None, []
-    if args.resume and (ckpt := utils.load_for_resume(run, args, args.epochs)):
-        start, it, history, best, train_time, guard, curve = (
-            ckpt[k] for k in ("epoch", "iteration", "history", "best", "train_time_s", "guard", "curve"))
-
-    def save(path, epoch):  # everything eval.py and --resume need
-        utils.save_checkpoint(run, args, path, epoch=epoch, iteration=it, history=history, best=best,
-                              train_time_s=train_time, guard=guard, curve=curve)
-
-    summary = utils.start_summary(run, args, args.epochs)
-    summary["regime"] = "natural" if args.attack == "none" else "n-fgsm" if args.nfgsm else "fgsm-rs" if args.init == "random" else "fgsm"
-    summary["catastrophic_overfitting"] = guard
-    epoch = start
+    lrs, momenta = utils.lr_schedule(args, total_steps)
+    state = utils.new_state(run, args, args.epochs)  # fresh, or restored whole by --resume
+    regime = ("natural" if args.attack == "none" else "n-fgsm" if args.nfgsm
+              else "fgsm-rs" if args.init == "random" else "fgsm")
+    summary = utils.start_summary(run, args, args.epochs, regime, state)
     try:
-        while epoch < args.epochs and guard is None:  # a run the guard stopped stays stopped
-            epoch += 1
+        while state["epoch"] < args.epochs and state["guard"] is None:  # a guard stop stays stopped
+            epoch = state["epoch"] + 1
             run.model.train()
-            meter = utils.EpochMeter(run, epoch, args.epochs)
-            tic = time.time()
-            for x, y in meter.bar:
-                x, y = tr.mix(x, y)
-                lr = utils.scheduled_lr(run.opt, it, total_steps, args)
-                loss, correct, bad = train_step(run, tr, x, y, args)
-                it += 1
-                if args.eval_every and it % args.eval_every == 0:  # accuracy over iterations (--eval-every)
-                    curve.append(utils.probe(run, args, it, lr))
-                meter.add(loss, correct, len(y), bad, lr)
-            train_loss, train_acc = meter.result()
-            train_time += time.time() - tic
-            utils.sync_buffers(run)
-            held = utils.held_out_pgd(run, args.epsilon)
-            history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, held_pgd_acc=held, lr=lr,
-                                time_s=round(train_time, 2)))
-            utils.log(run, f"epoch {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  held-out PGD-10 acc {held:.4f}  "
-                           f"lr {lr:.4g}  time {train_time:.1f}s")
-            if utils.collapsed(held, best, args.co_guard):  # catastrophic overfitting: back to the best epoch, stop
-                guard = dict(epoch=epoch, held_pgd_acc=held, best_held_pgd_acc=best["held_pgd_acc"], restored_epoch=best["epoch"])
-                utils.log(run, f"catastrophic overfitting detected in epoch {epoch}: held-out PGD accuracy fell from "
-                               f"{best['held_pgd_acc']:.3f} to {held:.3f}; restoring the weights of epoch {best['epoch']} and stopping")
-                run.model.load_state_dict(best["model_state"])
-                break
-            if best is None or held >= best["held_pgd_acc"]:
-                best = dict(epoch=epoch, held_pgd_acc=held, model_state=copy.deepcopy(run.model.state_dict()))
-            save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
+            loss_sum, correct = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+            first_bad = torch.zeros((), dtype=torch.long, device=run.device)  # 1 + its index; 0: none
+            n, seen, tic = len(run.batches), 0, time.time()
+            bar = utils.progress(run, run.batches, f"epoch {epoch}/{args.epochs}")
+            for i, (x, y) in enumerate(bar):
+                if tr.mixes:  # extra images, random-training noise
+                    x, y = tr.mix(x, y)
+                it = state["iteration"]
+                lr = lrs[it]
+                for group in run.opt.param_groups:  # this step's LR (x --act-lr-mult) and momentum
+                    group["lr"], group["momentum"] = lr * group.get("lr_mult", 1.0), momenta[it]
+                loss, n_correct, bad = train_step(run, tr, x, y, args)
+                state["iteration"] = it = it + 1
+                if args.eval_every and it % args.eval_every == 0:  # accuracy over iterations
+                    state["curve"].append(utils.probe(run, args, it, lr))
+                first_bad = torch.where((first_bad == 0) & bad, i + 1, first_bad)
+                loss_sum += loss.float() * len(y)
+                correct += n_correct
+                seen += len(y)
+                if i % 50 == 0 or i == n - 1:  # the loop's only host syncs
+                    if first_bad.item():
+                        raise utils.Diverged(epoch, int(first_bad.item()), n)
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                    lr=f"{lr:.3g}")
+            train_loss, train_acc = utils.epoch_result(run, loss_sum, correct, seen)
+            if utils.end_epoch(run, args, state, train_loss, train_acc, lr, time.time() - tic):
+                break  # the guard restored the best epoch's weights
     except (utils.Diverged, KeyboardInterrupt) as stop:
-        done = len(history)  # completed epochs
-        summary.update(utils.results(run, args, done, train_time, history, dict(optimizer_steps=it), evaluated=False, curve=curve))
-        raise utils.record_stop(run, stop, summary, done, lambda path: save(path, done)) from None
-    save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
-    summary.update(catastrophic_overfitting=guard, stopped_early=guard and f"catastrophic overfitting in epoch {guard['epoch']}")
-    summary.update(utils.results(run, args, epoch, train_time, history, dict(optimizer_steps=it), evaluated=False, curve=curve))
-    return utils.finish(run, args, summary)
+        raise utils.record_stop(run, args, stop, summary, state) from None
+    return utils.finish(run, args, summary, state)
 
 
 if __name__ == "__main__":

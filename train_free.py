@@ -18,14 +18,13 @@ SGD momentum 0.9, weight decay 5e-4.  Shafahi et al.'s own schedule (the fast-tr
     python train_free.py --dataset fashionmnist --data-dir /usr/share/datasets/fashion-mnist \\
         --model lenet --epsilon 0.1 --epochs 8 --replays 4
 """
-import copy
 import math
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 
+import activations
 import tricks
 import utils
 
@@ -53,24 +52,40 @@ def replay_step(run, tr, x, y, delta, args):
 
     ``delta`` is the persistent batch_size x C x H x W perturbation; a short last batch uses (and
     updates) its first rows, the next full batch the whole of it again.  Returns the loss, the
-    number of correct predictions and a non-finite flag, as device tensors."""
+    number of correct predictions and a non-finite flag, as device tensors (no host sync)."""
     eps, n = args.epsilon, len(x)
     d = delta[:n].detach().requires_grad_(True)
-    with run.autocast():
+    # ---- forward and loss under the run's one AMP context
+    with run.amp:
         logits = run.forward(x + d)
-        loss = tricks.hybrid_loss(logits, y, args.hybrid_weight, args.hybrid_p)  # CE unless --hybrid-weight
-    total = loss + tr.mean_loss(run.model, run.forward, run.autocast) if tr.mean_copies else loss
-    total = total + utils.activation_penalty(run, args)  # PSSiLU: Dai et al.'s L1 penalty on the shift
+        if args.hybrid_weight:  # Zhao & Griffin's hybrid loss
+            loss = tricks.hybrid_loss(logits, y, args.hybrid_weight, args.hybrid_p)
+        else:
+            loss = F.cross_entropy(logits, y)
+    total = loss
+    if tr.mean_copies:  # Zhao & Griffin's mean training
+        total = total + tr.mean_loss(run.model, run.forward, run.amp)
+    if run.pssilu_reg:  # Dai et al.'s L1 penalty on PSSiLU's shift
+        total = total + run.pssilu_reg * activations.pssilu_l1(run.model)
     run.scaler.scale(total).backward()  # one pass: the weights' gradients and d.grad
+    # ---- the free perturbation step: delta <- clip(delta + eps sign(g)), x + delta in [0, 1]
     with torch.no_grad():
         # fp16 loss scaling scales d.grad but keeps its sign; an overflowing pass (whose step the
         # scaler skips) must not leave NaN in delta for the rest of the run
         g = torch.nan_to_num(d.grad, nan=0.0)
         moved = (d + eps * g.sign()).clamp(-eps, eps)
         delta[:n] = (x + moved).clamp(0, 1) - x
+    # ---- unscale, clip, step, update, zero_grad
     bad = ~torch.isfinite(loss.detach().float())
-    bad = bad | utils.clip_gradients(run, args)  # --grad-clip, PSSiLU's --pssilu-beta-clip
-    run.scaler.step(run.opt)
+    if args.grad_clip > 0 or run.shift_params:
+        run.scaler.unscale_(run.opt)  # clip the true gradients
+    if args.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+        if not run.scaler.is_enabled():  # under fp16 an inf norm is the scaler's business
+            bad = bad | ~torch.isfinite(norm)
+    if run.shift_params:  # Dai et al. clip the gradient norm of PSSiLU's shift on its own
+        torch.nn.utils.clip_grad_norm_(run.shift_params, run.shift_clip)
+    run.scaler.step(run.opt)  # skipped by the fp16 scaler when the gradients overflowed
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
     return loss.detach(), (logits.argmax(1) == y).sum(), bad
@@ -83,69 +98,55 @@ def train_minibatch(run, tr, x, y, delta, args):
     return out
 
 
-def main(argv=None, data=None):
-    """Train; ``data`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench.py)."""
+def main(argv=None, arrays=None):
+    """Train; ``arrays`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench.py)."""
     args = get_args(argv)
-    run = utils.setup(args, "train_free", data)  # device, data on it, model, SGD, AMP scaler, out dir
-    tr = tricks.TrainingTricks.for_run(args, run)  # random / mean training, extra data: no-ops unless asked
-    delta = torch.zeros((tr.rows(args.batch_size), *run.batches.x.shape[1:]), device=run.device)  # persists across minibatches
+    run = utils.setup(args, "train_free", arrays)  # device, data on it, model, SGD, AMP, out dir
+    tr = tricks.TrainingTricks.for_run(args, run)  # random / mean training, extra data: off unless asked
+    # the perturbation persists across minibatches (and is saved with the run)
+    delta = torch.zeros((tr.rows(args.batch_size), *run.batches.x.shape[1:]), device=run.device)
     if args.lr_find:
         return tricks.lr_range_test(run, args, lambda x, y: train_minibatch(run, tr, *tr.mix(x, y), delta, args)[0])
     n_passes = passes(args)
     total_steps = n_passes * len(run.batches) * args.replays  # one optimiser step per replay
-    start, it, history, best, train_time, guard, curve = 0, 0, [], None, 0.0, None, []
-    if args.resume and (ckpt := utils.load_for_resume(run, args, n_passes)):
-        start, it, history, best, train_time, guard, curve, delta = (
-            ckpt[k] for k in ("epoch", "iteration", "history", "best", "train_time_s", "guard", "curve", "delta"))
-
-    def save(path, epoch):  # everything eval.py and --resume need, Free's delta included
-        utils.save_checkpoint(run, args, path, epoch=epoch, iteration=it, history=history, best=best,
-                              train_time_s=train_time, guard=guard, curve=curve, delta=delta)
-
-    summary = utils.start_summary(run, args, n_passes, label="pass")
-    summary["regime"] = "free"
-    summary["catastrophic_overfitting"] = guard
-    epoch = start
+    lrs, momenta = utils.lr_schedule(args, total_steps)
+    state = utils.new_state(run, args, n_passes, delta=delta)  # fresh, or restored whole by --resume
+    summary = utils.start_summary(run, args, n_passes, "free", state, label="pass")
     try:
-        while epoch < n_passes and guard is None:  # a run the guard stopped stays stopped
-            epoch += 1
+        while state["epoch"] < n_passes and state["guard"] is None:  # a guard stop stays stopped
+            epoch = state["epoch"] + 1
             run.model.train()
-            meter = utils.EpochMeter(run, epoch, n_passes, label="pass")
-            tic = time.time()
-            for x, y in meter.bar:
-                x, y = tr.mix(x, y)
+            loss_sum, correct = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+            first_bad = torch.zeros((), dtype=torch.long, device=run.device)  # 1 + its index; 0: none
+            n, seen, tic = len(run.batches), 0, time.time()
+            bar = utils.progress(run, run.batches, f"pass {epoch}/{n_passes}")
+            for i, (x, y) in enumerate(bar):
+                if tr.mixes:  # extra images, random-training noise
+                    x, y = tr.mix(x, y)
                 for _ in range(args.replays):
-                    lr = utils.scheduled_lr(run.opt, it, total_steps, args)
-                    loss, correct, bad = replay_step(run, tr, x, y, delta, args)
-                    it += 1
-                    if args.eval_every and it % args.eval_every == 0:  # accuracy over iterations (--eval-every)
-                        curve.append(utils.probe(run, args, it, lr))
-                meter.add(loss, correct, len(y), bad, lr)
-            train_loss, train_acc = meter.result()
-            train_time += time.time() - tic
-            utils.sync_buffers(run)
-            held = utils.held_out_pgd(run, args.epsilon)
-            history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, held_pgd_acc=held, lr=lr,
-                                time_s=round(train_time, 2)))
-            utils.log(run, f"pass {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  held-out PGD-10 acc {held:.4f}  "
-                           f"lr {lr:.4g}  time {train_time:.1f}s")
-            if utils.collapsed(held, best, args.co_guard):  # catastrophic overfitting: back to the best pass, stop
-                guard = dict(epoch=epoch, held_pgd_acc=held, best_held_pgd_acc=best["held_pgd_acc"], restored_epoch=best["epoch"])
-                utils.log(run, f"catastrophic overfitting detected in pass {epoch}: held-out PGD accuracy fell from "
-                               f"{best['held_pgd_acc']:.3f} to {held:.3f}; restoring the weights of pass {best['epoch']} and stopping")
-                run.model.load_state_dict(best["model_state"])
-                break
-            if best is None or held >= best["held_pgd_acc"]:
-                best = dict(epoch=epoch, held_pgd_acc=held, model_state=copy.deepcopy(run.model.state_dict()))
-            save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
+                    it = state["iteration"]
+                    lr = lrs[it]
+                    for group in run.opt.param_groups:  # this step's LR (x --act-lr-mult) and momentum
+                        group["lr"], group["momentum"] = lr * group.get("lr_mult", 1.0), momenta[it]
+                    loss, n_correct, bad = replay_step(run, tr, x, y, state["delta"], args)
+                    state["iteration"] = it = it + 1
+                    if args.eval_every and it % args.eval_every == 0:  # accuracy over iterations
+                        state["curve"].append(utils.probe(run, args, it, lr))
+                first_bad = torch.where((first_bad == 0) & bad, i + 1, first_bad)  # the last replay's
+                loss_sum += loss.float() * len(y)
+                correct += n_correct
+                seen += len(y)
+                if i % 50 == 0 or i == n - 1:  # the loop's only host syncs
+                    if first_bad.item():
+                        raise utils.Diverged(epoch, int(first_bad.item()), n, "pass")
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                    lr=f"{lr:.3g}")
+            train_loss, train_acc = utils.epoch_result(run, loss_sum, correct, seen)
+            if utils.end_epoch(run, args, state, train_loss, train_acc, lr, time.time() - tic, "pass"):
+                break  # the guard restored the best pass's weights
     except (utils.Diverged, KeyboardInterrupt) as stop:
-        done = len(history)  # completed passes
-        summary.update(utils.results(run, args, done, train_time, history, dict(optimizer_steps=it), evaluated=False, curve=curve))
-        raise utils.record_stop(run, stop, summary, done, lambda path: save(path, done), label="pass") from None
-    save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
-    summary.update(catastrophic_overfitting=guard, stopped_early=guard and f"catastrophic overfitting in pass {guard['epoch']}")
-    summary.update(utils.results(run, args, epoch, train_time, history, dict(optimizer_steps=it), evaluated=False, curve=curve))
-    return utils.finish(run, args, summary)
+        raise utils.record_stop(run, args, stop, summary, state, label="pass") from None
+    return utils.finish(run, args, summary, state, label="pass")
 
 
 if __name__ == "__main__":

@@ -23,13 +23,12 @@ al. and TRADES train 76-200 epochs with a piecewise LR from 0.1: --lr-schedule p
     python train_pgd.py --act psilu --attack-iters 7
     python train_pgd.py --act pssilu --loss trades --trades-beta 6
 """
-import copy
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 
+import activations
 import tricks
 import utils
 
@@ -52,7 +51,11 @@ def get_args(argv=None):
         p.error("--attack-step must be > 0")
     if args.trades_beta < 0:
         p.error("--trades-beta must be >= 0")
+    if args.hybrid_weight > 0 and args.loss == "trades":
+        p.error("--hybrid-weight replaces the cross-entropy of --loss ce; it cannot be combined with --loss trades")
     args.attack_mode = args.attack_mode or ("eval" if args.loss == "trades" else "train")
+    if args.loss == "trades" and args.pssilu_beta_clip is None and args.act == "pssilu":
+        args.pssilu_beta_clip = 0.1  # Dai et al.'s TRADES trainer clips PSSiLU's shift gradient to 0.1
     return args
 
 
@@ -64,7 +67,7 @@ def pgd_delta(run, x, objective, eps, alpha, iters, start):
     steps = 0
     for _ in range(iters):
         delta.requires_grad_(True)
-        with torch.enable_grad(), run.autocast():  # also when called under no_grad
+        with torch.enable_grad(), run.amp:  # also when called under no_grad
             loss = objective(run.attack_forward(x + delta))
         (grad,) = torch.autograd.grad(run.scaler.scale(loss), delta)
         grad = torch.nan_to_num(grad, nan=0.0)  # an fp16 overflow must not turn delta into NaN
@@ -77,106 +80,105 @@ def pgd_delta(run, x, objective, eps, alpha, iters, start):
 def trades_loss(run, x, y, eps, alpha, iters, beta, attack_mode="eval"):
     """TRADES: CE(f(x), y) + beta * KL(f(x) || f(x_adv)); returns (loss, logits of x_adv, attack steps)."""
     run.model.train(attack_mode == "train")  # the TRADES reference attacks in eval mode
-    with torch.no_grad(), run.autocast():
+    with torch.no_grad(), run.amp:
         p_clean = F.softmax(run.attack_forward(x).float(), dim=1)
     kl = lambda logits: F.kl_div(F.log_softmax(logits.float(), dim=1), p_clean, reduction="sum")
     delta, steps = pgd_delta(run, x, kl, eps, alpha, iters, 0.001 * torch.randn_like(x))
     run.model.train()
-    with run.autocast():
+    with run.amp:
         logits, logits_adv = run.forward(x), run.forward(x + delta)
     robust = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits.float(), dim=1), reduction="batchmean")
     return F.cross_entropy(logits.float(), y) + beta * robust, logits_adv, steps
 
 
 def train_step(run, tr, x, y, args):
-    """One minibatch: the PGD (or TRADES) perturbation, then one SGD step on its loss (plus the
-    mean-training term when asked), at the LR the optimiser holds.  Returns the loss, the number of
-    correct predictions on x + delta, a non-finite flag (device tensors) and the attack's steps."""
+    """One minibatch at the LR the optimiser holds: the PGD (or TRADES) perturbation, then one SGD
+    step on its loss.  Returns the loss, the number of correct predictions on x + delta, a
+    non-finite flag (device tensors, no host sync) and the attack's steps."""
     eps, alpha, k = args.epsilon, args.attack_step, args.attack_iters
-    if args.loss == "trades":
+    if args.loss == "trades":  # its own perturbation (of the KL term), forward and loss
         loss, logits, steps = trades_loss(run, x, y, eps, alpha, k, args.trades_beta, args.attack_mode)
     else:
+        # ---- the perturbation: k PGD steps from a random start, in --attack-mode
         ce = lambda logits: F.cross_entropy(logits, y)
         run.model.train(args.attack_mode == "train")
         delta, steps = pgd_delta(run, x, ce, eps, alpha, k, torch.empty_like(x).uniform_(-eps, eps))
         run.model.train()
-        with run.autocast():
+        # ---- forward and loss under the run's one AMP context
+        with run.amp:
             logits = run.forward(x + delta)
-            loss = tricks.hybrid_loss(logits, y, args.hybrid_weight, args.hybrid_p)  # CE unless --hybrid-weight
-    total = loss + tr.mean_loss(run.model, run.forward, run.autocast) if tr.mean_copies else loss
-    total = total + utils.activation_penalty(run, args)  # PSSiLU: Dai et al.'s L1 penalty on the shift
+            if args.hybrid_weight:  # Zhao & Griffin's hybrid loss
+                loss = tricks.hybrid_loss(logits, y, args.hybrid_weight, args.hybrid_p)
+            else:
+                loss = F.cross_entropy(logits, y)
+    total = loss
+    if tr.mean_copies:  # Zhao & Griffin's mean training
+        total = total + tr.mean_loss(run.model, run.forward, run.amp)
+    if run.pssilu_reg:  # Dai et al.'s L1 penalty on PSSiLU's shift
+        total = total + run.pssilu_reg * activations.pssilu_l1(run.model)
+    # ---- backward, unscale, clip, step, update, zero_grad
     run.scaler.scale(total).backward()  # fp16: scaled, so that small gradients do not underflow
     bad = ~torch.isfinite(loss.detach().float())
-    bad = bad | utils.clip_gradients(run, args)  # --grad-clip, PSSiLU's --pssilu-beta-clip
+    if args.grad_clip > 0 or run.shift_params:
+        run.scaler.unscale_(run.opt)  # clip the true gradients
+    if args.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+        if not run.scaler.is_enabled():  # under fp16 an inf norm is the scaler's business
+            bad = bad | ~torch.isfinite(norm)
+    if run.shift_params:  # Dai et al. clip the gradient norm of PSSiLU's shift on its own
+        torch.nn.utils.clip_grad_norm_(run.shift_params, run.shift_clip)
     run.scaler.step(run.opt)  # skipped by the fp16 scaler when the gradients overflowed
     run.scaler.update()
     run.opt.zero_grad(set_to_none=True)
     return loss.detach(), (logits.argmax(1) == y).sum(), bad, steps
 
 
-def main(argv=None, data=None):
-    """Train; ``data`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench.py)."""
+def main(argv=None, arrays=None):
+    """Train; ``arrays`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench.py)."""
     args = get_args(argv)
-    run = utils.setup(args, "train_pgd", data)  # device, data on it, model, SGD, AMP scaler, out dir
-    tr = tricks.TrainingTricks.for_run(args, run)  # random / mean training, extra data: no-ops unless asked
+    run = utils.setup(args, "train_pgd", arrays)  # device, data on it, model, SGD, AMP, out dir
+    tr = tricks.TrainingTricks.for_run(args, run)  # random / mean training, extra data: off unless asked
     if args.lr_find:
         return tricks.lr_range_test(run, args, lambda x, y: train_step(run, tr, *tr.mix(x, y), args)[0])
     total_steps = args.epochs * len(run.batches)
-    start, it, history, best, train_time, guard, curve, attack_steps = 0, 0, [], None, 0.0, None, [], 0
-    if args.resume and (ckpt := utils.load_for_resume(run, args, args.epochs)):
-        start, it, history, best, train_time, guard, curve, attack_steps = (
-            ckpt[k] for k in ("epoch", "iteration", "history", "best", "train_time_s", "guard", "curve", "attack_steps"))
-
-    def save(path, epoch):  # everything eval.py and --resume need
-        utils.save_checkpoint(run, args, path, epoch=epoch, iteration=it, history=history, best=best,
-                              train_time_s=train_time, guard=guard, curve=curve, attack_steps=attack_steps)
-
-    summary = utils.start_summary(run, args, args.epochs)
-    summary["regime"] = args.loss if args.loss == "trades" else "pgd"
-    summary["catastrophic_overfitting"] = guard
-    epoch = start
+    lrs, momenta = utils.lr_schedule(args, total_steps)
+    state = utils.new_state(run, args, args.epochs, attack_steps=0)  # fresh, or restored by --resume
+    summary = utils.start_summary(run, args, args.epochs, args.loss if args.loss == "trades" else "pgd", state)
     try:
-        while epoch < args.epochs and guard is None:  # a run the guard stopped stays stopped
-            epoch += 1
+        while state["epoch"] < args.epochs and state["guard"] is None:  # a guard stop stays stopped
+            epoch = state["epoch"] + 1
             run.model.train()
-            meter = utils.EpochMeter(run, epoch, args.epochs)
-            tic = time.time()
-            for x, y in meter.bar:
-                x, y = tr.mix(x, y)
-                lr = utils.scheduled_lr(run.opt, it, total_steps, args)
-                loss, correct, bad, steps = train_step(run, tr, x, y, args)
-                it += 1
-                if args.eval_every and it % args.eval_every == 0:  # accuracy over iterations (--eval-every)
-                    curve.append(utils.probe(run, args, it, lr))
-                attack_steps += steps
-                meter.add(loss, correct, len(y), bad, lr)
-            train_loss, train_acc = meter.result()
-            train_time += time.time() - tic
-            utils.sync_buffers(run)
-            held = utils.held_out_pgd(run, args.epsilon)
-            history.append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, held_pgd_acc=held, lr=lr,
-                                time_s=round(train_time, 2)))
-            utils.log(run, f"epoch {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  held-out PGD-10 acc {held:.4f}  "
-                           f"lr {lr:.4g}  time {train_time:.1f}s")
-            if utils.collapsed(held, best, args.co_guard):  # catastrophic overfitting: back to the best epoch, stop
-                guard = dict(epoch=epoch, held_pgd_acc=held, best_held_pgd_acc=best["held_pgd_acc"], restored_epoch=best["epoch"])
-                utils.log(run, f"catastrophic overfitting detected in epoch {epoch}: held-out PGD accuracy fell from "
-                               f"{best['held_pgd_acc']:.3f} to {held:.3f}; restoring the weights of epoch {best['epoch']} and stopping")
-                run.model.load_state_dict(best["model_state"])
-                break
-            if best is None or held >= best["held_pgd_acc"]:
-                best = dict(epoch=epoch, held_pgd_acc=held, model_state=copy.deepcopy(run.model.state_dict()))
-            save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
+            loss_sum, correct = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
+            first_bad = torch.zeros((), dtype=torch.long, device=run.device)  # 1 + its index; 0: none
+            n, seen, tic = len(run.batches), 0, time.time()
+            bar = utils.progress(run, run.batches, f"epoch {epoch}/{args.epochs}")
+            for i, (x, y) in enumerate(bar):
+                if tr.mixes:  # extra images, random-training noise
+                    x, y = tr.mix(x, y)
+                it = state["iteration"]
+                lr = lrs[it]
+                for group in run.opt.param_groups:  # this step's LR (x --act-lr-mult) and momentum
+                    group["lr"], group["momentum"] = lr * group.get("lr_mult", 1.0), momenta[it]
+                loss, n_correct, bad, steps = train_step(run, tr, x, y, args)
+                state["iteration"] = it = it + 1
+                state["attack_steps"] += steps
+                if args.eval_every and it % args.eval_every == 0:  # accuracy over iterations
+                    state["curve"].append(utils.probe(run, args, it, lr))
+                first_bad = torch.where((first_bad == 0) & bad, i + 1, first_bad)
+                loss_sum += loss.float() * len(y)
+                correct += n_correct
+                seen += len(y)
+                if i % 50 == 0 or i == n - 1:  # the loop's only host syncs
+                    if first_bad.item():
+                        raise utils.Diverged(epoch, int(first_bad.item()), n)
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                                    lr=f"{lr:.3g}")
+            train_loss, train_acc = utils.epoch_result(run, loss_sum, correct, seen)
+            if utils.end_epoch(run, args, state, train_loss, train_acc, lr, time.time() - tic):
+                break  # the guard restored the best epoch's weights
     except (utils.Diverged, KeyboardInterrupt) as stop:
-        done = len(history)  # completed epochs
-        counts = dict(optimizer_steps=it, attack_steps=attack_steps)
-        summary.update(utils.results(run, args, done, train_time, history, counts, evaluated=False, curve=curve))
-        raise utils.record_stop(run, stop, summary, done, lambda path: save(path, done)) from None
-    save(os.path.join(run.out_dir, "checkpoint.pt"), epoch)
-    summary.update(catastrophic_overfitting=guard, stopped_early=guard and f"catastrophic overfitting in epoch {guard['epoch']}")
-    counts = dict(optimizer_steps=it, attack_steps=attack_steps)
-    summary.update(utils.results(run, args, epoch, train_time, history, counts, evaluated=False, curve=curve))
-    return utils.finish(run, args, summary)
+        raise utils.record_stop(run, args, stop, summary, state) from None
+    return utils.finish(run, args, summary, state)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import data
 import utils
 
 
@@ -80,8 +81,6 @@ def flag_problems(args):
         problems.append("--random-strength must be > 0")
     if args.hybrid_weight < 0 or args.hybrid_p < 1:
         problems.append("--hybrid-weight must be >= 0 and --hybrid-p >= 1")
-    if args.hybrid_weight > 0 and getattr(args, "loss", "ce") == "trades":
-        problems.append("--hybrid-weight replaces the cross-entropy of --loss ce; it cannot be combined with --loss trades")
     if args.mean_training < 0 or args.mean_noise < 0 or args.mean_weight < 0:
         problems.append("--mean-training, --mean-noise and --mean-weight must be >= 0")
     if args.extra_fraction is not None and args.extra_data is None:
@@ -92,57 +91,6 @@ def flag_problems(args):
         problems.append(f"--extra-data {args.extra_data}: no such file")
     return problems
 
-
-
-# ------------------------ training-data tricks (Zhao & Griffin random / mean training, Dai et al. extra data)
-EXTRA_IMAGE_KEYS, EXTRA_LABEL_KEYS = ("x", "image", "images", "data"), ("y", "label", "labels", "targets")
-
-
-def load_extra_data(path, channels, size, classes):
-    """(uint8 NCHW images, int64 labels) of an extra-data file (Dai et al. 2021 add generated images).
-
-    The .npz holds an image array under one of the keys x / image / images / data (uint8, or float in
-    [0, 1] which is rounded to uint8 like the real data; NCHW, NHWC -- the layout generated-data
-    files usually have -- or NHW for one channel) and a label array under y / label / labels /
-    targets.  Anything else is a UserError naming the problem."""
-    try:
-        f = np.load(path)
-        if not isinstance(f, np.lib.npyio.NpzFile):
-            raise ValueError("a single array, not an .npz archive")
-        with f:
-            xk = next((k for k in EXTRA_IMAGE_KEYS if k in f.files), None)
-            yk = next((k for k in EXTRA_LABEL_KEYS if k in f.files), None)
-            if xk is None or yk is None:
-                raise utils.UserError(f"--extra-data {path}: needs an image array ({', '.join(EXTRA_IMAGE_KEYS)}) and a label "
-                                f"array ({', '.join(EXTRA_LABEL_KEYS)}); found {', '.join(f.files) or 'nothing'}")
-            x, y = f[xk], f[yk]
-    except (OSError, ValueError, EOFError) as e:  # not an npz, truncated, pickled objects
-        raise utils.UserError(f"--extra-data {path}: cannot read it as .npz ({str(e).splitlines()[0][:120]})") from None
-    want = (channels, size, size)
-    if x.ndim == 3 and channels == 1:
-        x = x[:, None]
-    if x.ndim == 4 and x.shape[1:] != want and x.shape[1:] == (size, size, channels):
-        x = x.transpose(0, 3, 1, 2)
-    if x.ndim != 4 or x.shape[1:] != want:
-        raise utils.UserError(f"--extra-data {path}: images of shape {tuple(x.shape[1:])}, the dataset needs "
-                        f"{channels}x{size}x{size} (NCHW or NHWC)")
-    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or len(y) == 0 or y.min() < 0 or y.max() >= classes:
-        raise utils.UserError(f"--extra-data {path}: needs one integer label in [0, {classes}) per image")
-    if np.issubdtype(x.dtype, np.floating):
-        if x.min() < 0 or x.max() > 1:
-            raise utils.UserError(f"--extra-data {path}: float images must lie in [0, 1], found [{x.min():.3g}, {x.max():.3g}]")
-        x = np.rint(x * 255)
-    elif x.dtype != np.uint8:
-        raise utils.UserError(f"--extra-data {path}: images must be uint8 or float in [0, 1], not {x.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)), torch.from_numpy(y.astype(np.int64))
-
-
-def dataset_mean_image(x, chunk=4096):
-    """Per-pixel mean of a uint8 image set, in [0, 1] (summed in chunks: no float copy of the whole set)."""
-    total = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
-    for i in range(0, len(x), chunk):
-        total += x[i:i + chunk].sum(0, dtype=torch.float64)
-    return (total / (255 * len(x))).float()
 
 
 class TrainingTricks:
@@ -185,12 +133,13 @@ class TrainingTricks:
         self.mean_copies, self.mean_noise, self.mean_weight = args.mean_training, args.mean_noise, args.mean_weight
         self.extra_fraction = args.extra_fraction if args.extra_fraction is not None else 0.5
         self.channels_last, self.rank, self.world = channels_last, rank, world
-        self.mean_image = dataset_mean_image(x_train) if self.mean_copies else None
+        self.mean_image = data.dataset_mean_image(x_train) if self.mean_copies else None
         self.extra = None
+        self.mixes = bool(args.extra_data) or self.random_share > 0  # whether mix() changes a batch
         if args.extra_data:
-            channels, size, classes = utils.DATASETS[args.dataset][:3]
-            x, y = load_extra_data(args.extra_data, channels, size, classes)
-            self.extra = utils.Batches(x.to(x_train.device), y.to(x_train.device), 1, augment=augment)
+            channels, size, classes = data.DATASETS[args.dataset][:3]
+            x, y = data.load_extra_data(args.extra_data, channels, size, classes)
+            self.extra = data.Batches(x.to(x_train.device), y.to(x_train.device), 1, augment=augment)
 
     def _rank_part(self, draw, n):
         """This rank's n of a draw of n * world (the same draw on every rank, which share a seed)."""
@@ -231,12 +180,13 @@ class TrainingTricks:
         x = (self.mean_image + self.mean_noise * noise).clamp_(0, 1)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def mean_loss(self, model, forward, autocast):
-        """lambda * mean_j KL(U || softmax(forward(m_j))) on fresh copies, ``model`` in eval mode meanwhile."""
+    def mean_loss(self, model, forward, amp):
+        """lambda * mean_j KL(U || softmax(forward(m_j))) on fresh copies under the context ``amp``,
+        ``model`` in eval mode meanwhile."""
         was_training = model.training
         model.eval()
         try:
-            with autocast():
+            with amp:
                 logits = forward(self.mean_batch())
         finally:
             model.train(was_training)
@@ -277,7 +227,7 @@ def lr_range_test(run, args, train_minibatch, beta=0.9, diverge=4.0):
     run.model.train()
     print(f"{run.script}: LR range test {lo:.3g} -> {hi:.3g} over {n} minibatches on {run.device}, out {run.out_dir}", flush=True)
     rows, ema, best, stopped = [], 0.0, math.inf, None
-    batches = zip(range(n), utils.forever(run.batches))
+    batches = zip(range(n), data.forever(run.batches))
     for i, (x, y) in utils.tqdm(batches, total=n, desc="lr find", leave=False, dynamic_ncols=True):
         lr = lo * (hi / lo) ** (i / (n - 1))
         utils.set_lr(run.opt, lr, args.momentum)

@@ -16,17 +16,16 @@ Imports torch, numpy, tqdm (optional) and the project's modules.
 """
 import argparse
 import atexit
-import gzip
+import contextlib
+import copy
 import hashlib
 import json
 import math
 import os
 import random
 import socket
-import struct
 import sys
 import time
-import zlib
 
 import numpy as np
 import torch
@@ -34,13 +33,24 @@ import torch.nn.functional as F
 
 import activations
 import attacks
+import data
 import models
 
 try:
     from tqdm import tqdm
 except ImportError:  # tqdm is optional: fall back to a silent iterator
-    def tqdm(iterable=None, **kwargs):
-        return iterable
+    class tqdm:
+        def __init__(self, iterable=None, **kwargs):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def __len__(self):
+            return len(self.iterable)
+
+        def set_postfix(self, **kwargs):
+            pass
 
 
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,7 +92,7 @@ def main_guard(main):
     exit code 1, Ctrl-C into 130."""
     try:
         return main()
-    except (UserError, models.CheckpointError) as e:
+    except (UserError, data.DataError, models.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Diverged as e:
@@ -109,150 +119,7 @@ def fraction(text):
     return value
 
 
-# -------------------------------------------------------------------------------------------- data
-# name -> (channels, size, classes, mean, std, augmentation)
-DATASETS = {
-    "cifar10": (3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), "crop+flip"),
-    "cifar100": (3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "crop+flip"),
-    "svhn": (3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), "none"),
-    "mnist": (1, 28, 10, (0.1307,), (0.3081,), "none"),
-    "fashionmnist": (1, 28, 10, (0.2860,), (0.3530,), "none"),
-    "synthetic": (1, 28, 10, (0.5,), (0.25,), "none"),
-    "synthetic32": (3, 32, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "crop+flip"),
-}
-IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-
-
-def read_idx(path):
-    """Read an IDX file (MNIST format), gzipped or not, into a numpy array.  A truncated or corrupt
-    file, a header that is not unsigned-byte IDX or a payload whose size differs from what the header
-    says is a :class:`UserError`."""
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut .gz ends in EOFError
-        raise UserError(f"{path} is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if len(data) < 4:
-        raise UserError(f"{path} is not an IDX file (only {len(data)} bytes)")
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08 or not 1 <= ndim <= 4:
-        raise UserError(f"{path} is not an unsigned-byte IDX file")
-    offset = 4 + 4 * ndim
-    if len(data) < offset:
-        raise UserError(f"{path} is truncated: its header is cut short")
-    shape = struct.unpack(">" + "I" * ndim, data[4:offset])
-    if len(data) - offset != math.prod(shape):
-        raise UserError(f"{path} holds {len(data) - offset} bytes of data where its header {tuple(shape)} "
-                        f"says {math.prod(shape)} (truncated or corrupt)")
-    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
-
-
-# torchvision's folder of each IDX dataset: <data-dir>/<Name>/raw
-IDX_DATASETS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST"}
-
-
-def _named_dataset(folder):
-    """The IDX dataset a folder's name says it holds ('fashionmnist', 'mnist' or None), read from its
-    name (and its parent's when it is called raw), ignoring case and punctuation."""
-    folder = os.path.abspath(folder)
-    words = os.path.basename(folder)
-    if words.lower() == "raw":
-        words = os.path.basename(os.path.dirname(folder)) + words
-    words = "".join(c for c in words.lower() if c.isalnum())
-    return "fashionmnist" if "fashion" in words else "mnist" if "mnist" in words else None
-
-
-def find_idx(data_dir, split, name="fashionmnist"):
-    """Paths of the raw IDX images/labels of ``split`` of dataset ``name`` below data_dir, or None.
-
-    Looks, gzipped or not, first in torchvision's layout of that dataset only (<data-dir>/MNIST/raw
-    for mnist, <data-dir>/FashionMNIST/raw for fashionmnist), then in data_dir itself and
-    <data-dir>/raw (a bare folder of IDX files, e.g. Debian's /usr/share/datasets/fashion-mnist).
-    The files do not say which dataset they are, so a bare folder is taken for the named dataset
-    unless its name says another one (e.g. '--dataset mnist --data-dir .../fashion-mnist'): that is a
-    :class:`UserError`, not a silent switch of dataset."""
-    for sub in (os.path.join(IDX_DATASETS[name], "raw"), "", "raw"):
-        folder = os.path.join(data_dir, sub)
-        found = []
-        for stem in IDX_FILES[split]:
-            for fname in (stem + ".gz", stem):
-                if os.path.isfile(os.path.join(folder, fname)):
-                    found.append(os.path.join(folder, fname))
-                    break
-        if len(found) == 2:
-            said = _named_dataset(folder) if sub != os.path.join(IDX_DATASETS[name], "raw") else name
-            if said not in (None, name):
-                raise UserError(f"--dataset {name} but {os.path.abspath(folder)} holds {IDX_DATASETS[said]} by its name; "
-                                f"use --dataset {said} or point --data-dir at {IDX_DATASETS[name]}'s files")
-            return found
-    return None
-
-
-def read_idx_split(name, paths):
-    """(images uint8 N x 1 x 28 x 28, labels int64) from the IDX files ``paths`` of dataset ``name``,
-    checked: 28 x 28 images, one label per image, labels 0 .. classes - 1."""
-    (x_path, y_path), (_, size, classes) = paths, DATASETS[name][:3]
-    x, y = read_idx(x_path), read_idx(y_path)
-    if x.ndim != 3 or x.shape[1:] != (size, size):
-        raise UserError(f"{x_path} holds images of shape {tuple(x.shape[1:])}, not {size} x {size} ({name})")
-    if y.ndim != 1:
-        raise UserError(f"{y_path} is not a label file (shape {tuple(y.shape)})")
-    if len(x) != len(y):
-        raise UserError(f"{x_path} holds {len(x)} images but {y_path} {len(y)} labels")
-    if len(y) and y.max() >= classes:
-        raise UserError(f"{y_path} holds label {int(y.max())}, outside 0 .. {classes - 1} of {name}")
-    return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
-
-
-def synthetic_data(name, n, seed):
-    """A learnable synthetic classification set: each class is a fixed random smooth pattern; samples
-    are that pattern with random contrast, shift and pixel noise.  Deterministic given the seed; used
-    by tests and benchmarks (no download)."""
-    c, size, classes = DATASETS[name][:3]
-    g = torch.Generator().manual_seed(1234)  # the class patterns are the same for train and test
-    protos = F.interpolate(torch.rand(classes, c, 7, 7, generator=g), size=(size, size), mode="bilinear",
-                           align_corners=False)
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, classes, (n,), generator=g)
-    contrast = 0.6 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)
-    x = 0.5 + contrast * (protos[y] - 0.5) + 0.15 * torch.randn(n, c, size, size, generator=g)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
-
-
-def load_split(name, data_dir, train):
-    """(images uint8 NCHW, labels int64) of one split, from data_dir or torchvision."""
-    split = "train" if train else "test"
-    if name.startswith("synthetic"):
-        return synthetic_data(name, 2048 if train else 512, seed=0 if train else 1)
-    if name in ("mnist", "fashionmnist"):
-        paths = find_idx(data_dir, split, name)
-        if paths:
-            return read_idx_split(name, paths)
-    try:
-        import torchvision.datasets as tvd
-    except ImportError:
-        raise UserError(f"{name} needs torchvision (pip install torchvision) or raw IDX files in --data-dir") from None
-    try:
-        if name == "svhn":
-            ds = tvd.SVHN(data_dir, split=split, download=True)
-            x = torch.from_numpy(ds.data)
-            y = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))
-        else:
-            cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST,
-                   "fashionmnist": tvd.FashionMNIST}[name]
-            ds = cls(data_dir, train=train, download=True)
-            x = torch.as_tensor(np.asarray(ds.data))
-            x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x.unsqueeze(1)
-            y = torch.as_tensor(np.asarray(ds.targets, dtype=np.int64))
-    except Exception as e:  # no internet, corrupt archive, ...
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise UserError(f"could not load {name} from {os.path.abspath(data_dir)} ({reason}); "
-                        f"download it there or point --data-dir at an existing copy") from None
-    return x.contiguous(), y
-
-
+# ------------------------------------------------------------------------- checkpoints for eval.py
 def load_for_eval(path, device, eps=None):
     """(model rebuilt from checkpoint ``path`` in eval mode on ``device``, its training flags, eps:
     ``eps`` or else the training epsilon) -- the preamble of eval.py and analyze.py."""
@@ -267,73 +134,10 @@ def checkpoint_test_set(model, path, data_dir=None, n_eval=None):
     first ``n_eval`` images (all when None), x as floats in [0, 1].  Used by eval.py and analyze.py."""
     train_args = model.checkpoint.get("args", {})
     dataset = model.checkpoint.get("dataset", {}).get("name") or train_args.get("dataset")
-    if dataset not in DATASETS:
+    if dataset not in data.DATASETS:
         raise UserError(f"checkpoint {path} names no known dataset ({dataset!r})")
-    x, y = load_split(dataset, data_dir or train_args.get("data_dir", "./data"), train=False)
+    x, y = data.load_split(dataset, data_dir or train_args.get("data_dir", "./data"), train=False)
     return dataset, x[:n_eval].float().div_(255), y[:n_eval]
-
-
-class Batches:
-    """Iterate over (x, y) minibatches of an in-memory uint8 dataset, on its device.
-
-    Images come out as float in [0,1] (channels_last when asked).  With ``augment`` 'crop+flip' each
-    image is randomly translated by up to ``pad`` pixels (zero padding, like RandomCrop(padding=4))
-    and flipped horizontally with probability 1/2, all on the device.  The last batch may be short;
-    a last batch of a single image is dropped (when ``batch_size`` > 1): BatchNorm cannot train on
-    one image (lenet's BatchNorm1d fails on it), and the next epoch's shuffle covers that image.
-
-    Distributed training (``world`` > 1): every rank draws the same permutation (same seed), drops
-    its last ``n mod world`` entries and keeps every world-th one from position ``rank``, so the
-    ranks see disjoint shards of equal size and run the same number of batches."""
-
-    def __init__(self, x, y, batch_size, shuffle=True, augment="none", pad=4, channels_last=False, generator=None,
-                 rank=0, world=1):
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.shuffle, self.augment, self.pad = shuffle, augment, pad
-        self.channels_last, self.generator = channels_last, generator
-        self.rank, self.world = rank, world
-
-    def __len__(self):
-        n = len(self.x) // self.world
-        return n // self.batch_size + (n % self.batch_size > 1)
-
-    def _augment(self, xb):
-        n, _, h, w = xb.shape
-        p = self.pad
-        padded = F.pad(xb, (p, p, p, p))
-        dev = xb.device
-        off = torch.randint(0, 2 * p + 1, (2, n), device=dev, generator=self.generator)
-        rows = (off[0][:, None] + torch.arange(h, device=dev))[:, None, :, None]
-        cols = (off[1][:, None] + torch.arange(w, device=dev))[:, None, None, :]
-        out = padded[torch.arange(n, device=dev)[:, None, None, None],
-                     torch.arange(xb.shape[1], device=dev)[None, :, None, None], rows, cols]
-        flip = torch.rand(n, device=dev, generator=self.generator) < 0.5
-        return torch.where(flip[:, None, None, None], out.flip(3), out)
-
-    def __iter__(self):
-        n = len(self.x)
-        order = (torch.randperm(n, device=self.x.device, generator=self.generator) if self.shuffle
-                 else torch.arange(n, device=self.x.device))
-        if self.world > 1:
-            order = order[:n - n % self.world][self.rank::self.world]
-            n = len(order)
-        for i in range(0, n, self.batch_size):
-            idx = order[i:i + self.batch_size]
-            if len(idx) == 1 < self.batch_size:  # a last batch of one image: dropped (see above)
-                break
-            xb = self.x[idx].float().div_(255)
-            if self.augment == "crop+flip":
-                xb = self._augment(xb)
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, self.y[idx]
-
-
-
-def forever(batches):
-    """The batches over and over, reshuffled each pass."""
-    while True:
-        yield from batches
 
 
 # --------------------------------------------------------------------------------------- schedules
@@ -439,12 +243,13 @@ def set_lr(opt, lr, momentum):
         group["lr"], group["momentum"] = lr * group.get("lr_mult", 1.0), momentum
 
 
-def scheduled_lr(opt, it, total_steps, args):
-    """Set the learning rate and momentum of iteration ``it`` of ``total_steps`` (--lr-schedule,
-    --momentum-schedule); returns the learning rate."""
-    lr = lr_at(it, total_steps, args.lr_schedule, args.lr_max, args.lr_cycles, args.lr_mult, args.lr_min)
-    set_lr(opt, lr, momentum_at(it, total_steps, args.momentum_schedule, args.momentum))
-    return lr
+def lr_schedule(args, total_steps):
+    """(learning rates, momenta): one value per optimiser step of the run (--lr-schedule, --lr-max,
+    --lr-min, --lr-cycles, --lr-mult, --momentum-schedule), computed once at set-up; the loop sets
+    entry ``it`` before step ``it``."""
+    lrs = [lr_at(i, total_steps, args.lr_schedule, args.lr_max, args.lr_cycles, args.lr_mult, args.lr_min)
+           for i in range(total_steps)]
+    return lrs, [momentum_at(i, total_steps, args.momentum_schedule, args.momentum) for i in range(total_steps)]
 
 
 # ------------------------------------------------------------------------------------------- flags
@@ -466,7 +271,7 @@ def add_shared_flags(p, **defaults):
     """The flags every training script shares, in --help groups after the script's own; ``defaults``
     override per regime."""
     g = p.add_argument_group("data and model (shared)")
-    g.add_argument("--dataset", default="cifar10", choices=list(DATASETS))
+    g.add_argument("--dataset", default="cifar10", choices=list(data.DATASETS))
     g.add_argument("--data-dir", default="./data", help="dataset folder (torchvision layout, or raw IDX .gz files for (fashion)mnist)")
     g.add_argument("--model", default="preactresnet18", choices=models.ARCH_NAMES)
     g.add_argument("--act", default="relu", choices=activations.NAMES, help="activation used everywhere in the model")
@@ -559,8 +364,6 @@ def parse_args(parser, argv=None, checks=()):
         problems.append("--nesterov needs --momentum > 0")
     if min(args.pssilu_reg, args.act_lr_mult, args.act_weight_decay or 0, args.pssilu_beta_clip or 0) < 0:
         problems.append("--pssilu-reg, --pssilu-beta-clip, --act-lr-mult and --act-weight-decay must be >= 0")
-    if args.pssilu_beta_clip is None:  # Dai et al.'s: 0.1 in their TRADES trainer, 0.01 in the others
-        args.pssilu_beta_clip = 0.1 if getattr(args, "loss", "ce") == "trades" else 0.01
     for check in checks:
         problems += check(args)
     if device_problem(args.device):
@@ -745,7 +548,7 @@ def prepare_out_dir(args, script, rank):
     return out_dir
 
 
-def setup(args, script, data=None):
+def setup(args, script, arrays=None):
     """Everything a training run needs before its loop, as a plain namespace ``run``:
 
     script, rank, world  the script's name; this process's place under torchrun ((0, 1) without it)
@@ -760,11 +563,15 @@ def setup(args, script, data=None):
                          --act-weight-decay (default --weight-decay: Dai et al.'s train.py builds one SGD
                          over model.parameters() with weight decay, so their PAF parameters are decayed
                          too), and the fp16 loss scaler (disabled unless --amp gives fp16)
-    amp_dtype, autocast  the mixed-precision dtype (None: float32) and a function returning its autocast context
+    amp_dtype, amp       the mixed-precision dtype (None: float32) and its context, made once here and
+                         entered as ``with run.amp:`` (nanoGPT's ``ctx``): autocast, or a no-op in float32
     channels_last        whether model and batches are channels_last (CUDA only)
+    pssilu_reg           Dai et al.'s L1 penalty weight on PSSiLU's shift (0.0 unless --act pssilu trains it)
+    shift_params         PSSiLU's shift parameters whose gradient norm each step clips to --pssilu-beta-clip
+                         (default Dai et al.'s 0.01; train_pgd's TRADES sets 0.1), [] for every other run
 
     Seeds every RNG with --seed first, the same on every rank (Batches relies on it for disjoint
-    shards).  ``data`` = (x_train, y_train, x_test, y_test), uint8 images and int64 labels, replaces
+    shards).  ``arrays`` = (x_train, y_train, x_test, y_test), uint8 images and int64 labels, replaces
     loading --dataset (bench.py passes synthetic data of the dataset's shape)."""
     rank, world = distributed_setup(args)
     out_dir = prepare_out_dir(args, script, rank)  # writable, locked, no other run's checkpoint: before any work
@@ -774,16 +581,17 @@ def setup(args, script, data=None):
     if cuda:
         torch.backends.cudnn.benchmark = True
     # ---- data: uint8 on the device, converted batch by batch
-    channels, size, classes, mean, std, augment = DATASETS[args.dataset]
-    if data is None:
-        data = (*load_split(args.dataset, args.data_dir, train=True), *load_split(args.dataset, args.data_dir, train=False))
-    x_train, y_train, x_test, y_test = data
+    channels, size, classes, mean, std, augment = data.DATASETS[args.dataset]
+    if arrays is None:
+        arrays = (*data.load_split(args.dataset, args.data_dir, train=True),
+                  *data.load_split(args.dataset, args.data_dir, train=False))
+    x_train, y_train, x_test, y_test = arrays
     if args.n_train:
         x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
     if args.n_eval:
         x_test, y_test = x_test[:args.n_eval], y_test[:args.n_eval]
     channels_last = cuda and bool(args.channels_last)
-    batches = Batches(x_train.to(device), y_train.to(device), args.batch_size // world, shuffle=True, augment=augment,
+    batches = data.Batches(x_train.to(device), y_train.to(device), args.batch_size // world, shuffle=True, augment=augment,
                       channels_last=channels_last, rank=rank, world=world)
     held = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed + 1))[:min(512, len(x_train))]
     # ---- model; attacks need input gradients only: they use the bare model, the training loss the DDP one
@@ -811,7 +619,12 @@ def setup(args, script, data=None):
         x_held=x_train[held].to(device).float().div_(255), y_held=y_train[held].to(device),
         model=model, forward=forward, attack_forward=attack_forward, opt=opt,
         scaler=torch.amp.GradScaler("cuda", enabled=fp16), amp_dtype=amp_dtype, channels_last=channels_last)
-    run.autocast = lambda: torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None)
+    run.amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    pssilu = args.act == "pssilu" and not args.freeze_act  # PSSiLU-only work is set up here, once
+    run.pssilu_reg = args.pssilu_reg if pssilu else 0.0
+    clip = args.pssilu_beta_clip if args.pssilu_beta_clip is not None else activations.PSSILU_SHIFT_GRAD_CLIP
+    run.shift_params = activations.pssilu_shift_parameters(model) if pssilu and clip > 0 else []
+    run.shift_clip = clip
     return run
 
 
@@ -822,69 +635,20 @@ def log(run, message, error=False):
 
 
 # ---------------------------------------------------------------------------------- during training
-def clip_gradients(run, args):
-    """The gradient clipping of a training step, after backward and before the optimiser step
-    (unscaled first under fp16): the whole gradient's norm to --grad-clip, then, as Dai et al. do,
-    the norm of PSSiLU's shift parameters to --pssilu-beta-clip.  Returns a device flag that the
-    norm was not finite (always False under fp16, where an inf norm is the scaler's business)."""
-    shifts = activations.pssilu_shift_parameters(run.model) if args.pssilu_beta_clip > 0 and not args.freeze_act else []
-    if args.grad_clip <= 0 and not shifts:
-        return torch.zeros((), dtype=torch.bool, device=run.device)
-    run.scaler.unscale_(run.opt)
-    bad = torch.zeros((), dtype=torch.bool, device=run.device)
-    if args.grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
-        bad = ~torch.isfinite(norm) if not run.scaler.is_enabled() else bad
-    if shifts:
-        torch.nn.utils.clip_grad_norm_(shifts, args.pssilu_beta_clip)
-    return bad
+def progress(run, iterable, desc):
+    """The progress bar of a loop (rank 0 only; a silent iterator without tqdm)."""
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, disable=run.rank != 0)
 
 
-def activation_penalty(run, args):
-    """Dai et al.'s L1 penalty on PSSiLU's shift, --pssilu-reg * sum(beta), added to the training
-    loss (0 for other activations or a frozen shape)."""
-    if args.act != "pssilu" or args.pssilu_reg <= 0 or args.freeze_act:
-        return 0.0
-    return args.pssilu_reg * activations.pssilu_l1(run.model)
-
-
-class EpochMeter:
-    """One epoch's training loss and accuracy, summed on the device, and its progress bar.
-
-    ``add`` notes a minibatch; a non-finite loss (or gradient norm) is noted on the device too and
-    looked at only every ``every`` minibatches and at the last, where the bar is updated anyway: the
-    loop's only host syncs.  Then :class:`Diverged` is raised."""
-
-    def __init__(self, run, epoch, epochs, label="epoch", every=50):
-        self.run, self.epoch, self.label, self.every = run, epoch, label, every
-        self.n, self.i, self.seen = len(run.batches), 0, 0
-        self.loss = torch.zeros((), device=run.device)
-        self.correct = torch.zeros((), device=run.device)
-        self.first_bad = torch.zeros((), dtype=torch.long, device=run.device)  # 1 + index of the first bad batch, 0 = none
-        self.bar = tqdm(run.batches, desc=f"{label} {epoch}/{epochs}", leave=False, dynamic_ncols=True, disable=run.rank != 0)
-
-    def add(self, loss, n_correct, n, bad, lr):
-        self.first_bad = torch.where((self.first_bad == 0) & bad, self.i + 1, self.first_bad)
-        self.loss += loss.float() * n
-        self.correct += n_correct
-        self.seen += n
-        if self.i % self.every == 0 or self.i == self.n - 1:
-            if self.first_bad.item():
-                raise Diverged(self.epoch, int(self.first_bad.item()), self.n, self.label)
-            if hasattr(self.bar, "set_postfix"):
-                self.bar.set_postfix(loss=f"{self.loss.item() / self.seen:.3f}", acc=f"{self.correct.item() / self.seen:.3f}", lr=f"{lr:.3g}")
-        self.i += 1
-
-    def result(self):
-        """(mean loss, accuracy) of the epoch; under DDP over all ranks' minibatches."""
-        run, loss, correct, seen = self.run, self.loss, self.correct, self.seen
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-        if run.world > 1:
-            totals = torch.stack([loss, correct.float(), torch.tensor(float(seen), device=run.device)])
-            torch.distributed.all_reduce(totals)
-            loss, correct, seen = totals[0], totals[1], totals[2].item()
-        return loss.item() / seen, correct.item() / seen
+def epoch_result(run, loss_sum, correct, seen):
+    """(mean loss, accuracy) of an epoch from the loop's device sums; under DDP over all ranks."""
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    if run.world > 1:
+        totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=run.device)])
+        torch.distributed.all_reduce(totals)
+        loss_sum, correct, seen = totals[0], totals[1], totals[2].item()
+    return loss_sum.item() / seen, correct.item() / seen
 
 
 def sync_buffers(run):
@@ -923,6 +687,45 @@ def collapsed(held, best, co_guard):
     """The catastrophic-overfitting guard: held-out PGD accuracy fell by more than ``co_guard`` below
     the best epoch's (``best`` = {epoch, held_pgd_acc, model_state} or None)."""
     return co_guard > 0 and best is not None and held < best["held_pgd_acc"] - co_guard
+
+
+def new_state(run, args, passes, **extra):
+    """What the loop carries, saved whole in every checkpoint and restored whole by --resume: epoch
+    (completed), iteration (optimiser steps), history (a row per epoch), best (the guard's best epoch
+    and its weights), guard (its record once it stopped the run), curve (the --eval-every probes),
+    train_time_s, and the regime's own entries (``extra``: Free's delta, PGD's attack steps)."""
+    state = dict(epoch=0, iteration=0, history=[], best=None, guard=None, curve=[], train_time_s=0.0, **extra)
+    if args.resume and (ckpt := load_for_resume(run, args, passes)):
+        state.update((k, ckpt[k]) for k in state)
+    return state
+
+
+def end_epoch(run, args, state, train_loss, train_acc, lr, seconds, label="epoch"):
+    """The epoch-end block every regime shares: the held-out PGD probe, the history row and log line,
+    the catastrophic-overfitting guard (back to the best epoch's weights, stop), the best weights and
+    the checkpoint.  Returns True when the guard stopped the run."""
+    state["train_time_s"] += seconds
+    sync_buffers(run)
+    held = held_out_pgd(run, args.epsilon)
+    epoch = state["epoch"] + 1
+    state["history"].append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, held_pgd_acc=held,
+                                 lr=lr, time_s=round(state["train_time_s"], 2)))
+    state["epoch"] = epoch
+    log(run, f"{label} {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  held-out PGD-10 acc {held:.4f}  "
+             f"lr {lr:.4g}  time {state['train_time_s']:.1f}s")
+    best = state["best"]
+    if collapsed(held, best, args.co_guard):  # catastrophic overfitting: back to the best epoch, stop
+        state["guard"] = dict(epoch=epoch, held_pgd_acc=held, best_held_pgd_acc=best["held_pgd_acc"],
+                              restored_epoch=best["epoch"])
+        log(run, f"catastrophic overfitting detected in {label} {epoch}: held-out PGD accuracy fell from "
+                 f"{best['held_pgd_acc']:.3f} to {held:.3f}; restoring the weights of {label} {best['epoch']} "
+                 f"and stopping")
+        run.model.load_state_dict(best["model_state"])
+        return True
+    if best is None or held >= best["held_pgd_acc"]:
+        state["best"] = dict(epoch=epoch, held_pgd_acc=held, model_state=copy.deepcopy(run.model.state_dict()))
+    save_checkpoint(run, args, os.path.join(run.out_dir, "checkpoint.pt"), **state)
+    return False
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -980,7 +783,7 @@ def save_checkpoint(run, args, path, **state):
     Atomic; rank 0 only."""
     if run.rank != 0:
         return
-    dataset = dict(name=args.dataset, **dict(zip(("channels", "size", "classes"), DATASETS[args.dataset][:3])))
+    dataset = dict(name=args.dataset, **dict(zip(("channels", "size", "classes"), data.DATASETS[args.dataset][:3])))
     save_atomic({"model_config": run.model.config, "model_state": run.model.state_dict(), "args": vars(args),
                  "script": run.script, "dataset": dataset, "optimizer": run.opt.state_dict(),
                  "scaler": run.scaler.state_dict(), "rng": rng_states(run.device), **state}, path)
@@ -1021,14 +824,14 @@ def load_for_resume(run, args, passes):
 
 
 # ----------------------------------------------------------------------------------- summary, end
-def start_summary(run, args, passes, label="epoch"):
+def start_summary(run, args, passes, regime, state, label="epoch"):
     """summary.json's first fields; logs the run's first line."""
-    summary = {"script": run.script, "flags": vars(args), "device": str(run.device),
+    summary = {"script": run.script, "regime": regime, "flags": vars(args), "device": str(run.device),
                "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "off", "world_size": run.world,
                "activation_params": activations.activation_parameter_count(run.model),
                "kaf_impl": activations.kaf_impls(run.model, run.device, compiled=args.compile),
                "model_params": sum(p.numel() for p in run.model.parameters()),
-               "catastrophic_overfitting": None, "stopped_early": None, "diverged": None}
+               "catastrophic_overfitting": state["guard"], "stopped_early": None, "diverged": None}
     log(run, f"{run.script}: {args.dataset} {args.model} act={run_name(args)} eps={args.epsilon:.4g} "
              f"{passes} {label}{'es' if label.endswith('s') else 's'} x {len(run.batches)} batches on {run.device}"
              f"{f' x {run.world} processes' if run.world > 1 else ''} (amp {summary['amp']}"
@@ -1041,10 +844,14 @@ def pgd_config(args):
     return dict(eps=args.epsilon, alpha=alpha, steps=args.eval_pgd_steps, restarts=args.eval_pgd_restarts)
 
 
-def results(run, args, epochs_done, train_time, history, counts, evaluated, curve=()):
-    """summary.json's fields on where training got to (``curve``: the --eval-every probes)."""
-    return {"epochs_completed": epochs_done, "train_time_s": round(train_time, 2), "pgd": pgd_config(args),
-            "n_eval": len(run.y_test), "history": history, "curve": list(curve), "evaluated": evaluated,
+def results(run, args, state, evaluated):
+    """summary.json's fields on where training got to."""
+    counts = dict(optimizer_steps=state["iteration"])
+    if "attack_steps" in state:
+        counts["attack_steps"] = state["attack_steps"]
+    return {"epochs_completed": state["epoch"], "train_time_s": round(state["train_time_s"], 2),
+            "pgd": pgd_config(args), "n_eval": len(run.y_test), "history": state["history"],
+            "curve": list(state["curve"]), "evaluated": evaluated,
             "activation_values": activations.activation_parameter_values(run.model), "counts": counts,
             "checkpoint": os.path.join(run.out_dir, "checkpoint.pt")}
 
@@ -1068,8 +875,14 @@ def parameter_digest(model):
     return h.hexdigest()
 
 
-def finish(run, args, summary):
-    """After training: the final clean / PGD evaluation (rank 0) and summary.json.  Returns the summary."""
+def finish(run, args, summary, state, label="epoch"):
+    """After training: the last checkpoint, the final clean / PGD evaluation (rank 0) and
+    summary.json.  Returns the summary."""
+    save_checkpoint(run, args, os.path.join(run.out_dir, "checkpoint.pt"), **state)
+    guard = state["guard"]
+    summary.update(catastrophic_overfitting=guard,
+                   stopped_early=guard and f"catastrophic overfitting in {label} {guard['epoch']}")
+    summary.update(results(run, args, state, evaluated=False))
     if run.world > 1:  # the DDP test's witness: each rank's parameters as a digest of their exact bytes
         digest = parameter_digest(run.model)
         gathered = [None] * run.world
@@ -1099,15 +912,17 @@ def finish(run, args, summary):
     return summary
 
 
-def record_stop(run, stop, summary, epochs_done, save, label="epoch"):
+def record_stop(run, args, stop, summary, state, label="epoch"):
     """A run stopped by divergence or Ctrl-C: summary.json says where, Ctrl-C also saves the current
-    weights as interrupted.pt (with ``save(path)``; checkpoint.pt keeps the last completed epoch,
+    weights and loop state as interrupted.pt (checkpoint.pt keeps the last completed epoch,
     resumable).  Returns the exception to raise: Diverged with where its last good checkpoint is."""
+    summary.update(results(run, args, state, evaluated=False))
+    epochs_done = state["epoch"]
     summary["stopped_early"] = f"interrupted in {label} {epochs_done + 1}" if isinstance(stop, KeyboardInterrupt) else str(stop)
     if isinstance(stop, Diverged):
         summary["diverged"] = str(stop)
     else:
-        save(os.path.join(run.out_dir, "interrupted.pt"))
+        save_checkpoint(run, args, os.path.join(run.out_dir, "interrupted.pt"), **state)
     if run.rank == 0:
         write_json(summary, os.path.join(run.out_dir, "summary.json"))
         release_out_dir(run.out_dir)

@@ -17,11 +17,11 @@ if not torch.cuda.is_available():
 @pytest.fixture(scope="session")
 def trained_lenet():
     """A lenet trained naturally for a few epochs on the synthetic dataset, with its test split."""
+    import data
     import models
-    import utils
     torch.manual_seed(0)
-    x, y = utils.load_split("synthetic", None, train=True)
-    xt, yt = utils.load_split("synthetic", None, train=False)
+    x, y = data.load_split("synthetic", None, train=True)
+    xt, yt = data.load_split("synthetic", None, train=False)
     x, xt = x.float() / 255, xt[:256].float() / 255
     yt = yt[:256]
     model = models.build("lenet", "relu", 10, 1, 28)

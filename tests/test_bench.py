@@ -8,6 +8,7 @@ import torch
 
 import activations
 import bench
+import data
 import models
 import train_fast
 import utils
@@ -163,7 +164,7 @@ def test_synthetic_like_gives_the_dataset_shape_without_files(tmp_path):
     assert 0 <= int(y.min()) and int(y.max()) < 100 and y.dtype == torch.int64
     args = train_fast.get_args(["--dataset", "cifar100", "--model", "lenet", "--device", "cpu", "--data-dir", "/nonexistent",
                                 "--out-dir", str(tmp_path)])
-    run = utils.setup(args, "train_fast", data=(x, y, xt, yt))  # no files read
+    run = utils.setup(args, "train_fast", arrays=(x, y, xt, yt))  # no files read
     assert torch.equal(run.batches.x, x) and len(run.y_test) == 8
     big_x, big_y = bench.synthetic_images("cifar10", 50, seed=0, chunk=16)  # generated in chunks, each its own
     assert big_x.shape == (50, 3, 32, 32) and len(big_y) == 50 and not torch.equal(big_x[:16], big_x[16:32])
@@ -199,7 +200,7 @@ def test_batches_on_device_crop_flip_keep_shape_range_labels_and_channels_last()
     y = torch.arange(n) % classes
     x = (10 + 20 * y).to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()  # image value encodes label
     g = torch.Generator().manual_seed(0)
-    batches = utils.Batches(x, y, 8, shuffle=True, augment="crop+flip", channels_last=True, generator=g)
+    batches = data.Batches(x, y, 8, shuffle=True, augment="crop+flip", channels_last=True, generator=g)
     seen = []
     for xb, yb in batches:
         assert xb.dtype == torch.float32 and xb.shape[1:] == (3, 32, 32) and len(xb) == len(yb)
@@ -211,7 +212,7 @@ def test_batches_on_device_crop_flip_keep_shape_range_labels_and_channels_last()
         seen.append(yb)
     assert [len(s) for s in seen] == [8, 8, 8, 8, 5]  # the last batch is short
     assert sorted(torch.cat(seen).tolist()) == sorted(y.tolist())  # every image once per epoch
-    plain = utils.Batches(x, y, 8, shuffle=False, augment="none", channels_last=False)
+    plain = data.Batches(x, y, 8, shuffle=False, augment="none", channels_last=False)
     xb, yb = next(iter(plain))
     assert xb.is_contiguous() and torch.equal(yb, y[:8]) and torch.equal(xb, x[:8].float() / 255)
 
@@ -249,10 +250,10 @@ def cuda_like_run(tmp_path, regime, act, amp, grad_clip=0):
     argv += {"free": ["--replays", "2"], "pgd": ["--attack-iters", "2"]}.get(regime, [])
     script_args = bench.REGIMES[regime].get_args(argv)
     run = utils.setup(script_args, f"train_{regime}")
-    utils.scheduled_lr(run.opt, 0, 1, script_args)
+    utils.set_lr(run.opt, *[v[0] for v in utils.lr_schedule(script_args, 1)])
     run.channels_last = run.batches.channels_last = True
     run.model = run.model.to(memory_format=torch.channels_last)
-    run.amp_dtype = amp
+    run.amp_dtype, run.amp = amp, torch.autocast("cpu", dtype=amp)
     run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, enabled=amp == torch.float16)
     return run, bench.make_train_step(regime, run, script_args)
 
@@ -302,7 +303,7 @@ def tiny_run(tmp_path, regime, act, batches, batch_size=4):
     argv += {"free": ["--replays", "2"], "pgd": ["--attack-iters", "2", "--grad-clip", "1"]}.get(regime, [])
     script_args = bench.REGIMES[regime].get_args(argv)
     run = utils.setup(script_args, f"train_{regime}")
-    utils.scheduled_lr(run.opt, 0, 1, script_args)
+    utils.set_lr(run.opt, *[v[0] for v in utils.lr_schedule(script_args, 1)])
     return run, bench.make_train_step(regime, run, script_args)
 
 

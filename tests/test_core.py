@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import activations
 import attacks
+import data
 import eval as eval_script
 import models
 import train_fast
@@ -521,14 +522,14 @@ def test_idx_reader_and_fraction(tmp_path):
         f.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", 5, 28, 28) + images.numpy().tobytes())
     with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as f:
         f.write(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", 5) + bytes([0, 1, 2, 3, 4]))
-    x, y = utils.load_split("fashionmnist", str(tmp_path), train=False)
+    x, y = data.load_split("fashionmnist", str(tmp_path), train=False)
     assert x.shape == (5, 1, 28, 28) and torch.equal(x[:, 0], images) and y.tolist() == [0, 1, 2, 3, 4]
     assert abs(utils.fraction("8/255") - 8 / 255) < 1e-12 and utils.fraction("0.1") == 0.1
 
 
 def test_batches_augmentation_is_a_shifted_or_flipped_copy():
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32) % 256
-    batches = utils.Batches(x.to(torch.uint8), torch.tensor([0, 1]), 2, shuffle=False, augment="crop+flip")
+    batches = data.Batches(x.to(torch.uint8), torch.tensor([0, 1]), 2, shuffle=False, augment="crop+flip")
     xb, yb = next(iter(batches))
     assert xb.shape == (2, 3, 32, 32) and 0 <= xb.min() and xb.max() <= 1
     # the centre of each augmented image is a translated (maybe flipped) patch of the original
@@ -605,7 +606,7 @@ def _write_idx(folder, split="test", images=None, labels=None, raw_images=None):
     import gzip
     import struct
     folder.mkdir(parents=True, exist_ok=True)
-    stems = utils.IDX_FILES[split]
+    stems = data.IDX_FILES[split]
     images = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8) if images is None else images
     labels = [0, 1, 2, 3, 4] if labels is None else labels
     head = struct.pack(">HBB", 0, 8, images.dim()) + struct.pack(">" + "I" * images.dim(), *images.shape)
@@ -619,17 +620,17 @@ def _write_idx(folder, split="test", images=None, labels=None, raw_images=None):
 def test_idx_reader_takes_the_named_dataset_only(tmp_path):
     fashion = _write_idx(tmp_path / "data" / "FashionMNIST" / "raw")
     digits = _write_idx(tmp_path / "data" / "MNIST" / "raw")
-    x, _ = utils.load_split("mnist", str(tmp_path / "data"), train=False)  # FashionMNIST/raw is not looked at
+    x, _ = data.load_split("mnist", str(tmp_path / "data"), train=False)  # FashionMNIST/raw is not looked at
     assert torch.equal(x[:, 0], digits)
-    x, _ = utils.load_split("fashionmnist", str(tmp_path / "data"), train=False)
+    x, _ = data.load_split("fashionmnist", str(tmp_path / "data"), train=False)
     assert torch.equal(x[:, 0], fashion)
     _write_idx(tmp_path / "fashion-mnist")  # a bare folder whose name says Fashion-MNIST (Debian's)
-    with pytest.raises(utils.UserError, match="--dataset mnist but .*fashion-mnist holds FashionMNIST"):
-        utils.load_split("mnist", str(tmp_path / "fashion-mnist"), train=False)
-    assert utils.load_split("fashionmnist", str(tmp_path / "fashion-mnist"), train=False)[0].shape == (5, 1, 28, 28)
+    with pytest.raises(data.DataError, match="--dataset mnist but .*fashion-mnist holds FashionMNIST"):
+        data.load_split("mnist", str(tmp_path / "fashion-mnist"), train=False)
+    assert data.load_split("fashionmnist", str(tmp_path / "fashion-mnist"), train=False)[0].shape == (5, 1, 28, 28)
     _write_idx(tmp_path / "MNIST" / "raw")  # torchvision's MNIST folder given as --data-dir itself
-    with pytest.raises(utils.UserError, match="holds MNIST"):
-        utils.load_split("fashionmnist", str(tmp_path / "MNIST" / "raw"), train=False)
+    with pytest.raises(data.DataError, match="holds MNIST"):
+        data.load_split("fashionmnist", str(tmp_path / "MNIST" / "raw"), train=False)
 
 
 @pytest.mark.parametrize("case,message", [
@@ -662,10 +663,10 @@ def test_idx_reader_refuses_broken_files_in_one_line(tmp_path, case, message, ca
     else:
         _write_idx(tmp_path, "train")
         path = tmp_path / "train-images-idx3-ubyte.gz"
-        data = path.read_bytes()
-        path.write_bytes(data[:len(data) // 2] if case == "truncated" else data[:10] + b"\xff" * (len(data) - 10))
-    with pytest.raises(utils.UserError, match=message):
-        utils.load_split("fashionmnist", str(tmp_path), train=True)
+        raw = path.read_bytes()
+        path.write_bytes(raw[:len(raw) // 2] if case == "truncated" else raw[:10] + b"\xff" * (len(raw) - 10))
+    with pytest.raises(data.DataError, match=message):
+        data.load_split("fashionmnist", str(tmp_path), train=True)
     # through a script: one line, exit code 2, before any training
     import train_fast
     with pytest.raises(SystemExit) as e:

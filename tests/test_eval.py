@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attacks
+import data
 import eval as eval_script
 import train_fast
 
@@ -574,10 +575,10 @@ def test_n_clean_is_the_clean_accuracy_of_the_first_n_test_images_and_the_split_
     train_fast.main(["--dataset", "synthetic", "--model", "lenet", "--epochs", "1", "--n-train", "128", "--n-eval", "16",
                      "--batch-size", "64", "--epsilon", "0.1", "--eval-pgd-steps", "1", "--device", "cpu", "--out-dir", str(out)])
     model = models.load_checkpoint(str(out / "checkpoint.pt")).eval()
-    xt, yt = utils.load_split("synthetic", None, train=False)
+    xt, yt = data.load_split("synthetic", None, train=False)
     reads = []
-    load_split = utils.load_split
-    monkeypatch.setattr(utils, "load_split", lambda *a, **k: reads.append(a) or load_split(*a, **k))
+    load_split = data.load_split
+    monkeypatch.setattr(data, "load_split", lambda *a, **k: reads.append(a) or load_split(*a, **k))
     for n_eval, n_clean, n_expected in ((8, 24, 24), (24, 8, 8), (8, 0, len(yt))):
         reads.clear()
         r = eval_script.main([str(out / "checkpoint.pt"), "--attacks", "fgsm", "--n-eval", str(n_eval), "--n-clean", str(n_clean),

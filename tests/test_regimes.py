@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import eval as eval_script
 import models
 import train_fast
@@ -284,8 +285,9 @@ def linear_problem(seed=0, n=32, d=12, classes=4):
         model.weight.copy_(torch.randn(classes, d, generator=g))
         model.bias.copy_(torch.randn(classes, generator=g))
     x, y = torch.rand(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
-    run = argparse.Namespace(model=model, forward=model, attack_forward=model, autocast=contextlib.nullcontext, device=torch.device("cpu"),
-                             scaler=torch.amp.GradScaler("cpu", enabled=False), opt=torch.optim.SGD(model.parameters(), lr=0.0))
+    run = argparse.Namespace(model=model, forward=model, attack_forward=model, amp=contextlib.nullcontext(), device=torch.device("cpu"),
+                             scaler=torch.amp.GradScaler("cpu", enabled=False), opt=torch.optim.SGD(model.parameters(), lr=0.0),
+                             pssilu_reg=0.0, shift_params=[], shift_clip=0.0)
     return run, x, y
 
 
@@ -307,8 +309,13 @@ def in_image(x, delta):
 def test_fgsm_rs_and_nfgsm_are_one_signed_gradient_step_from_their_noise_and_raise_the_loss(nfgsm):
     run, x, y = linear_problem()
     eps, alpha = 0.1, 0.1 if nfgsm else 0.125
+    args = argparse.Namespace(epsilon=eps, alpha=alpha, nfgsm=nfgsm, init="random", attack="fgsm", grad_align=0.0,
+                              grad_clip=0, hybrid_weight=0.0, hybrid_p=2.0)
+    trained_on = []  # what the step's forward pass sees: x + delta
+    run.forward = lambda z: trained_on.append(z.detach()) or run.model(z)
     torch.manual_seed(5)
-    delta = train_fast.fgsm_delta(run, x, y, eps, alpha, nfgsm=nfgsm)
+    train_fast.train_step(run, argparse.Namespace(mean_copies=0), x, y, args)  # LR 0: the weights stay
+    delta = trained_on[0] - x
     torch.manual_seed(5)  # the same noise the perturbation started from
     start = in_image(x, torch.empty_like(x).uniform_(-2 * eps, 2 * eps) if nfgsm else torch.empty_like(x).uniform_(-eps, eps))
     step = start + alpha * ce_grad(run.model, x + start, y).sign()
@@ -321,7 +328,7 @@ def test_fgsm_rs_and_nfgsm_are_one_signed_gradient_step_from_their_noise_and_rai
 def test_free_replay_moves_delta_by_one_signed_step_of_eps_and_raises_the_loss():
     run, x, y = linear_problem()
     eps = 0.05
-    args = argparse.Namespace(epsilon=eps, grad_clip=0, act="relu", pssilu_reg=0, pssilu_beta_clip=0, freeze_act=False, hybrid_weight=0.0, hybrid_p=2.0)
+    args = argparse.Namespace(epsilon=eps, grad_clip=0, hybrid_weight=0.0, hybrid_p=2.0)
     tr = argparse.Namespace(mean_copies=0)
     delta = in_image(x, torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(1)))
     start = delta.clone()
@@ -366,7 +373,6 @@ def test_adversarial_training_beats_natural_training_where_the_natural_model_bre
 
     def no_attack(*args, **kwargs):
         raise AssertionError("natural training computed an FGSM perturbation")
-    monkeypatch.setattr(train_fast, "fgsm_delta", no_attack)
     monkeypatch.setattr(train_fast, "input_gradient", no_attack)
     natural = train_fast.main(flags + ["--attack", "none", "--out-dir", str(tmp_path / "nat")])
     assert natural["regime"] == "natural" and adversarial["regime"] == "fgsm-rs"
@@ -381,12 +387,17 @@ def test_adversarial_training_beats_natural_training_where_the_natural_model_bre
     (train_pgd, ["--epochs", 2, "--attack-iters", 1], 2 * 4),
 ])
 def test_the_schedule_spans_every_optimiser_step_of_the_run(tmp_path, monkeypatch, script, extra, steps):
-    seen = []
-    real = utils.scheduled_lr
-    monkeypatch.setattr(utils, "scheduled_lr", lambda opt, it, total, args: seen.append((it, total)) or real(opt, it, total, args))
-    summary = script.main(tiny(tmp_path, "--co-guard", 0, *extra))
-    assert [it for it, _ in seen] == list(range(steps)) and {total for _, total in seen} == {steps}
-    assert summary["counts"]["optimizer_steps"] == steps
+    held = []  # the learning rate and momentum the optimiser holds at each of its steps
+    real_step = torch.optim.SGD.step
+    def step(opt, *a, **k):
+        held.append((opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]))
+        return real_step(opt, *a, **k)
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    flags = ["--lr-schedule", "onecycle", "--momentum-schedule", "onecycle", "--lr-max", "0.05"]
+    summary = script.main(tiny(tmp_path, "--co-guard", 0, *flags, *extra))
+    assert summary["counts"]["optimizer_steps"] == steps == len(held)
+    assert held == [(pytest.approx(utils.lr_at(i, steps, "onecycle", 0.05)), pytest.approx(utils.momentum_at(i, steps, "onecycle")))
+                    for i in range(steps)]
 
 
 def test_activation_parameters_get_their_own_weight_decay_and_lr_multiplier(tmp_path):
@@ -484,8 +495,8 @@ def test_the_guard_detects_a_collapse_and_restores_the_best_weights(tmp_path, mo
 def test_ranks_draw_disjoint_shards_that_together_are_the_single_process_batches():
     n, world, batch = 203, 2, 16
     x, y = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1), torch.arange(n)
-    single = utils.Batches(x, y, batch, generator=torch.Generator().manual_seed(7))
-    ranks = [utils.Batches(x, y, batch // world, generator=torch.Generator().manual_seed(7), rank=r, world=world)
+    single = data.Batches(x, y, batch, generator=torch.Generator().manual_seed(7))
+    ranks = [data.Batches(x, y, batch // world, generator=torch.Generator().manual_seed(7), rank=r, world=world)
              for r in range(world)]
     shards = [[set(yb.tolist()) for _, yb in b] for b in ranks]
     assert len(shards[0]) == len(shards[1]) == len(ranks[0])

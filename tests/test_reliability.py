@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import data
 import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,15 +105,21 @@ def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_non_finite_gradient_norm_is_caught_with_grad_clip(tmp_path):
     import utils
+    import tricks
     import train_fast
-    args = train_fast.get_args([*TINY, "--epochs", "1", "--grad-clip", "1", "--out-dir", str(tmp_path)])
+    # natural training: the step's one backward pass is the one whose gradients are checked
+    args = train_fast.get_args([*TINY, "--epochs", "1", "--grad-clip", "1", "--attack", "none", "--out-dir", str(tmp_path)])
     run = utils.setup(args, "train_fast")
+    tr = tricks.TrainingTricks.for_run(args, run)
     x, y = next(iter(run.batches))
-    torch.nn.functional.cross_entropy(run.forward(x), y).backward()
-    assert not bool(utils.clip_gradients(run, args))
-    run.opt.zero_grad()
-    (torch.nn.functional.cross_entropy(run.forward(x), y) * float("inf")).backward()
-    assert bool(utils.clip_gradients(run, args))
+    assert not bool(train_fast.train_step(run, tr, x, y, args)[2])
+
+    class InfiniteGradients(torch.amp.GradScaler):  # a finite loss whose gradients are infinite
+        def scale(self, loss):
+            return loss * float("inf")
+    run.scaler = InfiniteGradients("cpu", enabled=False)
+    loss, _, bad = train_fast.train_step(run, tr, x, y, args)
+    assert torch.isfinite(loss) and bool(bad)
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -306,10 +313,10 @@ def test_a_last_batch_of_one_image_is_dropped_and_lenet_trains(tmp_path):
     import train_fast
     import utils
     x, y = torch.zeros(66, 1, 4, 4, dtype=torch.uint8), torch.arange(66)
-    batches = utils.Batches(x[:65], y[:65], 32)
+    batches = data.Batches(x[:65], y[:65], 32)
     assert len(batches) == 2 and [len(b[1]) for b in batches] == [32, 32]
-    assert [len(b[1]) for b in utils.Batches(x[:66], y[:66], 32)] == [32, 32, 2]
-    assert len(utils.Batches(x[:64], y[:64], 1)) == 64
+    assert [len(b[1]) for b in data.Batches(x[:66], y[:66], 32)] == [32, 32, 2]
+    assert len(data.Batches(x[:64], y[:64], 1)) == 64
     summary = train_fast.main([*QUICK, "--n-train", "65", "--out-dir", str(tmp_path / "run")])  # lenet: BatchNorm1d
     assert summary["evaluated"] and summary["counts"]["optimizer_steps"] == 1
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-import analyze
+import tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "--epochs 1 --n-train 256 --batch-size 64 --eval-pgd-steps 2 --n-eval 64"
@@ -53,7 +53,7 @@ def test_run_all_tiny_matrix_writes_one_row_per_cell_records_failures_and_skips_
         per = [s for s in seeds if (s["regime"], s["activation"]) == ("fast", row["activation"])]
         for col in ("clean", "PGD-20", "APGD-CE", "worst case"):
             values = [float(s[col]) for s in per]
-            mean, std = analyze.mean_std(values)
+            mean, std = tables.mean_std(values)
             shown_mean, shown_std = (float(v) for v in row[col].split(" ± "))  # from the per-seed CSV's 2 decimals
             assert shown_mean == pytest.approx(mean, abs=0.011) and shown_std == pytest.approx(std, abs=0.011)
         for s in per:
@@ -111,7 +111,7 @@ def test_the_saf_study_runs_natural_training_the_tricks_and_writes_the_curves(tm
     md = (out / "saf_curves.md").read_text()
     assert md.count("| natural | mrelu-insert+H+R+M | output | 1 |") == 3 and md.count("| natural | relu | softmax | 1 |") == 3
     assert "beta 0.2" in md
-    assert (out / "saf_curves.png").exists() == (analyze.utils.pyplot() is not None)
+    assert (out / "saf_curves.png").exists() == (tables.pyplot() is not None)
 
 
 def test_cell_options_and_the_schedule_study_write_accuracy_over_iterations(tmp_path):
@@ -131,7 +131,7 @@ def test_cell_options_and_the_schedule_study_write_accuracy_over_iterations(tmp_
     assert [c["activation"] for c in curves["cells"]] == [c.split(":")[1] for c in cells.split()]
     assert curves["cells"][0]["steps"] == 2 * curves["cells"][1]["steps"]  # 4 natural epochs against 2
     assert "steps to 95% of the best final PGD-10" in (out / "curves.md").read_text()
-    assert (out / "curves.png").exists() == (analyze.utils.pyplot() is not None)
+    assert (out / "curves.png").exists() == (tables.pyplot() is not None)
     rows = list(csv.DictReader(open(out / "results.csv")))  # every cell paired with BASELINE's, not relu's
     assert rows[0][f"worst - {baseline} (95% CI)"] not in ("", "-") and rows[1][f"worst - {baseline} (95% CI)"] == "-"
 
@@ -148,7 +148,7 @@ def test_curve_table_counts_the_steps_to_95_percent_of_the_best_final_accuracy(t
     _fake_curve(runs / "free_a_s1", [(10, 0.2), (20, 0.58), (30, 0.6)])
     _fake_curve(runs / "free_b_s0", [(10, 0.3), (20, 0.4), (30, 0.5)])    # never reaches 0.57
     _fake_curve(runs / "free_b_s1", [(10, 0.57), (20, 0.4), (30, 0.5)])   # reaches it at 10
-    analyze.curve_table(str(tmp_path), [("free", "a"), ("free", "b")], [0, 1])
+    tables.curve_table(str(tmp_path), [("free", "a"), ("free", "b")], [0, 1])
     result = json.load(open(tmp_path / "curves.json"))
     assert result["target_pgd_acc"] == pytest.approx(0.95 * 0.6)
     a, b = result["cells"]
@@ -210,20 +210,20 @@ def test_ctrl_c_stops_the_whole_matrix_marks_the_runs_interrupted_and_writes_the
 
 # ------------------------------------------------------------------ the statistics, by hand
 def test_mean_std_and_paired_difference_match_hand_computed_values():
-    assert analyze.mean_std([2.0]) == (2.0, 0.0)
-    mean, std = analyze.mean_std([1.0, 2.0, 6.0])
+    assert tables.mean_std([2.0]) == (2.0, 0.0)
+    mean, std = tables.mean_std([1.0, 2.0, 6.0])
     assert mean == 3.0 and std == pytest.approx(math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2))
     # differences 1, 2, 3: mean 2, std 1, 95% t-interval 2 +- 4.303 / sqrt(3) -> includes 0, same sign
-    d = analyze.paired_difference([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
+    d = tables.paired_difference([11.0, 12.0, 13.0], [10.0, 10.0, 10.0])
     assert d["mean"] == 2.0 and d["half_width"] == pytest.approx(4.303 / math.sqrt(3), abs=1e-9)
     assert not d["significant"] and d["same_sign"] and d["low"] == pytest.approx(2 - 2.4843, abs=1e-4)
     # differences 2, 3, 4: the interval 3 +- 2.484 excludes 0
-    d = analyze.paired_difference([12.0, 13.0, 14.0], [10.0, 10.0, 10.0])
+    d = tables.paired_difference([12.0, 13.0, 14.0], [10.0, 10.0, 10.0])
     assert d["significant"] and d["low"] > 0
     # mixed signs, df 1: 0.5 +- 12.706 * 2.1213 / sqrt(2)
-    d = analyze.paired_difference([11.0, 9.0], [10.0, 10.0])
+    d = tables.paired_difference([11.0, 9.0], [10.0, 10.0])
     assert d["mean"] == 0.0 and not d["same_sign"] and d["half_width"] == pytest.approx(12.706 * math.sqrt(2) / math.sqrt(2))
-    assert analyze.paired_difference([1.0], [0.0])["half_width"] is None
+    assert tables.paired_difference([1.0], [0.0])["half_width"] is None
 
 
 def _fake_run(folder, worst, clean=0.8, summary_extra=None, failed=None, fgsm=None):
@@ -247,7 +247,7 @@ def test_matrix_table_flags_a_model_that_resists_fgsm_far_more_than_the_worst_ca
     _fake_run(runs / "fast_gelu_s1", 0.35, clean=0.60, fgsm=0.60)  # FGSM = clean, a gap of 25 points
     _fake_run(runs / "fast_rbf-insert_s0", 0.30)
     _fake_run(runs / "fast_rbf-insert_s1", 0.0, clean=0.685, fgsm=0.922)  # FGSM above clean, PGD at 0
-    analyze.matrix_table(str(tmp_path), [("fast", "relu"), ("fast", "gelu"), ("fast", "rbf-insert")], [0, 1])
+    tables.matrix_table(str(tmp_path), [("fast", "relu"), ("fast", "gelu"), ("fast", "rbf-insert")], [0, 1])
     rows = {r["activation"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
     assert rows["relu"]["flags"] == rows["gelu"]["flags"] == "-" and rows["rbf-insert"]["seeds ok"] == "2/2"
     assert rows["rbf-insert"]["flags"] == "s1: catastrophically overfitted model (clean 68.5, FGSM 92.2, worst case 0.0)"
@@ -261,11 +261,11 @@ def test_matrix_table_leaves_out_an_evaluation_made_with_other_eval_flags(tmp_pa
     for s, (worst, flags) in enumerate([(0.60, "--preset quick\n"), (0.62, "--preset quick\n"), (0.90, "--preset basic\n")]):
         _fake_run(runs / f"fast_relu_s{s}", worst)
         (runs / f"fast_relu_s{s}" / "eval_config.txt").write_text(flags)
-    analyze.matrix_table(str(tmp_path), [("fast", "relu")], [0, 1, 2], eval_flags="--preset quick")
+    tables.matrix_table(str(tmp_path), [("fast", "relu")], [0, 1, 2], eval_flags="--preset quick")
     row = next(csv.DictReader(open(tmp_path / "results.csv")))
     assert row["seeds ok"] == "2/3" and row["worst case"] == "61.00 ± 1.41"
     assert row["flags"] == "s2: evaluated with other EVAL_FLAGS (redone by the next run_all.sh)"
-    analyze.matrix_table(str(tmp_path), [("fast", "relu")], [0, 1, 2])  # without eval_flags every evaluation counts
+    tables.matrix_table(str(tmp_path), [("fast", "relu")], [0, 1, 2])  # without eval_flags every evaluation counts
     assert next(csv.DictReader(open(tmp_path / "results.csv")))["seeds ok"] == "3/3"
 
 
@@ -276,7 +276,7 @@ def test_matrix_table_aggregates_seeds_flags_a_failed_seed_and_pairs_with_relu(t
         _fake_run(runs / f"fast_kaf_s{s}", k, summary_extra={"catastrophic_overfitting": {"epoch": 3}} if s == 1 else None)
     _fake_run(runs / "fast_gelu_s0", 0.5)
     _fake_run(runs / "fast_gelu_s1", 0.5, failed="train")  # seed 2 never ran
-    text = analyze.matrix_table(str(tmp_path), [("fast", "relu"), ("fast", "kaf"), ("fast", "gelu")], [0, 1, 2])
+    text = tables.matrix_table(str(tmp_path), [("fast", "relu"), ("fast", "kaf"), ("fast", "gelu")], [0, 1, 2])
     rows = {r["activation"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
     assert rows["relu"]["worst case"] == "60.00 ± 1.00" and rows["relu"]["seeds ok"] == "3/3"
     assert rows["kaf"]["worst case"] == "63.00 ± 1.00"

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import activations
+import data
 import models
 import train_fast
 import train_free
@@ -92,11 +93,11 @@ def test_mean_training_loss_is_kl_to_uniform_in_eval_mode_and_lowers_confidence(
     torch.manual_seed(0)
     tr = tricks.TrainingTricks(trick_args("--mean-training", 8, "--mean-noise", 0.05, "--mean-weight", 2), real_images())
     constant = lambda x: torch.zeros(len(x), 10)
-    assert tr.mean_loss(nn.Identity(), constant, torch.enable_grad).item() == pytest.approx(0, abs=1e-6)
+    assert tr.mean_loss(nn.Identity(), constant, torch.enable_grad()).item() == pytest.approx(0, abs=1e-6)
     # a fixed answer with probabilities p gives 2 * KL(U || p)
     logits = torch.log(torch.tensor([0.5] + [0.5 / 9] * 9))
     kl = (-(torch.log_softmax(logits, 0)).mean() - math.log(10)).item()
-    assert tr.mean_loss(nn.Identity(), lambda x: logits.expand(len(x), 10), torch.enable_grad).item() == pytest.approx(2 * kl, rel=1e-5)
+    assert tr.mean_loss(nn.Identity(), lambda x: logits.expand(len(x), 10), torch.enable_grad()).item() == pytest.approx(2 * kl, rel=1e-5)
 
     net = TinyNet()
     with torch.no_grad():
@@ -109,7 +110,7 @@ def test_mean_training_loss_is_kl_to_uniform_in_eval_mode_and_lowers_confidence(
     net.modes.clear()
     losses = []
     for _ in range(20):
-        loss = tr.mean_loss(net, net, torch.enable_grad)
+        loss = tr.mean_loss(net, net, torch.enable_grad())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -133,7 +134,7 @@ def test_extra_data_is_appended_to_the_real_batch_in_the_requested_share(tmp_pat
     f = 0.5 is Dai et al.'s 1:1."""
     torch.manual_seed(0)
     path = write_extra(tmp_path / "extra.npz")
-    monkeypatch.setitem(utils.DATASETS, "synthetic", (1, 8, 10, (0.5,), (0.25,), "none"))
+    monkeypatch.setitem(data.DATASETS, "synthetic", (1, 8, 10, (0.5,), (0.25,), "none"))
     tr = tricks.TrainingTricks(trick_args("--extra-data", path, "--extra-fraction", 0.3), real_images())
     x, y = torch.zeros(50, 1, 8, 8), torch.zeros(50, dtype=torch.long)
     assert tr.rows(50) == 71
@@ -150,12 +151,12 @@ def test_extra_data_is_appended_to_the_real_batch_in_the_requested_share(tmp_pat
 
 
 def test_extra_data_formats_and_errors(tmp_path):
-    a = tricks.load_extra_data(write_extra(tmp_path / "a.npz"), 1, 8, 10)
-    b = tricks.load_extra_data(write_extra(tmp_path / "b.npz", layout="nchw"), 1, 8, 10)
+    a = data.load_extra_data(write_extra(tmp_path / "a.npz"), 1, 8, 10)
+    b = data.load_extra_data(write_extra(tmp_path / "b.npz", layout="nchw"), 1, 8, 10)
     assert a[0].shape == (40, 1, 8, 8) and a[0].dtype == torch.uint8 and torch.equal(a[0], b[0])
     x = a[0].numpy()[:, 0].astype(np.float32) / 255  # NHW float in [0, 1]
     np.savez(tmp_path / "c.npz", x=x, y=np.arange(40) % 10)
-    c = tricks.load_extra_data(tmp_path / "c.npz", 1, 8, 10)
+    c = data.load_extra_data(tmp_path / "c.npz", 1, 8, 10)
     assert torch.equal(c[0], a[0]) and c[1].dtype == torch.int64
     bad = {
         "shape": (dict(x=np.zeros((4, 3, 8, 8), np.uint8), y=np.zeros(4, int)), "the dataset needs 1x8x8"),
@@ -165,11 +166,11 @@ def test_extra_data_formats_and_errors(tmp_path):
     }
     for name, (arrays, message) in bad.items():
         np.savez(tmp_path / f"{name}.npz", **arrays)
-        with pytest.raises(utils.UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-            tricks.load_extra_data(tmp_path / f"{name}.npz", 1, 8, 10)
+        with pytest.raises(data.DataError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            data.load_extra_data(tmp_path / f"{name}.npz", 1, 8, 10)
     np.save(tmp_path / "plain.npy", np.zeros(3))
-    with pytest.raises(utils.UserError, match="cannot read it as .npz"):
-        tricks.load_extra_data(tmp_path / "plain.npy", 1, 8, 10)
+    with pytest.raises(data.DataError, match="cannot read it as .npz"):
+        data.load_extra_data(tmp_path / "plain.npy", 1, 8, 10)
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -1,0 +1,330 @@
+"""run_all.sh's tables over seeds, from the finished run folders <OUT>/runs/<regime>_<act>_s<seed>:
+
+  matrix_table  one row per cell (regime, activation): mean +- std over the seeds of every accuracy
+                eval.py reported, the paired difference to the baseline cell with a 95% t-interval,
+                the catastrophic-overfitting flags;      -> results.md / .csv / .json, results_seeds.csv
+  curve_table   accuracy over optimiser steps (--eval-every) and steps to reach a share of the
+                final PGD accuracy;                       -> curves.md / .json / .png
+  saf_table     Zhao & Griffin's three curves (adversarial, noisy, nonsense) averaged over seeds;
+                                                          -> saf_curves.md / .json / .png
+
+Standard library only (matplotlib optional, for the PNGs).  run_all.sh calls
+
+    python tables.py OUT "CELLS" "SEEDS" [BASELINE] [EVAL_FLAGS]
+
+with CELLS as 'regime:act ...' and SEEDS as '0 1 2'.
+"""
+import csv
+import json
+import math
+import os
+import sys
+
+
+def write_json(obj, path):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:  # plots are optional
+        return None
+
+
+# two-sided 95% quantiles of Student's t, degrees of freedom 1..30 (1.96 beyond)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+# A model that overfitted catastrophically resists the one-step attack it was trained on but not
+# multi-step ones (Wong et al. 2020): FGSM no longer lowers its accuracy (FGSM >= clean, Kurakin et
+# al.'s "label leaking") while the worst case sits far below, more than CO_GAP.  Either sign alone
+# also occurs without it, on barely trained models of the tests' synthetic data: FGSM = clean where a
+# saturated rbf unit gives FGSM no gradient (clean 18.8, worst 0), a gap of 31 points on a relu lenet
+# (clean 100, FGSM 68.8, worst 37.5).
+CO_GAP = 0.30
+
+MATRIX_ACCURACIES = {"clean": "clean", "PGD-20": "pgd20x1", "PGD-50x10": "pgd50x10", "APGD-CE": "apgd-ce",
+                     "APGD-DLR": "apgd-dlr", "APGD-T": "apgd-t"}
+
+
+def mean_std(values):
+    """(mean, sample standard deviation with n - 1; 0 for a single value) of a non-empty list."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
+
+
+def paired_difference(a, b):
+    """The paired difference a - b over seeds (lists of equal length, one value per seed): its mean,
+    the 95% Student-t interval of that mean (None under two pairs) and the sign agreement, so a table
+    can say whether a difference is more than seed-to-seed noise."""
+    d = [x - y for x, y in zip(a, b)]
+    mean, std = mean_std(d)
+    k = len(d)
+    half = None if k < 2 else (T975[k - 2] if k <= 31 else 1.96) * std / math.sqrt(k)
+    same_sign = all(v > 0 for v in d) or all(v < 0 for v in d)
+    return {"n": len(d), "differences": d, "mean": mean, "std": std, "half_width": half,
+            "low": None if half is None else mean - half, "high": None if half is None else mean + half,
+            "significant": half is not None and (mean - half > 0 or mean + half < 0), "same_sign": same_sign}
+
+
+def matrix_run(folder, eval_flags=None):
+    """One run of the matrix, read from its folder (summary.json, eval.json, FAILED / INTERRUPTED
+    markers): accuracies in %, the worst case, checks, time, and what went wrong, if anything.  With
+    ``eval_flags`` (run_all.sh's EVAL_FLAGS) an evaluation made with other flags (eval_config.txt) does
+    not count: run_all.sh redoes it when it runs again."""
+    load = lambda name: json.load(open(os.path.join(folder, name))) if os.path.exists(os.path.join(folder, name)) else {}
+    mark = lambda name: open(os.path.join(folder, name)).read().strip() if os.path.exists(os.path.join(folder, name)) else None
+    s, e = load("summary.json"), load("eval.json")
+    acc = dict(e.get("accuracy", {}))
+    if "clean_full" in e:  # clean accuracy on the whole test set, the attacks on --n-eval images
+        acc["clean"] = e["clean_full"]["accuracy"]
+    run = {k: 100 * acc[key] for k, key in MATRIX_ACCURACIES.items() if key in acc}
+    if "robust_accuracy" in e:
+        run["worst case"] = 100 * e["robust_accuracy"]
+    failed, interrupted = mark("FAILED"), mark("INTERRUPTED")
+    stale = bool(e) and eval_flags is not None and (mark("eval_config.txt") or "") != eval_flags.strip()
+    fgsm, clean, worst = acc.get("fgsm"), e.get("accuracy", {}).get("clean"), e.get("robust_accuracy")  # same images
+    collapsed = None not in (fgsm, clean, worst) and fgsm >= clean and fgsm - worst > CO_GAP
+    trouble = [f"failed ({failed})" if failed else None, f"interrupted in {interrupted} (resumable)" if interrupted else None,
+               "evaluated with other EVAL_FLAGS (redone by the next run_all.sh)" if stale else None,
+               "catastrophic overfitting" if s.get("catastrophic_overfitting") else None,
+               f"catastrophically overfitted model (clean {100 * clean:.1f}, FGSM {100 * fgsm:.1f}, worst case {100 * worst:.1f})"
+               if collapsed else None,
+               "diverged" if s.get("diverged") else None,
+               s.get("stopped_early") if s.get("stopped_early") and not s.get("diverged")
+               and not (s.get("catastrophic_overfitting") and "overfitting" in s["stopped_early"]) else None]
+    run.update(eps=e.get("eps", s.get("flags", {}).get("epsilon")), n_eval=e.get("n_eval"),
+               n_clean=e.get("clean_full", {}).get("n", e.get("n_eval")),
+               sanity=(("FAIL: " + ", ".join(e["sanity_failed"])) if e["sanity_failed"] else "pass") if "sanity_checks" in e else None,
+               overstated=[w.split()[0] for w in e.get("warnings", [])],
+               train_time=s["train_time_s"] if s.get("epochs_completed") else None,
+               activation_params=s.get("activation_params"), activation_values=s.get("activation_values"),
+               trouble=[t for t in trouble if t], ok=bool(e) and not failed and not interrupted and not stale)
+    return run
+
+
+def _pm(values, digits=2):
+    if not values:
+        return "-"
+    m, s = mean_std(values)
+    return f"{m:.{digits}f}" if len(values) == 1 else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
+    """The table of a run_all.sh matrix in ``out``: one row per cell (regime, activation) with every
+    accuracy as mean ± std over the seeds that finished, the paired difference of the worst case to
+    ``baseline`` in the same regime (mean, 95% t-interval, significant when the interval excludes 0,
+    sign agreement), and a flag for any seed that failed, diverged or overfitted catastrophically (the
+    training guard fired, or the final model's FGSM accuracy is at least its clean accuracy and more
+    than CO_GAP above its worst case).
+    Writes results.md / .csv / .json (the cells) and results_seeds.csv (one row per run); returns the
+    markdown text."""
+    cells = [tuple(c) for c in cells]
+    runs = {(g, a, s): matrix_run(os.path.join(out, "runs", f"{g}_{a}_s{s}"), eval_flags)
+            for g, a in cells + [(g, baseline) for g, _ in cells] for s in seeds}
+    present = [c for c in [*MATRIX_ACCURACIES, "worst case"] if any(c in r for r in runs.values())] or ["clean", "worst case"]
+    cols = ["regime", "activation", "eps", "seeds ok", *present, f"worst - {baseline} (95% CI)", "significant",
+            "sanity checks", "train time (s)", "activation params", "flags"]
+    rows, per_seed = [], []
+    for g, a in cells:
+        rs = {s: runs[(g, a, s)] for s in seeds}
+        ok = {s: r for s, r in rs.items() if r["ok"]}
+        eps = next((r["eps"] for r in rs.values() if r["eps"] is not None), None)
+        cell = {"regime": g, "activation": a, "eps": f"{eps:.4g}" if eps is not None else "-",
+                "seeds ok": f"{len(ok)}/{len(seeds)}"}
+        for c in present:
+            cell[c] = _pm([r[c] for r in ok.values() if c in r])
+        diff, sig = "-", "-"
+        base = {s: runs[(g, baseline, s)] for s in seeds} if (g, baseline) in cells and a != baseline else {}
+        pairs = [(r["worst case"], base[s]["worst case"]) for s, r in ok.items()
+                 if s in base and base[s]["ok"] and "worst case" in r and "worst case" in base[s]]
+        stats = paired_difference(*zip(*pairs)) if pairs else None
+        if stats:
+            diff = f"{stats['mean']:+.2f}" + (f" [{stats['low']:+.2f}, {stats['high']:+.2f}]" if stats["half_width"] is not None else "")
+            sig = ("yes" if stats["significant"] else "no") if stats["half_width"] is not None else "n=1"
+            sig += f"; same sign in {stats['n']}/{stats['n']}" if stats["same_sign"] and stats["n"] > 1 else ""
+        cell[f"worst - {baseline} (95% CI)"], cell["significant"] = diff, sig
+        sanity = [f"s{s}: {r['sanity']}" for s, r in ok.items() if r["sanity"] and r["sanity"] != "pass"]
+        sanity += [f"s{s}: overstated by {', '.join(r['overstated'])}" for s, r in ok.items() if r["overstated"]]
+        cell["sanity checks"] = "; ".join(sanity) or ("pass" if any(r["sanity"] for r in ok.values()) else "-")
+        cell["train time (s)"] = _pm([r["train_time"] for r in ok.values() if r["train_time"] is not None], 1)
+        cell["activation params"] = str(next((r["activation_params"] for r in rs.values() if r["activation_params"] is not None), "-"))
+        flags = [f"s{s}: {', '.join(r['trouble'])}" for s, r in rs.items() if r["trouble"]]
+        flags += [f"s{s}: not run" for s, r in rs.items() if not r["ok"] and not r["trouble"]]
+        cell["flags"] = "; ".join(flags) or "-"
+        cell["paired_difference"] = stats
+        rows.append(cell)
+        for s, r in rs.items():
+            per_seed.append({"regime": g, "activation": a, "seed": s, **{k: v for k, v in r.items() if k != "ok"},
+                             "status": "ok" if r["ok"] else ", ".join(r["trouble"]) or "not run",
+                             "flags": ", ".join(r["trouble"]) if r["ok"] else ""})
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    seed_cols = ["regime", "activation", "seed", *present, "eps", "n_eval", "n_clean", "sanity", "train_time",
+                 "activation_params", "status", "flags"]
+    with open(os.path.join(out, "results_seeds.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=seed_cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({k: (f"{v:.2f}" if isinstance(v, float) and k in present else v) for k, v in r.items()} for r in per_seed)
+    write_json({"seeds": list(seeds), "baseline": baseline, "cells": rows, "runs": per_seed},
+                     os.path.join(out, "results.json"))
+    text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    text += "".join("| " + " | ".join(c[k] for k in cols) + " |\n" for c in rows)
+    n = {r["n_eval"] for r in per_seed if r["n_eval"]}
+    text += (f"\nmean ± std over seeds {' '.join(map(str, seeds))} (sample std); accuracies in %; worst case = per-example "
+             f"worst over the attacks run, on {'/'.join(map(str, sorted(n))) or '?'} test images; 'worst - {baseline}' is the paired "
+             f"difference over the seeds both finished, with its 95% t-interval; significant = the interval excludes 0.\n")
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+SAF_METRICS = {"adversarial": ("accuracy", "accuracy on targeted-FGS adversarial samples"),
+               "nonsense": ("nonsense", "share of nonsense samples rejected as nonsense"),
+               "noisy": ("accuracy", "accuracy on noisy samples")}
+
+
+def curve_table(out, cells, seeds, share=0.95):
+    """Accuracy over iterations (the --eval-every probes in summary.json's "curve") of every cell that
+    has them, for the schedule study: per cell the final and best probe accuracies (mean over seeds)
+    and the iterations each seed took to reach ``share`` of the best final probe PGD accuracy of all
+    cells (the fast-schedule thesis's "iterations to a given accuracy").  Writes curves.md,
+    curves.json and, with matplotlib, curves.png (clean and PGD accuracy over iterations, a line per
+    cell, mean over seeds).  Returns the markdown, or None when no run has a curve."""
+    found = {}
+    for g, a in cells:
+        per_seed = {}
+        for s in seeds:
+            path = os.path.join(out, "runs", f"{g}_{a}_s{s}", "summary.json")
+            if os.path.exists(path) and (c := json.load(open(path)).get("curve")):
+                per_seed[s] = c
+        if per_seed:
+            found[(g, a)] = per_seed
+    if not found:
+        return None
+    final = {k: mean_std([c[-1]["pgd_acc"] for c in v.values()])[0] for k, v in found.items()}
+    target = share * max(final.values())
+    rows, text = [], (f"| regime | activation | seeds | steps | final clean (probe) | final PGD-10 (probe) | best PGD-10 (probe) | "
+                      f"steps to {100 * share:.0f}% of the best final PGD-10 ({100 * target:.1f}%) |\n|" + "---|" * 8 + "\n")
+    for (g, a), per_seed in found.items():
+        reach = {s: next((p["iteration"] for p in c if p["pgd_acc"] >= target), None) for s, c in per_seed.items()}
+        reached = [v for v in reach.values() if v is not None]
+        reach_text = _pm(reached, 0) if reached else "never"
+        if reached and len(reached) < len(reach):
+            reach_text += " (" + ", ".join(f"s{s} never" for s, v in reach.items() if v is None) + ")"
+        pm = lambda key, pick: _pm([100 * pick(c, key) for c in per_seed.values()])
+        row = {"regime": g, "activation": a, "seeds": len(per_seed), "steps": max(c[-1]["iteration"] for c in per_seed.values()),
+               "final_clean": pm("clean_acc", lambda c, k: c[-1][k]), "final_pgd": pm("pgd_acc", lambda c, k: c[-1][k]),
+               "best_pgd": pm("pgd_acc", lambda c, k: max(p[k] for p in c)), "steps_to_target": reach_text,
+               "steps_to_target_per_seed": reach,
+               "curve": [{"iteration": p["iteration"], "lr": p["lr"],
+                          "clean_acc": mean_std([c[i]["clean_acc"] for c in per_seed.values() if i < len(c)])[0],
+                          "pgd_acc": mean_std([c[i]["pgd_acc"] for c in per_seed.values() if i < len(c)])[0]}
+                         for i, p in enumerate(max(per_seed.values(), key=len))]}
+        rows.append(row)
+        text += (f"| {g} | {a} | {row['seeds']} | {row['steps']} | {row['final_clean']} | {row['final_pgd']} | "
+                 f"{row['best_pgd']} | {reach_text} |\n")
+    text += "\nprobe: clean and PGD-10 accuracy on the first held-out test images every --eval-every steps; mean ± std over seeds, %\n"
+    write_json({"share": share, "target_pgd_acc": target, "cells": rows}, os.path.join(out, "curves.json"))
+    with open(os.path.join(out, "curves.md"), "w") as f:
+        f.write(text)
+    plt = pyplot()
+    if plt is not None:
+        fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+        for ax, key, title in ((axes[0], "clean_acc", "clean accuracy (probe)"), (axes[1], "pgd_acc", "PGD-10 accuracy (probe)")):
+            for i, row in enumerate(rows):  # past ten lines the colours repeat: change the line style
+                ax.plot([p["iteration"] for p in row["curve"]], [100 * p[key] for p in row["curve"]], label=row["activation"],
+                        linestyle=("-", "--", ":")[i // 10 % 3])
+            ax.set(xlabel="optimiser steps", ylabel="%", title=title)
+            ax.grid(alpha=0.3)
+        axes[1].axhline(100 * target, color="k", linestyle="--", linewidth=0.8)
+        axes[1].legend(fontsize=7)
+        fig.savefig(os.path.join(out, "curves.png"), dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return text
+
+
+def saf_table(out, cells, seeds):
+    """Zhao & Griffin's three curves (eval.py --saf-curves) of every cell, mean ± std over the seeds
+    that have them: saf_curves.md (a table per kind, a column per beta), saf_curves.json and, with
+    matplotlib, saf_curves.png (a panel per kind, a line per cell).  Returns the markdown, or None
+    when no run has the curves."""
+    curves = {}
+    for g, a in cells:
+        found = []
+        for s in seeds:
+            path = os.path.join(out, "runs", f"{g}_{a}_s{s}", "eval.json")
+            if os.path.exists(path) and "saf_curves" in (e := json.load(open(path))):
+                found.append(e["saf_curves"])
+        if found:
+            curves[(g, a)] = found
+    if not curves:
+        return None
+    first = next(iter(curves.values()))[0]
+    betas = list(first["adversarial"])
+    summary, text = {"threshold": first["threshold"], "betas": betas, "cells": []}, ""
+    for kind, (key, title) in SAF_METRICS.items():
+        text += (f"\n**{title}** (a prediction is nonsense when its best confidence score is below {first['threshold']:g}; "
+                 f"mean ± std over seeds, %)\n\n"
+                 f"| regime | activation | score | seeds | " + " | ".join(f"beta {b}" for b in betas) + " |\n|" + "---|" * (4 + len(betas)) + "\n")
+        for (g, a), found in curves.items():
+            values = {b: [100 * c[kind][b][key] for c in found if b in c[kind]] for b in betas}
+            text += (f"| {g} | {a} | {found[0].get('confidence', 'softmax')} | {len(found)} | "
+                     + " | ".join(_pm(values[b], 1) for b in betas) + " |\n")
+            summary["cells"].append({"regime": g, "activation": a, "kind": kind, "metric": key, "seeds": len(found),
+                                     "mean": {b: mean_std(v)[0] for b, v in values.items() if v},
+                                     "std": {b: mean_std(v)[1] for b, v in values.items() if v}})
+    with open(os.path.join(out, "saf_curves.md"), "w") as f:
+        f.write(text.lstrip())
+    write_json(summary, os.path.join(out, "saf_curves.json"))
+    plt = pyplot()
+    if plt is not None:
+        fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
+        for ax, (kind, (key, title)) in zip(axes, SAF_METRICS.items()):
+            for i, c in enumerate(c for c in summary["cells"] if c["kind"] == kind):
+                ax.plot([float(b) for b in c["mean"]], list(c["mean"].values()), marker="o", label=f"{c['regime']} {c['activation']}",
+                        linestyle=("-", "--", ":")[i // 10 % 3])
+            ax.set(xlabel="beta", ylabel="%", title=title, ylim=(0, 100))
+            ax.grid(alpha=0.3)
+        axes[-1].legend(fontsize=7)
+        fig.savefig(os.path.join(out, "saf_curves.png"), dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return text.lstrip()
+
+
+def main(argv=None):
+    """Write every table run_all.sh shows and print them (the matrix, then the curves that exist)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not 3 <= len(argv) <= 5:
+        print("usage: python tables.py OUT 'regime:act ...' 'seed ...' [BASELINE] [EVAL_FLAGS]", file=sys.stderr)
+        return 2
+    out, cells = argv[0], [c.split(":", 1) for c in argv[1].split()]
+    seeds = [int(s) for s in argv[2].split()]
+    baseline = argv[3] if len(argv) > 3 else "relu"
+    eval_flags = argv[4] if len(argv) > 4 else None
+    print(matrix_table(out, cells, seeds, baseline=baseline, eval_flags=eval_flags), end="")
+    print(f"{len(cells)} rows x {len(seeds)} seeds -> {out}/results.md, results.csv, results.json, "
+          f"results_seeds.csv")
+    curves = curve_table(out, cells, seeds)
+    if curves:
+        print(curves, end="")
+        print(f"-> {out}/curves.md, curves.json (+ curves.png with matplotlib)")
+    saf = saf_table(out, cells, seeds)
+    if saf:
+        print(saf, end="")
+        print(f"-> {out}/saf_curves.md, saf_curves.json (+ saf_curves.png with matplotlib)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
