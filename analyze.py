@@ -39,7 +39,7 @@ from utils import tqdm
 
 
 def get_args(argv=None):
-    p = utils.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = utils.Parser(description=__doc__.split("\n\n")[0], formatter_class=utils.HelpFormatter)
     p.add_argument("checkpoint", help="checkpoint.pt written by a training script")
     p.add_argument("--shapes", action="store_true", help="learned activation shapes (all three analyses when none is named)")
     p.add_argument("--preacts", action="store_true", help="pre-activation distributions, clean vs PGD")

@@ -76,13 +76,14 @@ MIB = 2 ** 20
 
 
 def get_args(argv=None):
-    p = utils.Parser(description=__doc__.split("\n\n")[0] + " Flags it does not know go to the training scripts (an activation's own options, e.g. --kaf-kernel, to its rows only).")
+    p = utils.Parser(formatter_class=utils.HelpFormatter, description=__doc__.split("\n\n")[0] + " Flags it does not know go to the training scripts (an activation's own options, e.g. --kaf-kernel, to its rows only).")
     p.add_argument("--device", default=utils.DEFAULT_DEVICE, help="cuda if present, else cpu")
     p.add_argument("--dataset", default="cifar10", choices=list(data.DATASETS),
                    help="shape of the synthetic data: channels, size, classes, normalisation, augmentation (default cifar10)")
     p.add_argument("--model", default="preactresnet18", choices=models.ARCH_NAMES, help="default preactresnet18")
-    p.add_argument("--acts", nargs="+", default=["relu", "kaf"], help="activations to compare (default relu kaf; "
-                   "the ratios are relative to relu); kaf:IMPL picks how KAF is computed (kaf:triton, kaf:loop, kaf:naive)")
+    p.add_argument("--acts", nargs="+", default=["relu", "kaf"],
+                   help="activations to compare (default relu kaf; ratios to relu); kaf:IMPL picks "
+                        "KAF's implementation (triton, loop, naive)")
     p.add_argument("--regimes", nargs="+", default=["fast"], choices=list(REGIMES), help="default fast")
     p.add_argument("--batch-size", type=int, default=256, help="default 256")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per configuration (default 20)")

@@ -1,7 +1,9 @@
-"""Data for the training scripts and eval.py, standalone (imports torch and numpy only): copy it alone.
+"""Data for the training scripts and eval.py, standalone (imports torch and numpy only): copy it
+alone.
 
 * :data:`DATASETS`: name -> (channels, size, classes, mean, std, augmentation).
-* :func:`load_split`: one split as uint8 NCHW images and int64 labels -- raw IDX files for (Fashion-)
+* :func:`load_split`: one split as uint8 NCHW images and int64 labels -- raw IDX files for
+(Fashion-)
   MNIST (:func:`read_idx`, checked), torchvision for the rest, :func:`synthetic_data` for tests and
   benchmarks (no download).
 * :class:`Batches`: the whole dataset lives in memory (on the GPU when there is one) and is batched
@@ -43,14 +45,16 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 def read_idx(path):
     """Read an IDX file (MNIST format), gzipped or not, into a numpy array.  A truncated or corrupt
-    file, a header that is not unsigned-byte IDX or a payload whose size differs from what the header
-    says is a :class:`DataError`."""
+    file, a header that is not unsigned-byte IDX or a payload whose size differs from what the
+    header says is a :class:`DataError`."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut .gz ends in EOFError
-        raise DataError(f"{path} is truncated or corrupt ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    # BadGzipFile is an OSError; a cut .gz ends in EOFError
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is truncated or corrupt "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if len(data) < 4:
         raise DataError(f"{path} is not an IDX file (only {len(data)} bytes)")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
@@ -61,7 +65,8 @@ def read_idx(path):
         raise DataError(f"{path} is truncated: its header is cut short")
     shape = struct.unpack(">" + "I" * ndim, data[4:offset])
     if len(data) - offset != math.prod(shape):
-        raise DataError(f"{path} holds {len(data) - offset} bytes of data where its header {tuple(shape)} "
+        raise DataError(f"{path} holds {len(data) - offset} bytes of data where its header "
+                        f"{tuple(shape)} "
                         f"says {math.prod(shape)} (truncated or corrupt)")
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
 
@@ -71,8 +76,8 @@ IDX_DATASETS = {"mnist": "MNIST", "fashionmnist": "FashionMNIST"}
 
 
 def _named_dataset(folder):
-    """The IDX dataset a folder's name says it holds ('fashionmnist', 'mnist' or None), read from its
-    name (and its parent's when it is called raw), ignoring case and punctuation."""
+    """The IDX dataset a folder's name says it holds ('fashionmnist', 'mnist' or None), read from
+    its name (and its parent's when it is called raw), ignoring case and punctuation."""
     folder = os.path.abspath(folder)
     words = os.path.basename(folder)
     if words.lower() == "raw":
@@ -88,8 +93,8 @@ def find_idx(data_dir, split, name="fashionmnist"):
     for mnist, <data-dir>/FashionMNIST/raw for fashionmnist), then in data_dir itself and
     <data-dir>/raw (a bare folder of IDX files, e.g. Debian's /usr/share/datasets/fashion-mnist).
     The files do not say which dataset they are, so a bare folder is taken for the named dataset
-    unless its name says another one (e.g. '--dataset mnist --data-dir .../fashion-mnist'): that is a
-    :class:`DataError`, not a silent switch of dataset."""
+    unless its name says another one (e.g. '--dataset mnist --data-dir .../fashion-mnist'): that is
+    a :class:`DataError`, not a silent switch of dataset."""
     for sub in (os.path.join(IDX_DATASETS[name], "raw"), "", "raw"):
         folder = os.path.join(data_dir, sub)
         found = []
@@ -101,19 +106,22 @@ def find_idx(data_dir, split, name="fashionmnist"):
         if len(found) == 2:
             said = _named_dataset(folder) if sub != os.path.join(IDX_DATASETS[name], "raw") else name
             if said not in (None, name):
-                raise DataError(f"--dataset {name} but {os.path.abspath(folder)} holds {IDX_DATASETS[said]} by its name; "
-                                f"use --dataset {said} or point --data-dir at {IDX_DATASETS[name]}'s files")
+                raise DataError(f"--dataset {name} but {os.path.abspath(folder)} holds "
+                                f"{IDX_DATASETS[said]} by its name; "
+                                f"use --dataset {said} or point --data-dir at "
+                                f"{IDX_DATASETS[name]}'s files")
             return found
     return None
 
 
 def read_idx_split(name, paths):
-    """(images uint8 N x 1 x 28 x 28, labels int64) from the IDX files ``paths`` of dataset ``name``,
-    checked: 28 x 28 images, one label per image, labels 0 .. classes - 1."""
+    """(images uint8 N x 1 x 28 x 28, labels int64) from the IDX files ``paths`` of dataset
+    ``name``, checked: 28 x 28 images, one label per image, labels 0 .. classes - 1."""
     (x_path, y_path), (_, size, classes) = paths, DATASETS[name][:3]
     x, y = read_idx(x_path), read_idx(y_path)
     if x.ndim != 3 or x.shape[1:] != (size, size):
-        raise DataError(f"{x_path} holds images of shape {tuple(x.shape[1:])}, not {size} x {size} ({name})")
+        raise DataError(f"{x_path} holds images of shape {tuple(x.shape[1:])}, not {size} x {size} "
+                        f"({name})")
     if y.ndim != 1:
         raise DataError(f"{y_path} is not a label file (shape {tuple(y.shape)})")
     if len(x) != len(y):
@@ -124,9 +132,9 @@ def read_idx_split(name, paths):
 
 
 def synthetic_data(name, n, seed):
-    """A learnable synthetic classification set: each class is a fixed random smooth pattern; samples
-    are that pattern with random contrast, shift and pixel noise.  Deterministic given the seed; used
-    by tests and benchmarks (no download)."""
+    """A learnable synthetic classification set: each class is a fixed random smooth pattern;
+    samples are that pattern with random contrast, shift and pixel noise.  Deterministic given the
+    seed; used by tests and benchmarks (no download)."""
     c, size, classes = DATASETS[name][:3]
     g = torch.Generator().manual_seed(1234)  # the class patterns are the same for train and test
     protos = F.interpolate(torch.rand(classes, c, 7, 7, generator=g), size=(size, size), mode="bilinear",
@@ -150,7 +158,8 @@ def load_split(name, data_dir, train):
     try:
         import torchvision.datasets as tvd
     except ImportError:
-        raise DataError(f"{name} needs torchvision (pip install torchvision) or raw IDX files in --data-dir") from None
+        raise DataError(f"{name} needs torchvision (pip install torchvision) or raw IDX files in "
+                        "--data-dir") from None
     try:
         if name == "svhn":
             ds = tvd.SVHN(data_dir, split=split, download=True)
@@ -183,8 +192,8 @@ class Batches:
     its last ``n mod world`` entries and keeps every world-th one from position ``rank``, so the
     ranks see disjoint shards of equal size and run the same number of batches."""
 
-    def __init__(self, x, y, batch_size, shuffle=True, augment="none", pad=4, channels_last=False, generator=None,
-                 rank=0, world=1):
+    def __init__(self, x, y, batch_size, shuffle=True, augment="none", pad=4, channels_last=False,
+                 generator=None, rank=0, world=1):
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.augment, self.pad = shuffle, augment, pad
         self.channels_last, self.generator = channels_last, generator
@@ -238,10 +247,11 @@ EXTRA_IMAGE_KEYS, EXTRA_LABEL_KEYS = ("x", "image", "images", "data"), ("y", "la
 
 
 def load_extra_data(path, channels, size, classes):
-    """(uint8 NCHW images, int64 labels) of an extra-data file (Dai et al. 2021 add generated images).
+    """(uint8 NCHW images, int64 labels) of an extra-data file (Dai et al. 2021 add generated
+    images).
 
-    The .npz holds an image array under one of the keys x / image / images / data (uint8, or float in
-    [0, 1] which is rounded to uint8 like the real data; NCHW, NHWC -- the layout generated-data
+    The .npz holds an image array under one of the keys x / image / images / data (uint8, or float
+    in [0, 1] which is rounded to uint8 like the real data; NCHW, NHWC -- the layout generated-data
     files usually have -- or NHW for one channel) and a label array under y / label / labels /
     targets.  Anything else is a DataError naming the problem."""
     try:
@@ -252,32 +262,40 @@ def load_extra_data(path, channels, size, classes):
             xk = next((k for k in EXTRA_IMAGE_KEYS if k in f.files), None)
             yk = next((k for k in EXTRA_LABEL_KEYS if k in f.files), None)
             if xk is None or yk is None:
-                raise DataError(f"--extra-data {path}: needs an image array ({', '.join(EXTRA_IMAGE_KEYS)}) and a label "
-                                f"array ({', '.join(EXTRA_LABEL_KEYS)}); found {', '.join(f.files) or 'nothing'}")
+                raise DataError(f"--extra-data {path}: needs an image array "
+                                f"({', '.join(EXTRA_IMAGE_KEYS)}) and a label "
+                                f"array ({', '.join(EXTRA_LABEL_KEYS)}); found "
+                                f"{', '.join(f.files) or 'nothing'}")
             x, y = f[xk], f[yk]
     except (OSError, ValueError, EOFError) as e:  # not an npz, truncated, pickled objects
-        raise DataError(f"--extra-data {path}: cannot read it as .npz ({str(e).splitlines()[0][:120]})") from None
+        raise DataError(f"--extra-data {path}: cannot read it as .npz "
+                        f"({str(e).splitlines()[0][:120]})") from None
     want = (channels, size, size)
     if x.ndim == 3 and channels == 1:
         x = x[:, None]
     if x.ndim == 4 and x.shape[1:] != want and x.shape[1:] == (size, size, channels):
         x = x.transpose(0, 3, 1, 2)
     if x.ndim != 4 or x.shape[1:] != want:
-        raise DataError(f"--extra-data {path}: images of shape {tuple(x.shape[1:])}, the dataset needs "
+        raise DataError(f"--extra-data {path}: images of shape {tuple(x.shape[1:])}, the dataset "
+                        "needs "
                         f"{channels}x{size}x{size} (NCHW or NHWC)")
-    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer) or len(y) == 0 or y.min() < 0 or y.max() >= classes:
+    labels_ok = y.shape == (len(x),) and np.issubdtype(y.dtype, np.integer) and len(y) > 0
+    if not labels_ok or y.min() < 0 or y.max() >= classes:
         raise DataError(f"--extra-data {path}: needs one integer label in [0, {classes}) per image")
     if np.issubdtype(x.dtype, np.floating):
         if x.min() < 0 or x.max() > 1:
-            raise DataError(f"--extra-data {path}: float images must lie in [0, 1], found [{x.min():.3g}, {x.max():.3g}]")
+            raise DataError(f"--extra-data {path}: float images must lie in [0, 1], found "
+                            f"[{x.min():.3g}, {x.max():.3g}]")
         x = np.rint(x * 255)
     elif x.dtype != np.uint8:
-        raise DataError(f"--extra-data {path}: images must be uint8 or float in [0, 1], not {x.dtype}")
+        raise DataError(f"--extra-data {path}: images must be uint8 or float in [0, 1], not "
+                        f"{x.dtype}")
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.uint8)), torch.from_numpy(y.astype(np.int64))
 
 
 def dataset_mean_image(x, chunk=4096):
-    """Per-pixel mean of a uint8 image set, in [0, 1] (summed in chunks: no float copy of the whole set)."""
+    """Per-pixel mean of a uint8 image set, in [0, 1] (summed in chunks: no float copy of the whole
+    set)."""
     total = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
     for i in range(0, len(x), chunk):
         total += x[i:i + chunk].sum(0, dtype=torch.float64)

@@ -79,7 +79,7 @@ AUTOATTACK_MISSING = "autoattack: not installed (pip install pyautoattack); skip
 
 
 def get_args(argv=None):
-    p = utils.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = utils.Parser(description=__doc__.split("\n\n")[0], formatter_class=utils.HelpFormatter)
     p.add_argument("checkpoint", help="checkpoint.pt written by a training script")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the one used in training)")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
@@ -97,35 +97,38 @@ def get_args(argv=None):
     p.add_argument("--square-queries", type=int, default=None, help="Square attack queries per image (default 5000)")
     p.add_argument("--square-p-init", type=float, default=0.8, help="Square attack initial square share p")
     p.add_argument("--noise-sigmas", type=utils.fraction, nargs="*", default=None,
-                   help=f"Gaussian noise sweep (default with extras: {DEFAULT_SIGMAS}; none given = skip)")
+                   help=f"Gaussian noise sweep (default with extras {DEFAULT_SIGMAS}; none = skip)")
     p.add_argument("--nonsense-n", type=int, default=None, help="pure-noise images for the nonsense rate (default 1000 with extras; 0 = skip)")
     p.add_argument("--nonsense-threshold", type=float, default=0.9,
-                   help="confidence above which a noise image counts as confidently classified (below it, --saf-curves read a prediction as 'nonsense')")
+                   help="confidence above which a noise image counts as confidently classified "
+                        "(below it --saf-curves read 'nonsense')")
     p.add_argument("--nonsense-std", type=float, default=0.25, help="noise images are clip(0.5 + std * N(0,1), 0, 1)")
     p.add_argument("--saf-curves", action="store_true",
-                   help="Zhao & Griffin's three curves over a strength beta: targeted-FGS adversarial, nonsense "
-                        "(noise pushed to a category), noisy; a prediction below --nonsense-threshold is 'nonsense'")
+                   help="Zhao & Griffin's curves over a strength beta: targeted-FGS adversarial, "
+                        "nonsense (noise pushed to a class), noisy")
     p.add_argument("--saf-betas", type=utils.fraction, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
                    help="strengths beta of the --saf-curves")
     p.add_argument("--confidence", default="auto", choices=["auto", "softmax", "output"],
-                   help="the --saf-curves' confidence score: softmax probability, or the raw output (what the hybrid loss trains "
-                        "towards 1); auto: output for a model trained with --hybrid-weight > 0, else softmax")
+                   help="--saf-curves' score: softmax, or the raw output the hybrid loss trains "
+                        "(auto: output for --hybrid-weight > 0 models)")
     p.add_argument("--curve-eps", type=utils.fraction, nargs="*", default=None,
-                   help="eps values of the accuracy-vs-eps curve (default with extras: eps x 0,1/4,1/2,1,2,4; none given = skip)")
+                   help="eps of the accuracy-vs-eps curve (default with extras: eps x 0, 1/4, 1/2, "
+                        "1, 2, 4; none = skip)")
     p.add_argument("--curve-steps", type=int, default=None, help="PGD steps of the curve and the large-eps check (default 20; 10 in quick)")
     p.add_argument("--large-eps", type=utils.fraction, default=None,
                    help="eps of sanity check 1 (default 0.5 with extras; 0 = skip)")
     p.add_argument("--check-tol", type=float, default=0.01, help="accuracy tolerance of the sanity checks")
     p.add_argument("--square-only-max", type=float, default=0.002,
-                   help="check 4 fails when Square alone breaks more than this share of the images (AutoAttack: 0.2%%)")
+                   help="check 4 fails when Square alone breaks more than this share of the "
+                        "images (AutoAttack's 0.2%%)")
     p.add_argument("--zero-grad-max", type=float, default=0.01,
                    help="check 5 fails when more than this share of the images has an all-zero input gradient")
     p.add_argument("--gap-warn", type=float, default=0.10,
                    help="warn when an attack's accuracy is this far above the worst case (it overstates robustness)")
     p.add_argument("--n-eval", type=int, default=None, help="first N test images (default: all)")
     p.add_argument("--n-clean", type=int, default=None,
-                   help="also the clean accuracy on the first N test images (0 = all): cheap, so a table can give "
-                        "clean accuracy on the whole test set and the attacks on --n-eval images")
+                   help="also clean accuracy on the first N test images (0 = all; cheap: attacks "
+                        "on --n-eval, clean on all)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=utils.DEFAULT_DEVICE)
     p.add_argument("--seed", type=int, default=0)

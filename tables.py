@@ -2,7 +2,8 @@
 
   matrix_table  one row per cell (regime, activation): mean +- std over the seeds of every accuracy
                 eval.py reported, the paired difference to the baseline cell with a 95% t-interval,
-                the catastrophic-overfitting flags;      -> results.md / .csv / .json, results_seeds.csv
+                the catastrophic-overfitting flags;      -> results.md / .csv / .json,
+                results_seeds.csv
   curve_table   accuracy over optimiser steps (--eval-every) and steps to reach a share of the
                 final PGD accuracy;                       -> curves.md / .json / .png
   saf_table     Zhao & Griffin's three curves (adversarial, noisy, nonsense) averaged over seeds;
@@ -29,7 +30,8 @@ def write_json(obj, path):
 
 
 def pyplot():
-    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is not installed."""
+    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is not
+    installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -63,8 +65,8 @@ def mean_std(values):
 
 def paired_difference(a, b):
     """The paired difference a - b over seeds (lists of equal length, one value per seed): its mean,
-    the 95% Student-t interval of that mean (None under two pairs) and the sign agreement, so a table
-    can say whether a difference is more than seed-to-seed noise."""
+    the 95% Student-t interval of that mean (None under two pairs) and the sign agreement, so a
+    table can say whether a difference is more than seed-to-seed noise."""
     d = [x - y for x, y in zip(a, b)]
     mean, std = mean_std(d)
     k = len(d)
@@ -78,8 +80,8 @@ def paired_difference(a, b):
 def matrix_run(folder, eval_flags=None):
     """One run of the matrix, read from its folder (summary.json, eval.json, FAILED / INTERRUPTED
     markers): accuracies in %, the worst case, checks, time, and what went wrong, if anything.  With
-    ``eval_flags`` (run_all.sh's EVAL_FLAGS) an evaluation made with other flags (eval_config.txt) does
-    not count: run_all.sh redoes it when it runs again."""
+    ``eval_flags`` (run_all.sh's EVAL_FLAGS) an evaluation made with other flags (eval_config.txt)
+    does not count: run_all.sh redoes it when it runs again."""
     load = lambda name: json.load(open(os.path.join(folder, name))) if os.path.exists(os.path.join(folder, name)) else {}
     mark = lambda name: open(os.path.join(folder, name)).read().strip() if os.path.exists(os.path.join(folder, name)) else None
     s, e = load("summary.json"), load("eval.json")
@@ -96,7 +98,8 @@ def matrix_run(folder, eval_flags=None):
     trouble = [f"failed ({failed})" if failed else None, f"interrupted in {interrupted} (resumable)" if interrupted else None,
                "evaluated with other EVAL_FLAGS (redone by the next run_all.sh)" if stale else None,
                "catastrophic overfitting" if s.get("catastrophic_overfitting") else None,
-               f"catastrophically overfitted model (clean {100 * clean:.1f}, FGSM {100 * fgsm:.1f}, worst case {100 * worst:.1f})"
+               f"catastrophically overfitted model (clean {100 * clean:.1f}, FGSM "
+               f"{100 * fgsm:.1f}, worst case {100 * worst:.1f})"
                if collapsed else None,
                "diverged" if s.get("diverged") else None,
                s.get("stopped_early") if s.get("stopped_early") and not s.get("diverged")
@@ -122,11 +125,11 @@ def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
     """The table of a run_all.sh matrix in ``out``: one row per cell (regime, activation) with every
     accuracy as mean ± std over the seeds that finished, the paired difference of the worst case to
     ``baseline`` in the same regime (mean, 95% t-interval, significant when the interval excludes 0,
-    sign agreement), and a flag for any seed that failed, diverged or overfitted catastrophically (the
-    training guard fired, or the final model's FGSM accuracy is at least its clean accuracy and more
-    than CO_GAP above its worst case).
-    Writes results.md / .csv / .json (the cells) and results_seeds.csv (one row per run); returns the
-    markdown text."""
+    sign agreement), and a flag for any seed that failed, diverged or overfitted catastrophically
+    (the training guard fired, or the final model's FGSM accuracy is at least its clean accuracy and
+    more than CO_GAP above its worst case).
+    Writes results.md / .csv / .json (the cells) and results_seeds.csv (one row per run); returns
+    the markdown text."""
     cells = [tuple(c) for c in cells]
     runs = {(g, a, s): matrix_run(os.path.join(out, "runs", f"{g}_{a}_s{s}"), eval_flags)
             for g, a in cells + [(g, baseline) for g, _ in cells] for s in seeds}
@@ -181,9 +184,12 @@ def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
     text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     text += "".join("| " + " | ".join(c[k] for k in cols) + " |\n" for c in rows)
     n = {r["n_eval"] for r in per_seed if r["n_eval"]}
-    text += (f"\nmean ± std over seeds {' '.join(map(str, seeds))} (sample std); accuracies in %; worst case = per-example "
-             f"worst over the attacks run, on {'/'.join(map(str, sorted(n))) or '?'} test images; 'worst - {baseline}' is the paired "
-             f"difference over the seeds both finished, with its 95% t-interval; significant = the interval excludes 0.\n")
+    text += (f"\nmean ± std over seeds {' '.join(map(str, seeds))} (sample std); accuracies in %; "
+             "worst case = per-example "
+             f"worst over the attacks run, on {'/'.join(map(str, sorted(n))) or '?'} test images; "
+             f"'worst - {baseline}' is the paired "
+             f"difference over the seeds both finished, with its 95% t-interval; significant = the "
+             "interval excludes 0.\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     return text
@@ -195,10 +201,10 @@ SAF_METRICS = {"adversarial": ("accuracy", "accuracy on targeted-FGS adversarial
 
 
 def curve_table(out, cells, seeds, share=0.95):
-    """Accuracy over iterations (the --eval-every probes in summary.json's "curve") of every cell that
-    has them, for the schedule study: per cell the final and best probe accuracies (mean over seeds)
-    and the iterations each seed took to reach ``share`` of the best final probe PGD accuracy of all
-    cells (the fast-schedule thesis's "iterations to a given accuracy").  Writes curves.md,
+    """Accuracy over iterations (the --eval-every probes in summary.json's "curve") of every cell
+    that has them, for the schedule study: per cell the final and best probe accuracies (mean over
+    seeds) and the iterations each seed took to reach ``share`` of the best final probe PGD accuracy
+    of all cells (the fast-schedule thesis's "iterations to a given accuracy").  Writes curves.md,
     curves.json and, with matplotlib, curves.png (clean and PGD accuracy over iterations, a line per
     cell, mean over seeds).  Returns the markdown, or None when no run has a curve."""
     found = {}
@@ -214,8 +220,10 @@ def curve_table(out, cells, seeds, share=0.95):
         return None
     final = {k: mean_std([c[-1]["pgd_acc"] for c in v.values()])[0] for k, v in found.items()}
     target = share * max(final.values())
-    rows, text = [], (f"| regime | activation | seeds | steps | final clean (probe) | final PGD-10 (probe) | best PGD-10 (probe) | "
-                      f"steps to {100 * share:.0f}% of the best final PGD-10 ({100 * target:.1f}%) |\n|" + "---|" * 8 + "\n")
+    rows, text = [], (f"| regime | activation | seeds | steps | final clean (probe) | final PGD-10 "
+                      "(probe) | best PGD-10 (probe) | "
+                      f"steps to {100 * share:.0f}% of the best final PGD-10 ({100 * target:.1f}%) "
+                      "|\n|" + "---|" * 8 + "\n")
     for (g, a), per_seed in found.items():
         reach = {s: next((p["iteration"] for p in c if p["pgd_acc"] >= target), None) for s, c in per_seed.items()}
         reached = [v for v in reach.values() if v is not None]
@@ -232,7 +240,8 @@ def curve_table(out, cells, seeds, share=0.95):
                           "pgd_acc": mean_std([c[i]["pgd_acc"] for c in per_seed.values() if i < len(c)])[0]}
                          for i, p in enumerate(max(per_seed.values(), key=len))]}
         rows.append(row)
-        text += (f"| {g} | {a} | {row['seeds']} | {row['steps']} | {row['final_clean']} | {row['final_pgd']} | "
+        text += (f"| {g} | {a} | {row['seeds']} | {row['steps']} | {row['final_clean']} | "
+                 f"{row['final_pgd']} | "
                  f"{row['best_pgd']} | {reach_text} |\n")
     text += "\nprobe: clean and PGD-10 accuracy on the first held-out test images every --eval-every steps; mean ± std over seeds, %\n"
     write_json({"share": share, "target_pgd_acc": target, "cells": rows}, os.path.join(out, "curves.json"))
@@ -242,7 +251,8 @@ def curve_table(out, cells, seeds, share=0.95):
     if plt is not None:
         fig, axes = plt.subplots(1, 2, figsize=(14, 5))
         for ax, key, title in ((axes[0], "clean_acc", "clean accuracy (probe)"), (axes[1], "pgd_acc", "PGD-10 accuracy (probe)")):
-            for i, row in enumerate(rows):  # past ten lines the colours repeat: change the line style
+            # past ten lines the colours repeat: change the line style
+            for i, row in enumerate(rows):
                 ax.plot([p["iteration"] for p in row["curve"]], [100 * p[key] for p in row["curve"]], label=row["activation"],
                         linestyle=("-", "--", ":")[i // 10 % 3])
             ax.set(xlabel="optimiser steps", ylabel="%", title=title)
@@ -274,7 +284,8 @@ def saf_table(out, cells, seeds):
     betas = list(first["adversarial"])
     summary, text = {"threshold": first["threshold"], "betas": betas, "cells": []}, ""
     for kind, (key, title) in SAF_METRICS.items():
-        text += (f"\n**{title}** (a prediction is nonsense when its best confidence score is below {first['threshold']:g}; "
+        text += (f"\n**{title}** (a prediction is nonsense when its best confidence score is below "
+                 f"{first['threshold']:g}; "
                  f"mean ± std over seeds, %)\n\n"
                  f"| regime | activation | score | seeds | " + " | ".join(f"beta {b}" for b in betas) + " |\n|" + "---|" * (4 + len(betas)) + "\n")
         for (g, a), found in curves.items():
@@ -303,7 +314,8 @@ def saf_table(out, cells, seeds):
 
 
 def main(argv=None):
-    """Write every table run_all.sh shows and print them (the matrix, then the curves that exist)."""
+    """Write every table run_all.sh shows and print them (the matrix, then the curves that
+    exist)."""
     argv = sys.argv[1:] if argv is None else argv
     if not 3 <= len(argv) <= 5:
         print("usage: python tables.py OUT 'regime:act ...' 'seed ...' [BASELINE] [EVAL_FLAGS]", file=sys.stderr)

@@ -28,11 +28,16 @@ def get_args(argv=None):
     p = utils.parser(__doc__.split("\n\n")[0])
     g = p.add_argument_group("FGSM training")
     g.add_argument("--attack", default="fgsm", choices=["fgsm", "none"],
-                   help="none: natural (clean) training, as Zhao & Griffin's plain and robust CNNs (the overfitting guard is then off)")
-    g.add_argument("--alpha", type=utils.fraction, default=None, help="FGSM step (default 1.25 * eps; eps with --nfgsm)")
-    g.add_argument("--init", default="random", choices=["random", "zero"], help="start of the FGSM step (zero = plain FGSM training)")
-    g.add_argument("--nfgsm", action="store_true", help="N-FGSM: noise U(-2eps, 2eps), step eps, no projection to the eps-ball")
-    g.add_argument("--grad-align", type=float, default=0.0, help="GradAlign weight lambda (0.2 at 8/255; 0 = off)")
+                   help="none: natural (clean) training, as Zhao & Griffin's plain and robust CNNs "
+                        "(the overfitting guard is then off)")
+    g.add_argument("--alpha", type=utils.fraction, default=None,
+                   help="FGSM step (default 1.25 * eps; eps with --nfgsm)")
+    g.add_argument("--init", default="random", choices=["random", "zero"],
+                   help="start of the FGSM step (zero = plain FGSM training)")
+    g.add_argument("--nfgsm", action="store_true",
+                   help="N-FGSM: noise U(-2eps, 2eps), step eps, no projection to the eps-ball")
+    g.add_argument("--grad-align", type=float, default=0.0,
+                   help="GradAlign weight lambda (0.2 at 8/255; 0 = off)")
     utils.add_shared_flags(p, epochs=15, lr_max=0.2, lr_schedule="cyclic")
     tricks.add_flags(p)
     args = utils.parse_args(p, argv, checks=[tricks.flag_problems])
@@ -41,16 +46,18 @@ def get_args(argv=None):
     if args.grad_align < 0:
         p.error("--grad-align must be >= 0")
     if args.attack == "none" and (args.nfgsm or args.alpha is not None or args.init != "random"):
-        p.error("--attack none trains on clean images; --nfgsm, --alpha and --init belong to the FGSM attack")
+        p.error("--attack none trains on clean images; --nfgsm, --alpha and --init belong to the "
+                "FGSM attack")
     if args.attack == "none":
-        args.co_guard = 0.0  # PGD accuracy of a naturally trained model is near 0 and means nothing to the guard
+        # PGD accuracy of a naturally trained model is near 0 and means nothing to the guard
+        args.co_guard = 0.0
     if args.nfgsm and args.init == "zero":
         p.error("--nfgsm starts from noise; it cannot be combined with --init zero")
     return args
 
 
 def input_gradient(run, x, y, create_graph=False):
-    """Gradient of the (scaled) training loss w.r.t. the input only: no weight gradients computed."""
+    """Gradient of the (scaled) training loss w.r.t. the input only (no weight gradients)."""
     x = x if x.requires_grad else x.detach().requires_grad_(True)
     with run.amp:
         loss = F.cross_entropy(run.attack_forward(x), y)
@@ -59,10 +66,12 @@ def input_gradient(run, x, y, create_graph=False):
 
 
 def grad_align_penalty(run, x, y, eps):
-    """GradAlign: 1 - cos(grad_x loss(x), grad_x loss(x + eta)), eta ~ U(-eps, eps), differentiable."""
+    """GradAlign: 1 - cos(grad_x loss(x), grad_x loss(x + eta)), eta ~ U(-eps, eps), differentiable
+    (Andriushchenko & Flammarion 2020)."""
     g1 = input_gradient(run, x.detach().requires_grad_(True), y, create_graph=True)
     eta = torch.empty_like(x).uniform_(-eps, eps)
-    g2 = input_gradient(run, (x + eta).clamp(0, 1).detach().requires_grad_(True), y, create_graph=True)
+    x_eta = (x + eta).clamp(0, 1).detach().requires_grad_(True)
+    g2 = input_gradient(run, x_eta, y, create_graph=True)
     cos = F.cosine_similarity(g1.flatten(1).float(), g2.flatten(1).float(), dim=1)
     return (1 - cos).mean()
 
@@ -120,12 +129,14 @@ def train_step(run, tr, x, y, args):
 
 
 def main(argv=None, arrays=None):
-    """Train; ``arrays`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench.py)."""
+    """Train; ``arrays`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench)."""
     args = get_args(argv)
     run = utils.setup(args, "train_fast", arrays)  # device, data on it, model, SGD, AMP, out dir
-    tr = tricks.TrainingTricks.for_run(args, run)  # random / mean training, extra data: off unless asked
+    # random / mean training, extra data: off unless asked
+    tr = tricks.TrainingTricks.for_run(args, run)
     if args.lr_find:
-        return tricks.lr_range_test(run, args, lambda x, y: train_step(run, tr, *tr.mix(x, y), args)[0])
+        step = lambda x, y: train_step(run, tr, *tr.mix(x, y), args)[0]
+        return tricks.lr_range_test(run, args, step)
     total_steps = args.epochs * len(run.batches)
     lrs, momenta = utils.lr_schedule(args, total_steps)
     state = utils.new_state(run, args, args.epochs)  # fresh, or restored whole by --resume
@@ -136,8 +147,10 @@ def main(argv=None, arrays=None):
         while state["epoch"] < args.epochs and state["guard"] is None:  # a guard stop stays stopped
             epoch = state["epoch"] + 1
             run.model.train()
-            loss_sum, correct = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
-            first_bad = torch.zeros((), dtype=torch.long, device=run.device)  # 1 + its index; 0: none
+            loss_sum = torch.zeros((), device=run.device)  # summed on the device: no host sync
+            correct = torch.zeros((), device=run.device)
+            # 1 + its index; 0: none
+            first_bad = torch.zeros((), dtype=torch.long, device=run.device)
             n, seen, tic = len(run.batches), 0, time.time()
             bar = utils.progress(run, run.batches, f"epoch {epoch}/{args.epochs}")
             for i, (x, y) in enumerate(bar):
@@ -158,7 +171,8 @@ def main(argv=None, arrays=None):
                 if i % 50 == 0 or i == n - 1:  # the loop's only host syncs
                     if first_bad.item():
                         raise utils.Diverged(epoch, int(first_bad.item()), n)
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
+                                    acc=f"{correct.item() / seen:.3f}",
                                     lr=f"{lr:.3g}")
             train_loss, train_acc = utils.epoch_result(run, loss_sum, correct, seen)
             if utils.end_epoch(run, args, state, train_loss, train_acc, lr, time.time() - tic):

@@ -32,7 +32,9 @@ import utils
 def get_args(argv=None):
     p = utils.parser(__doc__.split("\n\n")[0])
     g = p.add_argument_group("Free training")
-    g.add_argument("--replays", type=int, default=8, help="m: replays of each minibatch; the data is passed over ceil(epochs / m) times")
+    g.add_argument("--replays", type=int, default=8,
+                   help="m: replays of each minibatch; the data is passed over ceil(epochs / m) "
+                        "times")
     utils.add_shared_flags(p, epochs=80, lr_max=0.04, lr_schedule="cyclic")
     tricks.add_flags(p)
     args = utils.parse_args(p, argv, checks=[tricks.flag_problems])
@@ -99,25 +101,30 @@ def train_minibatch(run, tr, x, y, delta, args):
 
 
 def main(argv=None, arrays=None):
-    """Train; ``arrays`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench.py)."""
+    """Train; ``arrays`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench)."""
     args = get_args(argv)
     run = utils.setup(args, "train_free", arrays)  # device, data on it, model, SGD, AMP, out dir
-    tr = tricks.TrainingTricks.for_run(args, run)  # random / mean training, extra data: off unless asked
+    # random / mean training, extra data: off unless asked
+    tr = tricks.TrainingTricks.for_run(args, run)
     # the perturbation persists across minibatches (and is saved with the run)
     delta = torch.zeros((tr.rows(args.batch_size), *run.batches.x.shape[1:]), device=run.device)
     if args.lr_find:
-        return tricks.lr_range_test(run, args, lambda x, y: train_minibatch(run, tr, *tr.mix(x, y), delta, args)[0])
+        step = lambda x, y: train_minibatch(run, tr, *tr.mix(x, y), delta, args)[0]
+        return tricks.lr_range_test(run, args, step)
     n_passes = passes(args)
     total_steps = n_passes * len(run.batches) * args.replays  # one optimiser step per replay
     lrs, momenta = utils.lr_schedule(args, total_steps)
-    state = utils.new_state(run, args, n_passes, delta=delta)  # fresh, or restored whole by --resume
+    # fresh, or restored whole by --resume
+    state = utils.new_state(run, args, n_passes, delta=delta)
     summary = utils.start_summary(run, args, n_passes, "free", state, label="pass")
     try:
         while state["epoch"] < n_passes and state["guard"] is None:  # a guard stop stays stopped
             epoch = state["epoch"] + 1
             run.model.train()
-            loss_sum, correct = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
-            first_bad = torch.zeros((), dtype=torch.long, device=run.device)  # 1 + its index; 0: none
+            loss_sum = torch.zeros((), device=run.device)  # summed on the device: no host sync
+            correct = torch.zeros((), device=run.device)
+            # 1 + its index; 0: none
+            first_bad = torch.zeros((), dtype=torch.long, device=run.device)
             n, seen, tic = len(run.batches), 0, time.time()
             bar = utils.progress(run, run.batches, f"pass {epoch}/{n_passes}")
             for i, (x, y) in enumerate(bar):
@@ -126,23 +133,27 @@ def main(argv=None, arrays=None):
                 for _ in range(args.replays):
                     it = state["iteration"]
                     lr = lrs[it]
-                    for group in run.opt.param_groups:  # this step's LR (x --act-lr-mult) and momentum
+                    # this step's LR (x --act-lr-mult) and momentum
+                    for group in run.opt.param_groups:
                         group["lr"], group["momentum"] = lr * group.get("lr_mult", 1.0), momenta[it]
                     loss, n_correct, bad = replay_step(run, tr, x, y, state["delta"], args)
                     state["iteration"] = it = it + 1
                     if args.eval_every and it % args.eval_every == 0:  # accuracy over iterations
                         state["curve"].append(utils.probe(run, args, it, lr))
-                first_bad = torch.where((first_bad == 0) & bad, i + 1, first_bad)  # the last replay's
+                # the last replay's
+                first_bad = torch.where((first_bad == 0) & bad, i + 1, first_bad)
                 loss_sum += loss.float() * len(y)
                 correct += n_correct
                 seen += len(y)
                 if i % 50 == 0 or i == n - 1:  # the loop's only host syncs
                     if first_bad.item():
                         raise utils.Diverged(epoch, int(first_bad.item()), n, "pass")
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
+                                    acc=f"{correct.item() / seen:.3f}",
                                     lr=f"{lr:.3g}")
             train_loss, train_acc = utils.epoch_result(run, loss_sum, correct, seen)
-            if utils.end_epoch(run, args, state, train_loss, train_acc, lr, time.time() - tic, "pass"):
+            seconds = time.time() - tic
+            if utils.end_epoch(run, args, state, train_loss, train_acc, lr, seconds, "pass"):
                 break  # the guard restored the best pass's weights
     except (utils.Diverged, KeyboardInterrupt) as stop:
         raise utils.record_stop(run, args, stop, summary, state, label="pass") from None

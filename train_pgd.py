@@ -18,7 +18,8 @@ Defaults: k = 10, alpha = 2/255 (Rice et al. 2020's PGD-10; Madry et al. and the
 used PGD-7: --attack-iters 7; the TRADES code steps 0.007), eps 8/255, and the schedule of Wong et
 al.'s PGD baseline (their train_pgd.py), so the three regimes compare at their reference budgets:
 15 epochs, cyclic LR 0 -> 0.2 -> 0, batch 128, SGD momentum 0.9, wd 5e-4.  (Madry et al., Rice et
-al. and TRADES train 76-200 epochs with a piecewise LR from 0.1: --lr-schedule piecewise --lr-max 0.1.)
+al. and TRADES train 76-200 epochs with a piecewise LR from 0.1: --lr-schedule piecewise
+--lr-max 0.1.)
 
     python train_pgd.py --act psilu --attack-iters 7
     python train_pgd.py --act pssilu --loss trades --trades-beta 6
@@ -37,11 +38,14 @@ def get_args(argv=None):
     p = utils.parser(__doc__.split("\n\n")[0])
     g = p.add_argument_group("PGD training")
     g.add_argument("--attack-iters", type=int, default=10, help="k: PGD steps per minibatch")
-    g.add_argument("--attack-step", type=utils.fraction, default=2 / 255, help="alpha: PGD step size, e.g. 2/255")
-    g.add_argument("--loss", default="ce", choices=["ce", "trades"], help="ce: Madry et al.; trades: Zhang et al.")
+    g.add_argument("--attack-step", type=utils.fraction, default=2 / 255,
+                   help="alpha: PGD step size, e.g. 2/255")
+    g.add_argument("--loss", default="ce", choices=["ce", "trades"],
+                   help="ce: Madry et al.; trades: Zhang et al.")
     g.add_argument("--trades-beta", type=float, default=6.0, help="TRADES weight of the KL term")
     g.add_argument("--attack-mode", default=None, choices=["eval", "train"],
-                   help="model mode while the attack runs (default: the references': train for ce as Wong et al., eval for trades; Dai et al. use eval)")
+                   help="model mode while the attack runs (default: the references': train for ce "
+                        "as Wong et al., eval for trades; Dai et al. use eval)")
     utils.add_shared_flags(p, epochs=15, lr_max=0.2, lr_schedule="cyclic")
     tricks.add_flags(p)
     args = utils.parse_args(p, argv, checks=[tricks.flag_problems])
@@ -52,10 +56,12 @@ def get_args(argv=None):
     if args.trades_beta < 0:
         p.error("--trades-beta must be >= 0")
     if args.hybrid_weight > 0 and args.loss == "trades":
-        p.error("--hybrid-weight replaces the cross-entropy of --loss ce; it cannot be combined with --loss trades")
+        p.error("--hybrid-weight replaces the cross-entropy of --loss ce; it cannot be combined "
+                "with --loss trades")
     args.attack_mode = args.attack_mode or ("eval" if args.loss == "trades" else "train")
     if args.loss == "trades" and args.pssilu_beta_clip is None and args.act == "pssilu":
-        args.pssilu_beta_clip = 0.1  # Dai et al.'s TRADES trainer clips PSSiLU's shift gradient to 0.1
+        # Dai et al.'s TRADES trainer clips PSSiLU's shift gradient to 0.1
+        args.pssilu_beta_clip = 0.1
     return args
 
 
@@ -78,7 +84,8 @@ def pgd_delta(run, x, objective, eps, alpha, iters, start):
 
 
 def trades_loss(run, x, y, eps, alpha, iters, beta, attack_mode="eval"):
-    """TRADES: CE(f(x), y) + beta * KL(f(x) || f(x_adv)); returns (loss, logits of x_adv, attack steps)."""
+    """TRADES: CE(f(x), y) + beta * KL(f(x) || f(x_adv)); returns (loss, logits of x_adv, attack
+    steps)."""
     run.model.train(attack_mode == "train")  # the TRADES reference attacks in eval mode
     with torch.no_grad(), run.amp:
         p_clean = F.softmax(run.attack_forward(x).float(), dim=1)
@@ -87,7 +94,8 @@ def trades_loss(run, x, y, eps, alpha, iters, beta, attack_mode="eval"):
     run.model.train()
     with run.amp:
         logits, logits_adv = run.forward(x), run.forward(x + delta)
-    robust = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits.float(), dim=1), reduction="batchmean")
+    robust = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits.float(), dim=1),
+                      reduction="batchmean")
     return F.cross_entropy(logits.float(), y) + beta * robust, logits_adv, steps
 
 
@@ -97,7 +105,8 @@ def train_step(run, tr, x, y, args):
     non-finite flag (device tensors, no host sync) and the attack's steps."""
     eps, alpha, k = args.epsilon, args.attack_step, args.attack_iters
     if args.loss == "trades":  # its own perturbation (of the KL term), forward and loss
-        loss, logits, steps = trades_loss(run, x, y, eps, alpha, k, args.trades_beta, args.attack_mode)
+        loss, logits, steps = trades_loss(run, x, y, eps, alpha, k, args.trades_beta,
+                                          args.attack_mode)
     else:
         # ---- the perturbation: k PGD steps from a random start, in --attack-mode
         ce = lambda logits: F.cross_entropy(logits, y)
@@ -134,22 +143,28 @@ def train_step(run, tr, x, y, args):
 
 
 def main(argv=None, arrays=None):
-    """Train; ``arrays`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench.py)."""
+    """Train; ``arrays`` = (x_train, y_train, x_test, y_test) replaces --dataset's files (bench)."""
     args = get_args(argv)
     run = utils.setup(args, "train_pgd", arrays)  # device, data on it, model, SGD, AMP, out dir
-    tr = tricks.TrainingTricks.for_run(args, run)  # random / mean training, extra data: off unless asked
+    # random / mean training, extra data: off unless asked
+    tr = tricks.TrainingTricks.for_run(args, run)
     if args.lr_find:
-        return tricks.lr_range_test(run, args, lambda x, y: train_step(run, tr, *tr.mix(x, y), args)[0])
+        step = lambda x, y: train_step(run, tr, *tr.mix(x, y), args)[0]
+        return tricks.lr_range_test(run, args, step)
     total_steps = args.epochs * len(run.batches)
     lrs, momenta = utils.lr_schedule(args, total_steps)
-    state = utils.new_state(run, args, args.epochs, attack_steps=0)  # fresh, or restored by --resume
-    summary = utils.start_summary(run, args, args.epochs, args.loss if args.loss == "trades" else "pgd", state)
+    # fresh, or restored by --resume
+    state = utils.new_state(run, args, args.epochs, attack_steps=0)
+    regime = "trades" if args.loss == "trades" else "pgd"
+    summary = utils.start_summary(run, args, args.epochs, regime, state)
     try:
         while state["epoch"] < args.epochs and state["guard"] is None:  # a guard stop stays stopped
             epoch = state["epoch"] + 1
             run.model.train()
-            loss_sum, correct = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
-            first_bad = torch.zeros((), dtype=torch.long, device=run.device)  # 1 + its index; 0: none
+            loss_sum = torch.zeros((), device=run.device)  # summed on the device: no host sync
+            correct = torch.zeros((), device=run.device)
+            # 1 + its index; 0: none
+            first_bad = torch.zeros((), dtype=torch.long, device=run.device)
             n, seen, tic = len(run.batches), 0, time.time()
             bar = utils.progress(run, run.batches, f"epoch {epoch}/{args.epochs}")
             for i, (x, y) in enumerate(bar):
@@ -171,7 +186,8 @@ def main(argv=None, arrays=None):
                 if i % 50 == 0 or i == n - 1:  # the loop's only host syncs
                     if first_bad.item():
                         raise utils.Diverged(epoch, int(first_bad.item()), n)
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
+                                    acc=f"{correct.item() / seen:.3f}",
                                     lr=f"{lr:.3g}")
             train_loss, train_acc = utils.epoch_result(run, loss_sum, correct, seen)
             if utils.end_epoch(run, args, state, train_loss, train_acc, lr, time.time() - tic):

@@ -26,23 +26,34 @@ def add_flags(p):
     """The flags of this module, in their own --help groups."""
     g = p.add_argument_group("training-data tricks (tricks.py; off by default)")
     g.add_argument("--random-training", type=float, default=0.0, metavar="SHARE",
-                   help="Zhao & Griffin's random training: perturb this share of each batch with random noise")
-    g.add_argument("--random-noise", default="uniform", choices=["uniform", "gaussian"], help="random-training noise: U(-s, s) or N(0, s^2)")
-    g.add_argument("--random-strength", type=utils.fraction, default=None, help="s, the random-training noise strength (default: --epsilon)")
+                   help="Zhao & Griffin's random training: perturb this share of each batch with "
+                        "random noise")
+    g.add_argument("--random-noise", default="uniform", choices=["uniform", "gaussian"],
+                   help="random-training noise: U(-s, s) or N(0, s^2)")
+    g.add_argument("--random-strength", type=utils.fraction, default=None,
+                   help="s, the random-training noise strength (default: --epsilon)")
     g.add_argument("--mean-training", type=int, default=0, metavar="N",
-                   help="Zhao & Griffin's mean training: N noisy copies of the mean training image per optimiser step, trained towards uniform confidence")
-    g.add_argument("--mean-noise", type=utils.fraction, default=0.1, help="std of the Gaussian noise on the mean-image copies")
-    g.add_argument("--mean-weight", type=float, default=1.0, help="weight of the mean-training loss KL(uniform || softmax)")
+                   help="Zhao & Griffin's mean training: N noisy copies of the mean training image "
+                        "per optimiser step, trained towards uniform confidence")
+    g.add_argument("--mean-noise", type=utils.fraction, default=0.1,
+                   help="std of the Gaussian noise on the mean-image copies")
+    g.add_argument("--mean-weight", type=float, default=1.0,
+                   help="weight of the mean-training loss KL(uniform || softmax)")
     g.add_argument("--hybrid-weight", type=float, default=0.0, metavar="LAMBDA",
-                   help="Zhao & Griffin's hybrid loss: CE + LAMBDA * mean_k |z_k - onehot_k|^p on the logits z (0 = plain CE; see tricks.hybrid_loss)")
-    g.add_argument("--hybrid-p", type=float, default=2.0, help="the order p of the hybrid loss's error term")
+                   help="Zhao & Griffin's hybrid loss: CE + LAMBDA * mean_k |z_k - onehot_k|^p on "
+                        "the logits z (0 = plain CE; see tricks.hybrid_loss)")
+    g.add_argument("--hybrid-p", type=float, default=2.0,
+                   help="the order p of the hybrid loss's error term")
     g.add_argument("--extra-data", default=None, metavar="NPZ",
-                   help="Dai et al.'s extra (e.g. generated) training images: .npz with images (uint8 or float in [0,1]) and labels")
+                   help="Dai et al.'s extra (e.g. generated) training images: .npz with images "
+                        "(uint8 or float in [0,1]) and labels")
     g.add_argument("--extra-fraction", type=float, default=None,
-                   help="share of extra images in each (enlarged) training batch: round(n f / (1 - f)) are appended to the n real ones (default 0.5: 1:1, as Dai et al.)")
+                   help="share f of extra images in each enlarged batch: round(n f / (1 - f)) join "
+                        "the n real ones (default 0.5, 1:1 as Dai et al.)")
     g = p.add_argument_group("LR range test (tricks.py)")
     g.add_argument("--lr-find", action="store_true",
-                   help="LR range test instead of training: sweep the LR exponentially, write lr_find.csv, suggest --lr-max")
+                   help="LR range test instead of training: sweep the LR exponentially, write "
+                        "lr_find.csv, suggest --lr-max")
     g.add_argument("--lr-find-steps", type=int, default=100, help="minibatches of the LR range test")
     g.add_argument("--lr-find-min", type=float, default=1e-4, help="first LR of the range test")
     g.add_argument("--lr-find-max", type=float, default=10.0, help="last LR of the range test")
@@ -51,14 +62,16 @@ def add_flags(p):
 def hybrid_loss(logits, y, weight=0.0, p=2.0):
     """Zhao & Griffin 2016's hybrid loss, batch mean of
 
-        -log softmax(z)_y  +  weight * (1/K) sum_k |z_k - t_k|^p,    t = one-hot(y), z = logits (K classes).
+        -log softmax(z)_y  +  weight * (1/K) sum_k |z_k - t_k|^p,    t = one-hot(y), z = logits (K
+                           classes).
 
-    The seed text survives only in words ("designed to prefer y_c large relatively and absolutely ...
-    it is necessary to involve p-order errors ... [so that] nonsense samples would [get] small y's"):
-    our reading is the softmax loss (y_c large *relative* to the others) plus a p-order error that pulls
-    every raw output to its one-hot target (y_c large *absolutely*, the others near 0), so that an input
-    far from the data gets small outputs everywhere.  The weight and p are not given in the text; p = 2
-    and weight 1 are our defaults for the study.  weight 0 is exactly F.cross_entropy."""
+    The seed text survives only in words ("designed to prefer y_c large relatively and absolutely
+    ... it is necessary to involve p-order errors ... [so that] nonsense samples would [get] small
+    y's"): our reading is the softmax loss (y_c large *relative* to the others) plus a p-order error
+    that pulls every raw output to its one-hot target (y_c large *absolutely*, the others near 0),
+    so that an input far from the data gets small outputs everywhere.  The weight and p are not
+    given in the text; p = 2 and weight 1 are our defaults for the study.  weight 0 is exactly
+    F.cross_entropy."""
     ce = F.cross_entropy(logits, y)
     if weight == 0:
         return ce
@@ -74,7 +87,8 @@ def flag_problems(args):
     if not 0 < args.lr_find_min < args.lr_find_max:
         problems.append("--lr-find-min and --lr-find-max need 0 < min < max")
     if args.lr_find and args.resume:
-        problems.append("--resume cannot be combined with --lr-find (the LR range test always starts afresh)")
+        problems.append("--resume cannot be combined with --lr-find (the LR range test always "
+                        "starts afresh)")
     if not 0 <= args.random_training <= 1:
         problems.append("--random-training must be a fraction in [0, 1]")
     if args.random_strength is not None and args.random_strength <= 0:
@@ -101,14 +115,16 @@ class TrainingTricks:
     per pixel (--random-noise, s = --random-strength, default --epsilon); labels are kept.
 
     Mean training (Zhao & Griffin 2016, "M"): N = --mean-training noisy copies of the training set's
-    mean image, m_j = clip(mean + sigma e_j, 0, 1), e_j ~ N(0, I), sigma = --mean-noise, drawn afresh for
-    every optimiser step, are nonsense inputs the model should not be confident about.  Their loss
-        L_mean = lambda * (1/N) sum_j KL(U || softmax(f(m_j))) = lambda * (1/N) sum_j (-log K - (1/K) sum_k log p_jk),
+    mean image, m_j = clip(mean + sigma e_j, 0, 1), e_j ~ N(0, I), sigma = --mean-noise, drawn
+    afresh for every optimiser step, are nonsense inputs the model should not be confident about.
+    Their loss
+        L_mean = lambda * (1/N) sum_j KL(U || softmax(f(m_j))) = lambda * (1/N) sum_j (-log K -
+        (1/K) sum_k log p_jk),
     lambda = --mean-weight, is zero exactly when the model answers uniformly.  The paper adds the
     copies to the training set under a hybrid loss that keeps nonsense outputs small; KL to uniform
-    is our reading for a softmax classifier.  The copies are not attacked and go through the model in
-    eval mode: in train mode BatchNorm would normalise a batch of near-identical images by its own
-    tiny variance and write that into its running statistics.
+    is our reading for a softmax classifier.  The copies are not attacked and go through the model
+    in eval mode: in train mode BatchNorm would normalise a batch of near-identical images by its
+    own tiny variance and write that into its running statistics.
 
     Extra data (Dai et al. 2021, who add generated images to adversarial training): k = round(n f /
     (1 - f)) images drawn uniformly with replacement from --extra-data (with the dataset's
@@ -120,7 +136,8 @@ class TrainingTricks:
 
     Extra images are appended first, then random training perturbs its own random rows, so noise
     reaches real and extra images alike.  Under distributed training every rank draws a different
-    slice of one shared random draw, so the ranks do not train on the same extra images or copies."""
+    slice of one shared random draw, so the ranks do not train on the same extra images or
+    copies."""
 
     @classmethod
     def for_run(cls, args, run):
@@ -130,7 +147,8 @@ class TrainingTricks:
     def __init__(self, args, x_train, augment="none", channels_last=False, rank=0, world=1):
         self.random_share, self.random_noise = args.random_training, args.random_noise
         self.random_strength = args.random_strength if args.random_strength is not None else args.epsilon
-        self.mean_copies, self.mean_noise, self.mean_weight = args.mean_training, args.mean_noise, args.mean_weight
+        self.mean_copies, self.mean_noise = args.mean_training, args.mean_noise
+        self.mean_weight = args.mean_weight
         self.extra_fraction = args.extra_fraction if args.extra_fraction is not None else 0.5
         self.channels_last, self.rank, self.world = channels_last, rank, world
         self.mean_image = data.dataset_mean_image(x_train) if self.mean_copies else None
@@ -142,7 +160,8 @@ class TrainingTricks:
             self.extra = data.Batches(x.to(x_train.device), y.to(x_train.device), 1, augment=augment)
 
     def _rank_part(self, draw, n):
-        """This rank's n of a draw of n * world (the same draw on every rank, which share a seed)."""
+        """This rank's n of a draw of n * world (the same draw on every rank, which share a
+        seed)."""
         return draw(n * self.world)[self.rank * n:(self.rank + 1) * n]
 
     def extra_count(self, n):
@@ -150,7 +169,8 @@ class TrainingTricks:
         return round(n * self.extra_fraction / (1 - self.extra_fraction)) if self.extra is not None else 0
 
     def rows(self, batch_size):
-        """The largest training batch the regime sees: batch_size real images plus their extra ones."""
+        """The largest training batch the regime sees: batch_size real images plus their extra
+        ones."""
         return batch_size + self.extra_count(batch_size)
 
     def mix(self, x, y):
@@ -168,14 +188,18 @@ class TrainingTricks:
         k = round(self.random_share * n)
         if k:
             rows = torch.randperm(n, device=x.device)[:k]
-            e = torch.randn_like(x[rows]) if self.random_noise == "gaussian" else torch.rand_like(x[rows]).mul_(2).sub_(1)
+            if self.random_noise == "gaussian":
+                e = torch.randn_like(x[rows])
+            else:
+                e = torch.rand_like(x[rows]).mul_(2).sub_(1)
             x = x.clone()
             x[rows] = (x[rows] + self.random_strength * e).clamp_(0, 1)
         return x, y
 
     def mean_batch(self):
         """N fresh noisy copies of the mean image, clip(mean + sigma e, 0, 1)."""
-        noise = self._rank_part(lambda m: torch.randn((m, *self.mean_image.shape), device=self.mean_image.device),
+        image = self.mean_image
+        noise = self._rank_part(lambda m: torch.randn((m, *image.shape), device=image.device),
                                 self.mean_copies)
         x = (self.mean_image + self.mean_noise * noise).clamp_(0, 1)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -212,20 +236,22 @@ def lr_range_test(run, args, train_minibatch, beta=0.9, diverge=4.0):
     optimiser holds: Free's m replays all at the same one) on --lr-find-steps minibatches n with the
     learning rate rising geometrically, lr_i = lr_min (lr_max / lr_min)^(i / (n-1))
     (--lr-find-min/--lr-find-max; constant --momentum), and records the regime's own training loss,
-    so the suggestion fits the adversarial loss, not the clean one.  It stops early once the smoothed
-    loss s_i (bias-corrected EMA, s = beta s + (1-beta) loss, as in fastai) exceeds ``diverge`` x its
-    best or is not finite.  Two suggestions for lr_max, from the centred moving average of the loss:
-    the fast-training thesis's rule, one order of magnitude below the LR of the loss minimum (its
-    section 1.12.3.1: "about one order of magnitude lower than that found for the minimum point of
-    the error"), and Smith's / fastai's LR of the steepest descent d loss / d log(lr) before that
-    minimum.  The first is what the scripts' schedules were tuned with in the thesis.
+    so the suggestion fits the adversarial loss, not the clean one.  It stops early once the
+    smoothed loss s_i (bias-corrected EMA, s = beta s + (1-beta) loss, as in fastai) exceeds
+    ``diverge`` x its best or is not finite.  Two suggestions for lr_max, from the centred moving
+    average of the loss: the fast-training thesis's rule, one order of magnitude below the LR of the
+    loss minimum (its section 1.12.3.1: "about one order of magnitude lower than that found for the
+    minimum point of the error"), and Smith's / fastai's LR of the steepest descent d loss / d
+    log(lr) before that minimum.  The first is what the scripts' schedules were tuned with in the
+    thesis.
 
     Writes lr_find.csv (and lr_find.png when matplotlib is installed) into the out dir; the trained
-    weights are thrown away.  Returns {thesis_lr_max, steepest_lr_max, suggested_lr_max (= steepest),
-    min_loss_lr, stopped_early, csv}."""
+    weights are thrown away.  Returns {thesis_lr_max, steepest_lr_max, suggested_lr_max (=
+    steepest), min_loss_lr, stopped_early, csv}."""
     n, lo, hi = args.lr_find_steps, args.lr_find_min, args.lr_find_max
     run.model.train()
-    print(f"{run.script}: LR range test {lo:.3g} -> {hi:.3g} over {n} minibatches on {run.device}, out {run.out_dir}", flush=True)
+    print(f"{run.script}: LR range test {lo:.3g} -> {hi:.3g} over {n} minibatches on {run.device}, "
+          f"out {run.out_dir}", flush=True)
     rows, ema, best, stopped = [], 0.0, math.inf, None
     batches = zip(range(n), data.forever(run.batches))
     for i, (x, y) in utils.tqdm(batches, total=n, desc="lr find", leave=False, dynamic_ncols=True):
@@ -237,7 +263,8 @@ def lr_range_test(run, args, train_minibatch, beta=0.9, diverge=4.0):
         rows.append((i, lr, loss, smooth))
         best = min(best, smooth)
         if not math.isfinite(smooth) or smooth > diverge * best:
-            stopped = f"loss {'not finite' if not math.isfinite(smooth) else f'above {diverge:g}x its minimum'} at lr {lr:.3g}"
+            why = "not finite" if not math.isfinite(smooth) else f"above {diverge:g}x its minimum"
+            stopped = f"loss {why} at lr {lr:.3g}"
             break
     # the suggestion from the finite part of the curve
     k = next((j for j, r in enumerate(rows) if not math.isfinite(r[2])), len(rows))
@@ -249,7 +276,8 @@ def lr_range_test(run, args, train_minibatch, beta=0.9, diverge=4.0):
         suggestion, min_lr = float(lrs[int(np.argmin(slope))]), float(lrs[m])
     else:
         suggestion = min_lr = float(lrs[0]) if k else lo
-        print(f"warning: the loss did not fall before the LR range test stopped; try a smaller --lr-find-min than {lo:g} "
+        print(f"warning: the loss did not fall before the LR range test stopped; try a smaller "
+              f"--lr-find-min than {lo:g} "
               f"or more --lr-find-steps", file=sys.stderr)
     path = os.path.join(run.out_dir, "lr_find.csv")
     with open(path + ".tmp", "w") as f:
@@ -263,13 +291,17 @@ def lr_range_test(run, args, train_minibatch, beta=0.9, diverge=4.0):
         ax.plot(lrs, losses, alpha=0.3, label="loss")
         ax.plot(lrs, centred, label="centred mean")
         ax.axvline(suggestion, color="k", linestyle="--", label=f"steepest descent {suggestion:.3g}")
-        ax.axvline(min_lr / 10, color="r", linestyle=":", label=f"loss minimum / 10 (thesis) {min_lr / 10:.3g}")
-        ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title=f"{run.script} LR range test")
+        ax.axvline(min_lr / 10, color="r", linestyle=":",
+                   label=f"loss minimum / 10 (thesis) {min_lr / 10:.3g}")
+        ax.set(xscale="log", xlabel="learning rate", ylabel="training loss",
+               title=f"{run.script} LR range test")
         ax.legend()
         fig.savefig(os.path.join(run.out_dir, "lr_find.png"), dpi=120, bbox_inches="tight")
         plt.close(fig)
-    print(f"LR range test: {len(rows)} minibatches{', stopped: ' + stopped if stopped else ''}; loss minimum at lr {min_lr:.3g}; "
-          f"suggested --lr-max {min_lr / 10:.3g} (the thesis's rule: a tenth of the loss minimum's LR) or "
+    print(f"LR range test: {len(rows)} minibatches{', stopped: ' + stopped if stopped else ''}; "
+          f"loss minimum at lr {min_lr:.3g}; "
+          f"suggested --lr-max {min_lr / 10:.3g} (the thesis's rule: a tenth of the loss minimum's "
+          "LR) or "
           f"{suggestion:.3g} (steepest descent)  -> {path}", flush=True)
     return {"thesis_lr_max": min_lr / 10, "steepest_lr_max": suggestion, "suggested_lr_max": suggestion,
             "min_loss_lr": min_lr, "stopped_early": stopped, "csv": path}

@@ -1,16 +1,18 @@
-"""Stateless helpers the three training scripts share; each script keeps its own loop.
+"""What the three training scripts share at their run and epoch boundaries; each script keeps its
+own loop and its own training step (nothing here runs inside a step).
 
-* Data: every dataset is loaded once into memory as uint8 tensors (on the GPU when there is one) and
-  batched by :class:`Batches`, which does random crop / flip on the device itself -- no DataLoader
-  workers in the hot loop (the airbench approach).
-* Schedules: :func:`lr_at` / :func:`momentum_at`, set per iteration by :func:`set_lr`.
-* Flags: :func:`add_shared_flags` and :func:`parse_args` (one-line errors).
-* Set-up: :func:`setup` builds device, data, model, SGD and the AMP scaler (DDP under torchrun).
-* During training: :class:`EpochMeter` (loss / accuracy on the device, the divergence check),
-  :func:`held_out_pgd` (the catastrophic-overfitting probe), :func:`save_checkpoint` /
-  :func:`load_for_resume` (checkpoints are plain data, loaded with ``weights_only=True``).
-* At the end: :func:`evaluate`, :func:`finish` (final evaluation and summary.json),
-  :func:`record_stop` (divergence, Ctrl-C).
+* Flags: :func:`add_shared_flags`, :func:`parse_args` (one-line errors), :func:`fraction`.
+* Schedules: :func:`lr_at` / :func:`momentum_at`, tabulated once per run by :func:`lr_schedule`.
+* Set-up: :func:`setup` -- device, data on it (data.py), model, SGD, the AMP context and scaler,
+  DDP under torchrun, the run folder and its lock.
+* Epoch boundaries: :func:`new_state` (the loop's state, restored whole by --resume),
+  :func:`epoch_result`, :func:`end_epoch` (held-out PGD probe, the catastrophic-overfitting guard,
+  best weights, checkpoint), :func:`probe` (--eval-every).
+* Checkpoints: :func:`save_checkpoint` / :func:`load_for_resume` (plain data, loaded with
+  ``weights_only=True``); :func:`load_for_eval` and :func:`checkpoint_test_set` for eval.py and
+  analyze.py.
+* The end: :func:`finish` (final evaluation, summary.json), :func:`record_stop` (divergence,
+  Ctrl-C), :func:`main_guard` (one-line errors and exit codes).
 
 Imports torch, numpy, tqdm (optional) and the project's modules.
 """
@@ -64,7 +66,8 @@ def device_problem(device):
 
 
 def pyplot():
-    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is not installed."""
+    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is not
+    installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -75,11 +78,13 @@ def pyplot():
 
 
 class UserError(Exception):
-    """A problem with the user's input (flag, dataset, checkpoint): printed as one line, no traceback."""
+    """A problem with the user's input (flag, dataset, checkpoint): printed as one line, no
+    traceback."""
 
 
 class Diverged(Exception):
-    """Training produced a non-finite loss or gradient: the run stops (one-line error, exit code 1)."""
+    """Training produced a non-finite loss or gradient: the run stops (one-line error, exit code
+    1)."""
 
     def __init__(self, epoch, batch, batches, label="epoch", note=""):
         self.epoch, self.batch, self.batches, self.label = epoch, batch, batches, label
@@ -104,8 +109,8 @@ def main_guard(main):
 
 
 def fraction(text):
-    """argparse type accepting '0.03', '8/255' or '8 / 255'; nan and inf are refused (they would fake
-    results: an attack with a NaN step leaves images untouched)."""
+    """argparse type accepting '0.03', '8/255' or '8 / 255'; nan and inf are refused (they would
+    fake results: an attack with a NaN step leaves images untouched)."""
     try:
         if "/" in text:
             num, den = text.split("/")
@@ -113,7 +118,8 @@ def fraction(text):
         else:
             value = float(text)
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got "
+                                         f"{text!r}")
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
@@ -129,9 +135,10 @@ def load_for_eval(path, device, eps=None):
 
 
 def checkpoint_test_set(model, path, data_dir=None, n_eval=None):
-    """(dataset name, x, y): the test split of the dataset a checkpoint was trained on (``model`` from
-    models.load_checkpoint of ``path``), read from ``data_dir`` or else the training run's --data-dir,
-    first ``n_eval`` images (all when None), x as floats in [0, 1].  Used by eval.py and analyze.py."""
+    """(dataset name, x, y): the test split of the dataset a checkpoint was trained on (``model``
+    from models.load_checkpoint of ``path``), read from ``data_dir`` or else the training run's
+    --data-dir, first ``n_eval`` images (all when None), x as floats in [0, 1].  Used by eval.py and
+    analyze.py."""
     train_args = model.checkpoint.get("args", {})
     dataset = model.checkpoint.get("dataset", {}).get("name") or train_args.get("dataset")
     if dataset not in data.DATASETS:
@@ -142,19 +149,20 @@ def checkpoint_test_set(model, path, data_dir=None, n_eval=None):
 
 # --------------------------------------------------------------------------------------- schedules
 LR_SCHEDULES = ("piecewise", "cyclic", "linear", "exponential", "onecycle", "onecycle-half",
-                "onecycle-truncated", "triangular", "triangular-decreasing", "cosine", "sgdr", "sgdr-decreasing",
-                "linear-restarts", "trapezoid", "constant")
+                "onecycle-truncated", "triangular", "triangular-decreasing", "cosine", "sgdr",
+                "sgdr-decreasing", "linear-restarts", "trapezoid", "constant")
 MOMENTUM_SCHEDULES = ("constant", "onecycle")
 
 
 def _restart_bounds(t, cycles, mult):
-    """For t in [0,1]: (the index i of its cycle, its position u in [0,1] inside that cycle) when [0,1]
-    is cut into ``cycles`` cycles whose lengths grow by ``mult``."""
+    """For t in [0,1]: (the index i of its cycle, its position u in [0,1] inside that cycle) when
+    [0,1] is cut into ``cycles`` cycles whose lengths grow by ``mult``."""
     lengths = [mult ** i for i in range(cycles)]
     total, start = sum(lengths), 0.0
     for i, length in enumerate(lengths):
         end = start + length / total
-        if t < end or i == cycles - 1:  # the last cycle by position (with mult=1 all lengths are equal)
+        # the last cycle by position (with mult=1 all lengths are equal)
+        if t < end or i == cycles - 1:
             return i, min((t - start) / (end - start), 1.0)
         start = end
     return cycles - 1, 1.0
@@ -164,28 +172,37 @@ def lr_at(step, total_steps, schedule, lr_max, cycles=3, mult=1.0, lr_min=None):
     """Learning rate at iteration ``step`` of ``total_steps`` (per-iteration stepping).
 
     piecewise   lr_max, x0.1 at 50%, x0.01 at 75% (Free AT's "3 steps")
-    cyclic      triangle floor -> lr_max at 40% -> floor (the fast-AT default, Wong et al. 2020; floor 0)
+    cyclic      triangle floor -> lr_max at 40% -> floor (the fast-AT default, Wong et al. 2020;
+                floor 0)
     linear      lr_max -> floor (0);  exponential: lr_max -> floor (lr_max/1000) geometrically
     onecycle    lr_max/10 -> lr_max (45%) -> lr_max/10 (90%) -> floor (lr_max/1000) (Smith 2018)
     onecycle-half       one cycle lr_max/10 -> lr_max -> lr_max/10 over the first 2/3, then a half-
-                        height cycle (peak lr_max/2) annealing to floor (lr_max/1000) (the fast-training
-                        thesis's "1 Cycle & Half"; its figure is not in the text, so this is our reading)
+                        height cycle (peak lr_max/2) annealing to floor (lr_max/1000) (the
+                        fast-training thesis's "1 Cycle & Half"; its figure is not in the text, so
+                        this is our reading)
     onecycle-truncated  lr_max/10 -> lr_max over 30%, then straight down to floor (lr_max/1000) (the
-                        thesis's "1 Cycle truncated": the cycle without its separate annealing tail; our reading)
-    triangular  ``cycles`` triangles between floor (lr_max/10) and lr_max (Smith's CLR; the thesis's Figure 35)
+                        thesis's "1 Cycle truncated": the cycle without its separate annealing tail;
+                        our reading)
+    triangular  ``cycles`` triangles between floor (lr_max/10) and lr_max (Smith's CLR; the thesis's
+                Figure 35)
     triangular-decreasing  the same with the height above the floor halved each cycle (the thesis's
-                "decreasing triangular cycles", Figure 37; halving is Smith's triangular2, our reading)
-    cosine      floor + (lr_max - floor) (1 + cos(pi t)) / 2 (floor 0; Dai et al.: lr_max 0.1, floor 1e-3)
-    sgdr        cosine warm restarts (Loshchilov & Hutter) down to floor (0), ``cycles`` cycles growing by
-                ``mult`` (the thesis's Figures 38 and 39 left)
+                "decreasing triangular cycles", Figure 37; halving is Smith's triangular2, our
+                reading)
+    cosine      floor + (lr_max - floor) (1 + cos(pi t)) / 2 (floor 0; Dai et al.: lr_max 0.1, floor
+                1e-3)
+    sgdr        cosine warm restarts (Loshchilov & Hutter) down to floor (0), ``cycles`` cycles
+                growing by ``mult`` (the thesis's Figures 38 and 39 left)
     sgdr-decreasing  the same with each restart's height above the floor halved (the thesis's
                 "decreasing warm restarts", Figure 39 right; the factor 1/2 is our reading)
-    linear-restarts  linear decay lr_max -> floor (lr_max/1000) restarted ``cycles`` times (growing by mult)
+    linear-restarts  linear decay lr_max -> floor (lr_max/1000) restarted ``cycles`` times (growing
+                     by mult)
     trapezoid   warm restarts of trapezoidal shape: each cycle holds lr_max for its first half, then
-                falls linearly to floor (lr_max/1000) (the thesis lists the shape without a figure; our reading)
+                falls linearly to floor (lr_max/1000) (the thesis lists the shape without a figure;
+                our reading)
     constant    lr_max
 
-    ``lr_min`` (--lr-min) replaces each decaying or cycling schedule's floor (its default in brackets)."""
+    ``lr_min`` (--lr-min) replaces each decaying or cycling schedule's floor (its default in
+    brackets)."""
     t = min(max(step / max(total_steps, 1), 0.0), 1.0)
     lo = lr_max / 10
     floor = lambda default: default if lr_min is None else lr_min
@@ -200,12 +217,14 @@ def lr_at(step, total_steps, schedule, lr_max, cycles=3, mult=1.0, lr_min=None):
     if schedule == "onecycle":
         return float(np.interp(t, [0, 0.45, 0.9, 1], [lo, lr_max, lo, floor(lr_max / 1000)]))
     if schedule == "onecycle-half":
-        return float(np.interp(t, [0, 1 / 3, 2 / 3, 5 / 6, 1], [lo, lr_max, lo, lr_max / 2, floor(lr_max / 1000)]))
+        return float(np.interp(t, [0, 1 / 3, 2 / 3, 5 / 6, 1],
+                               [lo, lr_max, lo, lr_max / 2, floor(lr_max / 1000)]))
     if schedule == "onecycle-truncated":
         return float(np.interp(t, [0, 0.3, 1], [lo, lr_max, floor(lr_max / 1000)]))
     if schedule in ("triangular", "triangular-decreasing"):
         u = (t * cycles) % 1.0 if t < 1 else 1.0
-        height = (lr_max - floor(lo)) * (0.5 ** min(int(t * cycles), cycles - 1) if schedule == "triangular-decreasing" else 1)
+        halvings = min(int(t * cycles), cycles - 1) if schedule == "triangular-decreasing" else 0
+        height = (lr_max - floor(lo)) * 0.5 ** halvings
         return floor(lo) + height * (1 - abs(2 * u - 1))
     if schedule == "cosine":
         return floor(0) + (lr_max - floor(0)) * (1 + math.cos(math.pi * t)) / 2
@@ -225,14 +244,15 @@ def lr_at(step, total_steps, schedule, lr_max, cycles=3, mult=1.0, lr_min=None):
 
 
 def momentum_at(step, total_steps, schedule, momentum=0.9, high=0.95, low=0.85):
-    """Momentum at ``step``: constant, or 'onecycle' (0.95 -> 0.85 at 45% -> 0.95 at 90%, then 0.95),
-    moving opposite to the onecycle learning rate."""
+    """Momentum at ``step``: constant, or 'onecycle' (0.95 -> 0.85 at 45% -> 0.95 at 90%, then
+    0.95), moving opposite to the onecycle learning rate."""
     if schedule == "constant":
         return momentum
     if schedule == "onecycle":
         t = min(max(step / max(total_steps, 1), 0.0), 1.0)
         return float(np.interp(t, [0, 0.45, 0.9, 1], [high, low, high, high]))
-    raise ValueError(f"unknown momentum schedule {schedule!r}; choose from {', '.join(MOMENTUM_SCHEDULES)}")
+    raise ValueError(f"unknown momentum schedule {schedule!r}; choose from "
+                     f"{', '.join(MOMENTUM_SCHEDULES)}")
 
 
 
@@ -247,101 +267,161 @@ def lr_schedule(args, total_steps):
     """(learning rates, momenta): one value per optimiser step of the run (--lr-schedule, --lr-max,
     --lr-min, --lr-cycles, --lr-mult, --momentum-schedule), computed once at set-up; the loop sets
     entry ``it`` before step ``it``."""
-    lrs = [lr_at(i, total_steps, args.lr_schedule, args.lr_max, args.lr_cycles, args.lr_mult, args.lr_min)
-           for i in range(total_steps)]
-    return lrs, [momentum_at(i, total_steps, args.momentum_schedule, args.momentum) for i in range(total_steps)]
+    steps = range(total_steps)
+    lrs = [lr_at(i, total_steps, args.lr_schedule, args.lr_max, args.lr_cycles, args.lr_mult,
+                 args.lr_min) for i in steps]
+    return lrs, [momentum_at(i, total_steps, args.momentum_schedule, args.momentum) for i in steps]
 
 
 # ------------------------------------------------------------------------------------------- flags
 class Parser(argparse.ArgumentParser):
-    """ArgumentParser whose errors are one line (no usage dump): ``prog: error: ... (see --help)``."""
+    """ArgumentParser whose errors are one line (no usage dump): ``prog: error: ... (see
+    --help)``."""
 
     def error(self, message):
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help 100 characters wide whatever the terminal, help texts from column 26, each default
+    shown once (not for flags that are off or whose help already says it)."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=26, width=100)
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser(description):
-    """A training script's parser: a one-line usage (the groups below list every flag), defaults shown."""
-    return Parser(description=description, usage="%(prog)s [flags]   (the regime's own flags first, then the shared ones)",
-                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """A training script's parser: a one-line usage (the groups below list every flag), defaults
+    shown."""
+    return Parser(description=description, formatter_class=HelpFormatter,
+                  usage="%(prog)s [flags]   (the regime's own flags first, then the shared ones)")
 
 
 def add_shared_flags(p, **defaults):
     """The flags every training script shares, in --help groups after the script's own; ``defaults``
     override per regime."""
     g = p.add_argument_group("data and model (shared)")
-    g.add_argument("--dataset", default="cifar10", choices=list(data.DATASETS))
-    g.add_argument("--data-dir", default="./data", help="dataset folder (torchvision layout, or raw IDX .gz files for (fashion)mnist)")
-    g.add_argument("--model", default="preactresnet18", choices=models.ARCH_NAMES)
-    g.add_argument("--act", default="relu", choices=activations.NAMES, help="activation used everywhere in the model")
+    g.add_argument("--dataset", default="cifar10", choices=list(data.DATASETS), metavar="NAME",
+                   help=f"{', '.join(data.DATASETS)}")
+    g.add_argument("--data-dir", default="./data",
+                   help="dataset folder (torchvision layout, or raw IDX .gz files for "
+                        "(fashion)mnist)")
+    g.add_argument("--model", default="preactresnet18", choices=models.ARCH_NAMES, metavar="ARCH",
+                   help=f"{', '.join(models.ARCH_NAMES)}")
+    g.add_argument("--act", default="relu", choices=activations.NAMES,
+                   help="activation used everywhere in the model")
     g.add_argument("--act-scope", default=None, choices=activations.SCOPES,
-                   help="parameter sharing of trainable activations (default: the paper's: network for prelu/psilu/psoftplus/pssilu, channel for kaf)")
-    g.add_argument("--saf-insert", default=None, choices=models.SAF_UNITS, help="Zhao & Griffin: symmetric unit after each conv / hidden fc (overrides --act)")
+                   help="parameter sharing of trainable activations (default: the paper's: network "
+                        "for prelu/psilu/psoftplus/pssilu, channel for kaf)")
+    g.add_argument("--saf-insert", default=None, choices=models.SAF_UNITS,
+                   help="Zhao & Griffin: symmetric unit after each conv / hidden fc (overrides "
+                        "--act)")
     g.add_argument("--kaf-size", type=int, default=None, help="KAF dictionary size D (default 20)")
-    g.add_argument("--kaf-boundary", type=float, default=None, help="KAF dictionary range [-B, B] (default 3)")
-    g.add_argument("--kaf-init", default=None, choices=["elu", "random"], help="KAF init (default elu: kernel ridge regression fit)")
-    g.add_argument("--kaf-gamma", default=None, choices=["paper", "code"], help="KAF bandwidth 1/(6 D^2) (paper, default) or 1/(8 D^2) (reference code)")
+    g.add_argument("--kaf-boundary", type=float, default=None,
+                   help="KAF dictionary range [-B, B] (default 3)")
+    g.add_argument("--kaf-init", default=None, choices=["elu", "random"],
+                   help="KAF init (default elu: kernel ridge regression fit)")
+    g.add_argument("--kaf-gamma", default=None, choices=["paper", "code"],
+                   help="KAF bandwidth 1/(6 D^2) (paper, default) or 1/(8 D^2) (reference code)")
     g.add_argument("--kaf-kernel", default=None, choices=list(activations.KAF_KERNELS),
-                   help="KAF kernel (default gaussian; relu and softplus are the reference code's other kernels)")
+                   help="KAF kernel (default gaussian; relu and softplus are the reference code's "
+                        "other kernels)")
     g.add_argument("--kaf-impl", default=None, choices=list(activations.KAF_IMPLS),
-                   help="how KAF is computed, same result (default auto: fused Triton kernels on a GPU, else a loop over the kernels)")
-    g.add_argument("--softplus-beta", type=float, default=None, help="softplus beta (default 1; SAT also uses 10)")
-    g.add_argument("--kwta-gamma", type=float, default=None, help="k-WTA share of kept units (default 0.1)")
+                   help="how KAF is computed, same result (default auto: fused Triton kernels on a "
+                        "GPU, else a loop over the kernels)")
+    g.add_argument("--softplus-beta", type=float, default=None,
+                   help="softplus beta (default 1; SAT also uses 10)")
+    g.add_argument("--kwta-gamma", type=float, default=None,
+                   help="k-WTA share of kept units (default 0.1)")
     g.add_argument("--n-train", type=int, default=None, help="use only the first N training images")
     g = p.add_argument_group("trainable activations (shared)")
     g.add_argument("--act-init", default=None, metavar="a=A,b=B",
-                   help="initial parameters: a for prelu / psilu / psoftplus / pssilu, b (the shift beta) for pssilu, e.g. a=1.5,b=0.3")
-    g.add_argument("--freeze-act", action="store_true", help="keep the activation's parameters at their initial values (e.g. SSiLU with a fixed beta)")
-    g.add_argument("--act-weight-decay", type=float, default=None, help="weight decay of the activations' parameters (default: --weight-decay, as Dai et al.)")
-    g.add_argument("--act-lr-mult", type=float, default=1.0, help="learning-rate multiplier of the activations' parameters")
-    g.add_argument("--pssilu-reg", type=float, default=10.0, help="PSSiLU: weight of Dai et al.'s L1 penalty on the shift beta (their default 10; 0 = off)")
+                   help="initial parameters: a for prelu / psilu / psoftplus / pssilu, b (the "
+                        "shift beta) for pssilu, e.g. a=1.5,b=0.3")
+    g.add_argument("--freeze-act", action="store_true",
+                   help="keep the activation's parameters at their initial values (e.g. SSiLU with "
+                        "a fixed beta)")
+    g.add_argument("--act-weight-decay", type=float, default=None,
+                   help="weight decay of the activations' parameters (default: --weight-decay, as "
+                        "Dai et al.)")
+    g.add_argument("--act-lr-mult", type=float, default=1.0,
+                   help="learning-rate multiplier of the activations' parameters")
+    g.add_argument("--pssilu-reg", type=float, default=10.0,
+                   help="PSSiLU: weight of Dai et al.'s L1 penalty on the shift beta (their "
+                        "default 10; 0 = off)")
     g.add_argument("--pssilu-beta-clip", type=float, default=None,
-                   help="PSSiLU: clip the gradient norm of the shift parameter to this every step (default: Dai et al.'s, 0.1 with TRADES, else 0.01; 0 = off)")
+                   help="PSSiLU: clip its shift's gradient norm to this each step (default Dai "
+                        "et al.'s: 0.01, 0.1 with TRADES; 0 = off)")
     g = p.add_argument_group("optimisation (shared)")
-    g.add_argument("--epochs", type=int, default=15)
-    g.add_argument("--batch-size", type=int, default=128)
-    g.add_argument("--lr-schedule", default="cyclic", choices=LR_SCHEDULES)
-    g.add_argument("--lr-max", type=float, default=0.2)
-    g.add_argument("--lr-cycles", type=int, default=3, help="cycles of triangular / sgdr / linear-restarts")
-    g.add_argument("--lr-mult", type=float, default=1.0, help="cycle-length multiplier of sgdr / linear-restarts")
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--epochs", type=int, default=15, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=128, help="the global minibatch size")
+    g.add_argument("--lr-schedule", default="cyclic", choices=LR_SCHEDULES,
+                   help="the LR set every iteration (shapes in utils.lr_at)")
+    g.add_argument("--lr-max", type=float, default=0.2, help="the schedule's peak learning rate")
+    g.add_argument("--lr-cycles", type=int, default=3,
+                   help="cycles of triangular / sgdr / linear-restarts")
+    g.add_argument("--lr-mult", type=float, default=1.0,
+                   help="cycle-length multiplier of sgdr / linear-restarts")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (Dai et al.)")
-    g.add_argument("--lr-min", type=float, default=None, help="floor of the decaying and cycling schedules (default: each schedule's own, see utils.lr_at)")
-    g.add_argument("--momentum-schedule", default="constant", choices=MOMENTUM_SCHEDULES)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--lr-min", type=float, default=None,
+                   help="floor of the decaying and cycling schedules (default: each schedule's "
+                        "own, see utils.lr_at)")
+    g.add_argument("--momentum-schedule", default="constant", choices=MOMENTUM_SCHEDULES,
+                   help="onecycle: 0.95 -> 0.85 -> 0.95, against the LR")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
+    g.add_argument("--grad-clip", type=float, default=0.0,
+                   help="clip the gradient norm to this (0 = off)")
     g = p.add_argument_group("adversary (shared)")
-    g.add_argument("--epsilon", type=fraction, default=8 / 255, help="L-inf radius, e.g. 8/255 or 0.1")
+    g.add_argument("--epsilon", type=fraction, default=8 / 255,
+                   help="L-inf radius, e.g. 8/255 or 0.1 (default 8/255)")
     g = p.add_argument_group("evaluation (shared)")
-    g.add_argument("--eval-pgd-steps", type=int, default=20)
-    g.add_argument("--eval-pgd-restarts", type=int, default=1)
-    g.add_argument("--eval-pgd-alpha", type=fraction, default=None, help="PGD step for the final evaluation (default eps/4, i.e. 2/255 at 8/255)")
-    g.add_argument("--n-eval", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    g.add_argument("--eval-pgd-steps", type=int, default=20, help="PGD steps of the final evaluation")
+    g.add_argument("--eval-pgd-restarts", type=int, default=1, help="PGD restarts of the final evaluation")
+    g.add_argument("--eval-pgd-alpha", type=fraction, default=None,
+                   help="PGD step for the final evaluation (default eps/4, i.e. 2/255 at 8/255)")
+    g.add_argument("--n-eval", type=int, default=None,
+                   help="evaluate on the first N test images (default: all)")
     g.add_argument("--eval-every", type=int, default=0, metavar="N",
-                   help="every N optimiser steps, clean and PGD-10 accuracy on the first --eval-every-images test images into summary.json's 'curve' (0 = off)")
-    g.add_argument("--eval-every-images", type=int, default=500, help="test images of the --eval-every probe")
+                   help="every N optimiser steps: clean and PGD-10 accuracy on the first "
+                        "--eval-every-images test images -> summary.json 'curve'")
+    g.add_argument("--eval-every-images", type=int, default=500,
+                   help="test images of the --eval-every probe")
     g.add_argument("--co-guard", type=float, default=0.2,
-                   help="catastrophic-overfitting guard: stop and restore the best weights when held-out PGD accuracy drops by more than this (0 = off)")
+                   help="catastrophic-overfitting guard: stop and restore the best weights when "
+                        "held-out PGD accuracy drops by more than this (0 = off)")
     g = p.add_argument_group("run (shared)")
-    g.add_argument("--device", default=DEFAULT_DEVICE)
+    g.add_argument("--device", default=DEFAULT_DEVICE, help="cuda, cuda:N or cpu")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16 with a loss scaler); off on CPU")
-    g.add_argument("--channels-last", type=int, default=1, choices=[0, 1], help="channels_last memory format on CUDA")
+                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16 with a "
+                        "loss scaler); off on CPU")
+    g.add_argument("--channels-last", type=int, default=1, choices=[0, 1],
+                   help="channels_last memory format on CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out-dir", default=None, help="where the checkpoint and summary.json go (default runs/<script>_<dataset>_<model>_<act>)")
+    g.add_argument("--seed", type=int, default=0, help="seeds every random number generator")
+    g.add_argument("--out-dir", default=None,
+                   help="where the checkpoint and summary.json go (default runs/<script>_<dataset>_"
+                        "<model>_<act>)")
     g.add_argument("--resume", action="store_true",
-                   help="continue from <out-dir>/checkpoint.pt (written every epoch, with optimiser, RNG and regime state); starts fresh if there is none")
+                   help="continue from <out-dir>/checkpoint.pt (written every epoch with the "
+                        "optimiser, RNG and loop state); fresh if none")
     g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out-dir that holds another run's checkpoint.pt (its checkpoints, summary and eval files are deleted)")
+                   help="start afresh in an --out-dir that holds another run's checkpoint.pt (its "
+                        "checkpoints, summary and eval files are deleted)")
     p.set_defaults(**defaults)
     return p
 
 
 def parse_args(parser, argv=None, checks=()):
     """Parse and validate the shared flags, and with each function of ``checks`` (args -> list of
-    problems) those of other modules; any problem becomes a one-line ``error: ...`` and exit code 2."""
+    problems) those of other modules; any problem becomes a one-line ``error: ...`` and exit code
+    2."""
     args = parser.parse_args(argv)
     problems = []
     if not 0 < args.epsilon <= 1:
@@ -362,17 +442,22 @@ def parse_args(parser, argv=None, checks=()):
         problems.append("--lr-min must be in [0, --lr-max)")
     if args.nesterov and args.momentum <= 0:
         problems.append("--nesterov needs --momentum > 0")
-    if min(args.pssilu_reg, args.act_lr_mult, args.act_weight_decay or 0, args.pssilu_beta_clip or 0) < 0:
-        problems.append("--pssilu-reg, --pssilu-beta-clip, --act-lr-mult and --act-weight-decay must be >= 0")
+    if min(args.pssilu_reg, args.act_lr_mult, args.act_weight_decay or 0,
+           args.pssilu_beta_clip or 0) < 0:
+        problems.append("--pssilu-reg, --pssilu-beta-clip, --act-lr-mult and --act-weight-decay "
+                        "must be >= 0")
     for check in checks:
         problems += check(args)
     if device_problem(args.device):
         problems.append(device_problem(args.device))
     if args.resume and args.overwrite:
-        problems.append("--resume and --overwrite cannot be combined (continue the run, or replace it)")
-    if args.kaf_size is not None and args.kaf_size > KAF_MAX_SIZE:  # its ridge fit solves a D x D system per layer
+        problems.append("--resume and --overwrite cannot be combined (continue the run, or replace "
+                        "it)")
+    # its ridge fit solves a D x D system per layer
+    if args.kaf_size is not None and args.kaf_size > KAF_MAX_SIZE:
         problems.append(f"--kaf-size must be <= {KAF_MAX_SIZE}, got {args.kaf_size}")
-    if args.kaf_impl == "triton" and not args.device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if args.kaf_impl == "triton" and not args.device.startswith("cuda") and not interpreted:
         problems.append("--kaf-impl triton runs on CUDA only (or under TRITON_INTERPRET=1, slowly)")
     try:
         activations.make_factory(args.act, args.act_scope, **act_options(args))
@@ -383,11 +468,13 @@ def parse_args(parser, argv=None, checks=()):
     return args
 
 
-KAF_MAX_SIZE = 1000  # beyond, the ridge initialisation (a D x D solve per layer) takes minutes to hours
+# beyond, the ridge initialisation (a D x D solve per layer) takes minutes to hours
+KAF_MAX_SIZE = 1000
 
 # flag dest -> (the activation it belongs to, its constructor option)
-ACT_OPTION_FLAGS = {"kaf_size": ("kaf", "size"), "kaf_boundary": ("kaf", "boundary"), "kaf_init": ("kaf", "init"),
-                    "kaf_gamma": ("kaf", "gamma_rule"), "kaf_kernel": ("kaf", "kernel"), "kaf_impl": ("kaf", "impl"),
+ACT_OPTION_FLAGS = {"kaf_size": ("kaf", "size"), "kaf_boundary": ("kaf", "boundary"),
+                    "kaf_init": ("kaf", "init"), "kaf_gamma": ("kaf", "gamma_rule"),
+                    "kaf_kernel": ("kaf", "kernel"), "kaf_impl": ("kaf", "impl"),
                     "softplus_beta": ("softplus", "beta"), "kwta_gamma": ("kwta", "gamma")}
 
 
@@ -397,24 +484,29 @@ ACT_INIT_KEYS = {"prelu": {"a": "init"}, "psilu": {"a": "init"}, "psoftplus": {"
 
 
 def act_options(args):
-    """Activation constructor options from the flags; an option for another activation is refused."""
+    """Activation constructor options from the flags; an option for another activation is
+    refused."""
     options = {}
     if getattr(args, "act_init", None):
         keys = ACT_INIT_KEYS.get(args.act)
         if keys is None:
-            raise ValueError(f"--act-init applies to --act {', '.join(ACT_INIT_KEYS)}, not --act {args.act}")
+            raise ValueError(f"--act-init applies to --act {', '.join(ACT_INIT_KEYS)}, not --act "
+                             f"{args.act}")
         for item in args.act_init.split(","):
             key, _, value = item.partition("=")
             try:
                 options[keys[key.strip()]] = float(value)
             except (KeyError, ValueError):
-                raise ValueError(f"--act-init {args.act_init!r}: expected {','.join(k + '=NUMBER' for k in keys)} for --act {args.act}") from None
+                wanted = ",".join(k + "=NUMBER" for k in keys)
+                raise ValueError(f"--act-init {args.act_init!r}: expected {wanted} for --act "
+                                 f"{args.act}") from None
     for flag, (act, key) in ACT_OPTION_FLAGS.items():
         value = getattr(args, flag, None)
         if value is None:
             continue
         if act != args.act:
-            raise ValueError(f"--{flag.replace('_', '-')} applies to --act {act}, not --act {args.act}")
+            raise ValueError(f"--{flag.replace('_', '-')} applies to --act {act}, not --act "
+                             f"{args.act}")
         options[key] = value
     return options
 
@@ -431,7 +523,8 @@ def distributed_setup(args):
         return 0, 1
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} "
+                        f"processes")
     backend = "gloo"
     if args.device.startswith("cuda"):
         torch.cuda.set_device(local)
@@ -449,9 +542,9 @@ def seed_everything(seed):
 
 
 def amp_dtype_for(device_type, flag, bf16_supported):
-    """(autocast dtype or None, whether a loss scaler is needed) for ``--amp flag`` on a device type:
-    float32 (None) on CPU or with 'off'; 'auto' picks bf16 where ``bf16_supported``, else fp16, and
-    only fp16 needs the scaler (its range is too small for unscaled gradients)."""
+    """(autocast dtype or None, whether a loss scaler is needed) for ``--amp flag`` on a device
+    type: float32 (None) on CPU or with 'off'; 'auto' picks bf16 where ``bf16_supported``, else
+    fp16, and only fp16 needs the scaler (its range is too small for unscaled gradients)."""
     if device_type != "cuda" or flag == "off":
         return None, False
     if flag == "auto":
@@ -487,8 +580,10 @@ def lock_out_dir(out_dir):
             if holder == me:  # this process already holds it (a second run in the same process)
                 return path
             if host != socket.gethostname() or not pid.isdigit() or _alive(int(pid)):
-                raise UserError(f"--out-dir {out_dir} is in use by process {pid or '?'} on {host or '?'} ({path}); "
-                                f"wait for it, use another --out-dir, or delete {path} if that process is gone")
+                raise UserError(f"--out-dir {out_dir} is in use by process {pid or '?'} on "
+                                f"{host or '?'} ({path}); "
+                                f"wait for it, use another --out-dir, or delete {path} if that "
+                                "process is gone")
             try:  # a stale lock: its process is dead
                 os.remove(path)
             except FileNotFoundError:
@@ -527,7 +622,8 @@ def prepare_out_dir(args, script, rank):
     (:func:`lock_out_dir`); a folder holding another run's checkpoint.pt is refused unless --resume
     continues it or --overwrite replaces it (then its checkpoints, summary.json and eval files are
     deleted first, so that no old result stays beside the new run)."""
-    out_dir = args.out_dir or os.path.join("runs", f"{script}_{args.dataset}_{args.model}_{run_name(args)}")
+    name = f"{script}_{args.dataset}_{args.model}_{run_name(args)}"
+    out_dir = args.out_dir or os.path.join("runs", name)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out-dir {out_dir} is a file, not a folder")
     try:
@@ -538,12 +634,15 @@ def prepare_out_dir(args, script, rank):
         raise UserError(f"--out-dir {out_dir} is not writable")
     if rank == 0:
         lock_out_dir(out_dir)
-    if os.path.exists(os.path.join(out_dir, "checkpoint.pt")) and not (args.resume or args.overwrite or getattr(args, "lr_find", False)):
-        raise UserError(f"--out-dir {out_dir} holds another run's checkpoint.pt; continue it with --resume, "
+    continues = args.resume or args.overwrite or getattr(args, "lr_find", False)
+    if os.path.exists(os.path.join(out_dir, "checkpoint.pt")) and not continues:
+        raise UserError(f"--out-dir {out_dir} holds another run's checkpoint.pt; continue it with "
+                        "--resume, "
                         f"replace it with --overwrite, or use another --out-dir")
     if args.overwrite and rank == 0:
         for name in sorted(os.listdir(out_dir)):
-            if name in ("checkpoint.pt", "interrupted.pt", "summary.json") or (name.startswith("eval") and name.endswith((".json", ".png"))):
+            evaluation = name.startswith("eval") and name.endswith((".json", ".png"))
+            if name in ("checkpoint.pt", "interrupted.pt", "summary.json") or evaluation:
                 os.remove(os.path.join(out_dir, name))
     return out_dir
 
@@ -553,28 +652,37 @@ def setup(args, script, arrays=None):
 
     script, rank, world  the script's name; this process's place under torchrun ((0, 1) without it)
     device, out_dir      the device, and the folder of checkpoint.pt / summary.json (created)
-    batches              the training minibatches (:class:`Batches`: uint8 data on the device, this rank's shard)
+    batches              the training minibatches (:class:`Batches`: uint8 data on the device, this
+                         rank's shard)
     x_test, y_test       the test set (the first --n-eval images) as floats in [0, 1] on the device
     x_held, y_held       512 fixed training images: the catastrophic-overfitting guard's PGD probe
     model                models.build's model (normalises inside, takes [0, 1] images)
-    forward              what the training loss calls: the model, its DDP wrapper under torchrun, compiled with --compile
-    attack_forward       what attacks call: the bare (compiled) model -- they need input gradients only
+    forward              what the training loss calls: the model, its DDP wrapper under torchrun,
+                         compiled with --compile
+    attack_forward       what attacks call: the bare (compiled) model -- they need input gradients
+                         only
     opt, scaler          SGD, the activations' own parameters in a group of their own decayed at
-                         --act-weight-decay (default --weight-decay: Dai et al.'s train.py builds one SGD
-                         over model.parameters() with weight decay, so their PAF parameters are decayed
-                         too), and the fp16 loss scaler (disabled unless --amp gives fp16)
-    amp_dtype, amp       the mixed-precision dtype (None: float32) and its context, made once here and
-                         entered as ``with run.amp:`` (nanoGPT's ``ctx``): autocast, or a no-op in float32
+                         --act-weight-decay (default --weight-decay: Dai et al.'s train.py builds
+                         one SGD over model.parameters() with weight decay, so their PAF parameters
+                         are decayed too), and the fp16 loss scaler (disabled unless --amp gives
+                         fp16)
+    amp_dtype, amp       the mixed-precision dtype (None: float32) and its context, made once here
+                         and entered as ``with run.amp:`` (nanoGPT's ``ctx``): autocast, or a no-op
+                         in float32
     channels_last        whether model and batches are channels_last (CUDA only)
-    pssilu_reg           Dai et al.'s L1 penalty weight on PSSiLU's shift (0.0 unless --act pssilu trains it)
-    shift_params         PSSiLU's shift parameters whose gradient norm each step clips to --pssilu-beta-clip
-                         (default Dai et al.'s 0.01; train_pgd's TRADES sets 0.1), [] for every other run
+    pssilu_reg           Dai et al.'s L1 penalty weight on PSSiLU's shift (0.0 unless --act pssilu
+                         trains it)
+    shift_params         PSSiLU's shift parameters whose gradient norm each step clips to
+                         --pssilu-beta-clip (default Dai et al.'s 0.01; train_pgd's TRADES sets
+                         0.1), [] for every other run
 
     Seeds every RNG with --seed first, the same on every rank (Batches relies on it for disjoint
-    shards).  ``arrays`` = (x_train, y_train, x_test, y_test), uint8 images and int64 labels, replaces
+    shards).  ``arrays`` = (x_train, y_train, x_test, y_test), uint8 images and int64 labels,
+              replaces
     loading --dataset (bench.py passes synthetic data of the dataset's shape)."""
     rank, world = distributed_setup(args)
-    out_dir = prepare_out_dir(args, script, rank)  # writable, locked, no other run's checkpoint: before any work
+    # writable, locked, no other run's checkpoint: before any work
+    out_dir = prepare_out_dir(args, script, rank)
     seed_everything(args.seed)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -591,25 +699,30 @@ def setup(args, script, arrays=None):
     if args.n_eval:
         x_test, y_test = x_test[:args.n_eval], y_test[:args.n_eval]
     channels_last = cuda and bool(args.channels_last)
-    batches = data.Batches(x_train.to(device), y_train.to(device), args.batch_size // world, shuffle=True, augment=augment,
-                      channels_last=channels_last, rank=rank, world=world)
-    held = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed + 1))[:min(512, len(x_train))]
-    # ---- model; attacks need input gradients only: they use the bare model, the training loss the DDP one
+    batches = data.Batches(x_train.to(device), y_train.to(device), args.batch_size // world, shuffle=True,
+                           augment=augment, channels_last=channels_last, rank=rank, world=world)
+    held = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed + 1))
+    held = held[:min(512, len(x_train))]
+    # ---- model; attacks need input gradients only: the bare model; the training loss: the DDP one
     model = models.build(args.model, args.act, classes, channels, size, mean, std, args.act_scope,
                          act_options(args), args.saf_insert).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     attack_forward = forward = torch.compile(model) if args.compile else model
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
+        ddp = torch.nn.parallel.DistributedDataParallel(model,
+                                                        device_ids=[device.index] if cuda else None)
         forward = torch.compile(ddp) if args.compile else ddp
-    # ---- SGD; the activations' own parameters in a group of their own (--act-weight-decay, --act-lr-mult, --freeze-act)
+    # ---- SGD; the activations' own parameters in a group of their own (--act-weight-decay,
+    # --act-lr-mult, --freeze-act)
     act_params = {id(p): p for m in activations.activation_modules(model) for p in m.parameters()}
     for p in act_params.values():
         p.requires_grad_(not args.freeze_act)
     act_decay = args.weight_decay if args.act_weight_decay is None else args.act_weight_decay
-    opt = torch.optim.SGD([{"params": [p for p in model.parameters() if id(p) not in act_params], "weight_decay": args.weight_decay},
-                           {"params": list(act_params.values()), "weight_decay": act_decay, "lr_mult": args.act_lr_mult}],
+    others = [p for p in model.parameters() if id(p) not in act_params]
+    opt = torch.optim.SGD([{"params": others, "weight_decay": args.weight_decay},
+                           {"params": list(act_params.values()), "weight_decay": act_decay,
+                            "lr_mult": args.act_lr_mult}],
                           lr=0.0, momentum=args.momentum, nesterov=args.nesterov)
     # ---- mixed precision: bf16 where supported, else fp16 with a loss scaler; float32 on CPU
     amp_dtype, fp16 = amp_dtype_for(device.type, args.amp, cuda and torch.cuda.is_bf16_supported())
@@ -618,11 +731,13 @@ def setup(args, script, arrays=None):
         x_test=x_test.to(device).float().div_(255), y_test=y_test.to(device),
         x_held=x_train[held].to(device).float().div_(255), y_held=y_train[held].to(device),
         model=model, forward=forward, attack_forward=attack_forward, opt=opt,
-        scaler=torch.amp.GradScaler("cuda", enabled=fp16), amp_dtype=amp_dtype, channels_last=channels_last)
+        scaler=torch.amp.GradScaler("cuda", enabled=fp16), amp_dtype=amp_dtype,
+        channels_last=channels_last)
     run.amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     pssilu = args.act == "pssilu" and not args.freeze_act  # PSSiLU-only work is set up here, once
     run.pssilu_reg = args.pssilu_reg if pssilu else 0.0
-    clip = args.pssilu_beta_clip if args.pssilu_beta_clip is not None else activations.PSSILU_SHIFT_GRAD_CLIP
+    clip = args.pssilu_beta_clip
+    clip = activations.PSSILU_SHIFT_GRAD_CLIP if clip is None else clip
     run.shift_params = activations.pssilu_shift_parameters(model) if pssilu and clip > 0 else []
     run.shift_clip = clip
     return run
@@ -645,7 +760,8 @@ def epoch_result(run, loss_sum, correct, seen):
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     if run.world > 1:
-        totals = torch.stack([loss_sum, correct.float(), torch.tensor(float(seen), device=run.device)])
+        totals = torch.stack([loss_sum, correct.float(),
+                              torch.tensor(float(seen), device=run.device)])
         torch.distributed.all_reduce(totals)
         loss_sum, correct, seen = totals[0], totals[1], totals[2].item()
     return loss_sum.item() / seen, correct.item() / seen
@@ -684,46 +800,53 @@ def probe(run, args, it, lr):
 
 
 def collapsed(held, best, co_guard):
-    """The catastrophic-overfitting guard: held-out PGD accuracy fell by more than ``co_guard`` below
-    the best epoch's (``best`` = {epoch, held_pgd_acc, model_state} or None)."""
+    """The catastrophic-overfitting guard: held-out PGD accuracy fell by more than ``co_guard``
+    below the best epoch's (``best`` = {epoch, held_pgd_acc, model_state} or None)."""
     return co_guard > 0 and best is not None and held < best["held_pgd_acc"] - co_guard
 
 
 def new_state(run, args, passes, **extra):
     """What the loop carries, saved whole in every checkpoint and restored whole by --resume: epoch
-    (completed), iteration (optimiser steps), history (a row per epoch), best (the guard's best epoch
-    and its weights), guard (its record once it stopped the run), curve (the --eval-every probes),
-    train_time_s, and the regime's own entries (``extra``: Free's delta, PGD's attack steps)."""
-    state = dict(epoch=0, iteration=0, history=[], best=None, guard=None, curve=[], train_time_s=0.0, **extra)
+    (completed), iteration (optimiser steps), history (a row per epoch), best (the guard's best
+    epoch and its weights), guard (its record once it stopped the run), curve (the --eval-every
+    probes), train_time_s, and the regime's own entries (``extra``: Free's delta, PGD's attack
+    steps)."""
+    state = dict(epoch=0, iteration=0, history=[], best=None, guard=None, curve=[], train_time_s=0.0,
+                 **extra)
     if args.resume and (ckpt := load_for_resume(run, args, passes)):
         state.update((k, ckpt[k]) for k in state)
     return state
 
 
 def end_epoch(run, args, state, train_loss, train_acc, lr, seconds, label="epoch"):
-    """The epoch-end block every regime shares: the held-out PGD probe, the history row and log line,
-    the catastrophic-overfitting guard (back to the best epoch's weights, stop), the best weights and
-    the checkpoint.  Returns True when the guard stopped the run."""
+    """The epoch-end block every regime shares: the held-out PGD probe, the history row and log
+    line, the catastrophic-overfitting guard (back to the best epoch's weights, stop), the best
+    weights and the checkpoint.  Returns True when the guard stopped the run."""
     state["train_time_s"] += seconds
     sync_buffers(run)
     held = held_out_pgd(run, args.epsilon)
     epoch = state["epoch"] + 1
-    state["history"].append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, held_pgd_acc=held,
-                                 lr=lr, time_s=round(state["train_time_s"], 2)))
+    state["history"].append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
+                                 held_pgd_acc=held, lr=lr, time_s=round(state["train_time_s"], 2)))
     state["epoch"] = epoch
-    log(run, f"{label} {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  held-out PGD-10 acc {held:.4f}  "
+    log(run, f"{label} {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  held-out PGD-10 acc "
+             f"{held:.4f}  "
              f"lr {lr:.4g}  time {state['train_time_s']:.1f}s")
     best = state["best"]
-    if collapsed(held, best, args.co_guard):  # catastrophic overfitting: back to the best epoch, stop
+    # catastrophic overfitting: back to the best epoch, stop
+    if collapsed(held, best, args.co_guard):
         state["guard"] = dict(epoch=epoch, held_pgd_acc=held, best_held_pgd_acc=best["held_pgd_acc"],
                               restored_epoch=best["epoch"])
-        log(run, f"catastrophic overfitting detected in {label} {epoch}: held-out PGD accuracy fell from "
-                 f"{best['held_pgd_acc']:.3f} to {held:.3f}; restoring the weights of {label} {best['epoch']} "
+        log(run, f"catastrophic overfitting detected in {label} {epoch}: held-out PGD accuracy "
+                 "fell from "
+                 f"{best['held_pgd_acc']:.3f} to {held:.3f}; restoring the weights of {label} "
+                 f"{best['epoch']} "
                  f"and stopping")
         run.model.load_state_dict(best["model_state"])
         return True
     if best is None or held >= best["held_pgd_acc"]:
-        state["best"] = dict(epoch=epoch, held_pgd_acc=held, model_state=copy.deepcopy(run.model.state_dict()))
+        state["best"] = dict(epoch=epoch, held_pgd_acc=held,
+                             model_state=copy.deepcopy(run.model.state_dict()))
     save_checkpoint(run, args, os.path.join(run.out_dir, "checkpoint.pt"), **state)
     return False
 
@@ -748,7 +871,8 @@ def check_writable(path, flag="--out"):
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise UserError(f"{flag} {path}: cannot create its folder ({e.strerror or e})") from None
-    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    read_only = os.path.exists(path) and not os.access(path, os.W_OK)
+    if not os.access(folder, os.W_OK | os.X_OK) or read_only:
         raise UserError(f"{flag} {path} is not writable")
 
 
@@ -760,10 +884,13 @@ def write_json(obj, path):
 
 
 def rng_states(device):
-    """Every RNG's state as tensors and plain values (so the checkpoint loads with weights_only=True)."""
+    """Every RNG's state as tensors and plain values (so the checkpoint loads with
+    weights_only=True)."""
     _, key, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+            "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                      "cached": cached},
             "python": random.getstate()}
 
 
@@ -772,7 +899,8 @@ def set_rng_states(rng, device):
     if rng["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
     n = rng["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    key = n["key"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, n["pos"], n["has_gauss"], n["cached"]))
     random.setstate(rng["python"])
 
 
@@ -783,43 +911,52 @@ def save_checkpoint(run, args, path, **state):
     Atomic; rank 0 only."""
     if run.rank != 0:
         return
-    dataset = dict(name=args.dataset, **dict(zip(("channels", "size", "classes"), data.DATASETS[args.dataset][:3])))
+    shape = dict(zip(("channels", "size", "classes"), data.DATASETS[args.dataset][:3]))
+    dataset = dict(name=args.dataset, **shape)
     save_atomic({"model_config": run.model.config, "model_state": run.model.state_dict(), "args": vars(args),
                  "script": run.script, "dataset": dataset, "optimizer": run.opt.state_dict(),
                  "scaler": run.scaler.state_dict(), "rng": rng_states(run.device), **state}, path)
 
 
 # flags a resumed run may change: more epochs, where and how it runs, how it is finally evaluated
-RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "out_dir", "data_dir", "device", "compile", "kaf_impl", "n_eval",
-                     "eval_pgd_steps", "eval_pgd_restarts", "eval_pgd_alpha"}
+RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "out_dir", "data_dir", "device", "compile",
+                     "kaf_impl", "n_eval", "eval_pgd_steps", "eval_pgd_restarts", "eval_pgd_alpha"}
 
 
 def load_for_resume(run, args, passes):
     """Restore model, optimiser, scaler and RNG states from <out-dir>/checkpoint.pt of the same
-    script, model and training flags (only RESUMABLE_CHANGES may differ); returns the checkpoint (its loop state: epoch, iteration, history, ...), or
-    None when there is none yet.  ``passes``: the epochs (Free: passes) the run is to train."""
+    script, model and training flags (only RESUMABLE_CHANGES may differ); returns the checkpoint
+    (its loop state: epoch, iteration, history, ...), or None when there is none yet.  ``passes``:
+    the epochs (Free: passes) the run is to train."""
     path = os.path.join(run.out_dir, "checkpoint.pt")
     if not os.path.exists(path):
         log(run, f"--resume: no checkpoint in {run.out_dir} yet, starting from scratch")
         return None
     ckpt = models.read_checkpoint(path, map_location=run.device)
     if "rng" not in ckpt or "model_config" not in ckpt:
-        raise models.CheckpointError(f"cannot resume from {path}: not a resumable checkpoint of this project")
+        raise models.CheckpointError(f"cannot resume from {path}: not a resumable checkpoint of "
+                                     "this project")
     if ckpt["script"] != run.script or ckpt["model_config"] != run.model.config:
-        theirs = f"{ckpt['script']} {ckpt['model_config'].get('arch')} act={ckpt['model_config'].get('act')}"
-        raise models.CheckpointError(f"cannot resume from {path}: it is a {theirs} run, not this one "
-                                     f"({run.script} {run.model.config.get('arch')} act={run.model.config.get('act')}); use another --out-dir")
+        config = ckpt["model_config"]
+        theirs = f"{ckpt['script']} {config.get('arch')} act={config.get('act')}"
+        raise models.CheckpointError(f"cannot resume from {path}: it is a {theirs} run, not this "
+                                     "one "
+                                     f"({run.script} {run.model.config.get('arch')} "
+                                     f"act={run.model.config.get('act')}); use another --out-dir")
     changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r} -> {v!r}" for k, v in vars(args).items()
                if k not in RESUMABLE_CHANGES and ckpt["args"].get(k) != v]
     if changed:
-        raise models.CheckpointError(f"cannot resume from {path}: training flags differ from the run's ({', '.join(changed)}); "
+        raise models.CheckpointError(f"cannot resume from {path}: training flags differ from the "
+                                     f"run's ({', '.join(changed)}); "
                                      f"use the run's flags or another --out-dir")
     run.model.load_state_dict(ckpt["model_state"])
     run.opt.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
     set_rng_states(ckpt["rng"], run.device)
-    finished = " (stopped by the overfitting guard)" if ckpt["guard"] else " (finished)" if ckpt["epoch"] >= passes else ""
-    log(run, f"resumed from {path}: {ckpt['epoch']} epochs done{finished}, optimizer step {ckpt['iteration']}")
+    finished = (" (stopped by the overfitting guard)" if ckpt["guard"]
+                else " (finished)" if ckpt["epoch"] >= passes else "")
+    log(run, f"resumed from {path}: {ckpt['epoch']} epochs done{finished}, optimizer step "
+             f"{ckpt['iteration']}")
     return ckpt
 
 
@@ -827,21 +964,26 @@ def load_for_resume(run, args, passes):
 def start_summary(run, args, passes, regime, state, label="epoch"):
     """summary.json's first fields; logs the run's first line."""
     summary = {"script": run.script, "regime": regime, "flags": vars(args), "device": str(run.device),
-               "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "off", "world_size": run.world,
+               "amp": str(run.amp_dtype).replace("torch.", "") if run.amp_dtype else "off",
+               "world_size": run.world,
                "activation_params": activations.activation_parameter_count(run.model),
                "kaf_impl": activations.kaf_impls(run.model, run.device, compiled=args.compile),
                "model_params": sum(p.numel() for p in run.model.parameters()),
                "catastrophic_overfitting": state["guard"], "stopped_early": None, "diverged": None}
-    log(run, f"{run.script}: {args.dataset} {args.model} act={run_name(args)} eps={args.epsilon:.4g} "
-             f"{passes} {label}{'es' if label.endswith('s') else 's'} x {len(run.batches)} batches on {run.device}"
+    log(run, f"{run.script}: {args.dataset} {args.model} act={run_name(args)} "
+             f"eps={args.epsilon:.4g} "
+             f"{passes} {label}{'es' if label.endswith('s') else 's'} x {len(run.batches)} batches "
+             f"on {run.device}"
              f"{f' x {run.world} processes' if run.world > 1 else ''} (amp {summary['amp']}"
-             f"{', kaf ' + '+'.join(summary['kaf_impl']) if summary['kaf_impl'] else ''}), out {run.out_dir}")
+             f"{', kaf ' + '+'.join(summary['kaf_impl']) if summary['kaf_impl'] else ''}), out "
+             f"{run.out_dir}")
     return summary
 
 
 def pgd_config(args):
     alpha = args.eval_pgd_alpha if args.eval_pgd_alpha is not None else args.epsilon / 4
-    return dict(eps=args.epsilon, alpha=alpha, steps=args.eval_pgd_steps, restarts=args.eval_pgd_restarts)
+    return dict(eps=args.epsilon, alpha=alpha, steps=args.eval_pgd_steps,
+                restarts=args.eval_pgd_restarts)
 
 
 def results(run, args, state, evaluated):
@@ -852,7 +994,8 @@ def results(run, args, state, evaluated):
     return {"epochs_completed": state["epoch"], "train_time_s": round(state["train_time_s"], 2),
             "pgd": pgd_config(args), "n_eval": len(run.y_test), "history": state["history"],
             "curve": list(state["curve"]), "evaluated": evaluated,
-            "activation_values": activations.activation_parameter_values(run.model), "counts": counts,
+            "activation_values": activations.activation_parameter_values(run.model),
+            "counts": counts,
             "checkpoint": os.path.join(run.out_dir, "checkpoint.pt")}
 
 
@@ -861,8 +1004,10 @@ def evaluate(run, args):
     cfg = pgd_config(args)
     bar = lambda desc: (lambda it: tqdm(it, desc=desc, leave=False, dynamic_ncols=True))
     clean, _ = attacks.robust_accuracy(run.model, run.x_test, run.y_test, progress=bar("eval clean"))
-    attack = lambda m, x, y: attacks.pgd(m, x, y, cfg["eps"], cfg["alpha"], cfg["steps"], cfg["restarts"])
-    robust, _ = attacks.robust_accuracy(run.model, run.x_test, run.y_test, attack, progress=bar(f"eval PGD-{cfg['steps']}"))
+    attack = lambda m, x, y: attacks.pgd(m, x, y, cfg["eps"], cfg["alpha"], cfg["steps"],
+                                         cfg["restarts"])
+    robust, _ = attacks.robust_accuracy(run.model, run.x_test, run.y_test, attack,
+                                        progress=bar(f"eval PGD-{cfg['steps']}"))
     return clean, robust
 
 
@@ -883,7 +1028,8 @@ def finish(run, args, summary, state, label="epoch"):
     summary.update(catastrophic_overfitting=guard,
                    stopped_early=guard and f"catastrophic overfitting in {label} {guard['epoch']}")
     summary.update(results(run, args, state, evaluated=False))
-    if run.world > 1:  # the DDP test's witness: each rank's parameters as a digest of their exact bytes
+    # the DDP test's witness: each rank's parameters as a digest of their exact bytes
+    if run.world > 1:
         digest = parameter_digest(run.model)
         gathered = [None] * run.world
         torch.distributed.all_gather_object(gathered, digest)
@@ -894,10 +1040,13 @@ def finish(run, args, summary, state, label="epoch"):
         return summary
     try:
         clean, robust = evaluate(run, args)
-    except KeyboardInterrupt:  # the model is trained and in checkpoint.pt: say so in a partial summary
-        summary["stopped_early"] = "; ".join(filter(None, [summary.get("stopped_early"), "interrupted in the final evaluation"]))
+    # the model is trained and in checkpoint.pt: say so in a partial summary
+    except KeyboardInterrupt:
+        stops = [summary.get("stopped_early"), "interrupted in the final evaluation"]
+        summary["stopped_early"] = "; ".join(filter(None, stops))
         write_json(summary, os.path.join(run.out_dir, "summary.json"))
-        log(run, f"interrupted in the final evaluation: checkpoint.pt holds the trained model (--resume or eval.py "
+        log(run, f"interrupted in the final evaluation: checkpoint.pt holds the trained model "
+                 "(--resume or eval.py "
                  f"evaluates it), partial summary.json in {run.out_dir}", error=True)
         release_out_dir(run.out_dir)
         raise
@@ -905,8 +1054,10 @@ def finish(run, args, summary, state, label="epoch"):
     write_json(summary, os.path.join(run.out_dir, "summary.json"))
     release_out_dir(run.out_dir)
     cfg = summary["pgd"]
-    log(run, f"clean acc {clean:.4f}  PGD-{cfg['steps']}x{cfg['restarts']} (eps {cfg['eps']:.4g}, step {cfg['alpha']:.4g}) "
-             f"acc {robust:.4f}  train time {summary['train_time_s']:.1f}s  -> {run.out_dir}/summary.json")
+    log(run, f"clean acc {clean:.4f}  PGD-{cfg['steps']}x{cfg['restarts']} (eps {cfg['eps']:.4g}, "
+             f"step {cfg['alpha']:.4g}) "
+             f"acc {robust:.4f}  train time {summary['train_time_s']:.1f}s  -> "
+             f"{run.out_dir}/summary.json")
     if run.world > 1:
         torch.distributed.barrier()
     return summary
@@ -918,7 +1069,8 @@ def record_stop(run, args, stop, summary, state, label="epoch"):
     resumable).  Returns the exception to raise: Diverged with where its last good checkpoint is."""
     summary.update(results(run, args, state, evaluated=False))
     epochs_done = state["epoch"]
-    summary["stopped_early"] = f"interrupted in {label} {epochs_done + 1}" if isinstance(stop, KeyboardInterrupt) else str(stop)
+    interrupted = isinstance(stop, KeyboardInterrupt)
+    summary["stopped_early"] = f"interrupted in {label} {epochs_done + 1}" if interrupted else str(stop)
     if isinstance(stop, Diverged):
         summary["diverged"] = str(stop)
     else:
@@ -928,9 +1080,14 @@ def record_stop(run, args, stop, summary, state, label="epoch"):
         release_out_dir(run.out_dir)
     if isinstance(stop, KeyboardInterrupt):
         kept = (f"checkpoint.pt holds {label} {epochs_done} (continue with --resume)"
-                if os.path.exists(os.path.join(run.out_dir, "checkpoint.pt")) else f"no {label} completed, so no checkpoint.pt yet")
-        log(run, f"interrupted: {kept}, the current weights are in interrupted.pt, summary.json in {run.out_dir}", error=True)
+                if os.path.exists(os.path.join(run.out_dir, "checkpoint.pt")) else f"no {label} "
+                                                                                   "completed, so "
+                                                                                   "no "
+                                                                                   "checkpoint.pt "
+                                                                                   "yet")
+        log(run, f"interrupted: {kept}, the current weights are in interrupted.pt, summary.json in "
+                 f"{run.out_dir}", error=True)
         return stop
     return Diverged(stop.epoch, stop.batch, stop.batches, stop.label,
-                    (f"; checkpoint.pt keeps {label} {epochs_done}" if epochs_done else "; no epoch completed, no checkpoint")
-                    + f", reason in {run.out_dir}/summary.json")
+                    (f"; checkpoint.pt keeps {label} {epochs_done}" if epochs_done
+                     else "; no epoch completed, no checkpoint") + f", reason in {run.out_dir}/summary.json")

@@ -674,3 +674,20 @@ def test_idx_reader_refuses_broken_files_in_one_line(tmp_path, case, message, ca
                                                   "--device", "cpu", "--out-dir", str(tmp_path / "run")]))
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+
+
+@pytest.mark.parametrize("module,use", [
+    ("activations", "m = activations.make_factory('kaf')(4); assert m(torch.randn(2, 4, 3, 3)).shape == (2, 4, 3, 3)"),
+    ("attacks", "net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)); x = torch.rand(4, 1, 4, 4); "
+                "adv = attacks.pgd(net, x, torch.zeros(4, dtype=torch.long), 0.1, 0.03, 3); "
+                "assert (adv - x).abs().max() <= 0.1 + 1e-6"),
+    ("data", "x, y = data.synthetic_data('synthetic', 64, 0); b = data.Batches(x, y, 32, augment='crop+flip'); "
+             "assert [len(yb) for _, yb in b] == [32, 32]"),
+])
+def test_a_module_copied_alone_into_another_project_works(tmp_path, module, use):
+    import shutil
+    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), f"{module}.py"), tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", f"import torch, {module}; {use}"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -527,3 +527,27 @@ def test_eval_every_records_a_curve_without_changing_the_training(tmp_path, scri
     assert all(torch.equal(a[k], b[k]) for k in a) and plain["pgd_acc"] == probed["pgd_acc"]
     assert plain["curve"] == [] and [c["iteration"] for c in probed["curve"]] == list(range(3, steps + 1, 3))
     assert all(0 <= c["pgd_acc"] <= c["clean_acc"] <= 1 and c["lr"] >= 0 for c in probed["curve"])
+
+
+@pytest.mark.parametrize("module", ["train_fast", "train_free", "train_pgd", "eval", "analyze", "bench"])
+def test_help_shows_the_scripts_own_flags_first_and_no_help_text_over_two_lines(module, capsys):
+    import importlib
+    import re
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).get_args(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    entries, entry = [], None
+    for line in lines:  # an option line, then its help lines indented to column 26
+        if re.match(r"^  -", line):
+            entry = [line]
+            entries.append(entry)
+        elif entry is not None and line.startswith(" " * 26) and line.strip():
+            entry.append(line)
+        else:
+            entry = None
+    for entry in entries:
+        inline = len(entry[0]) > 26 and entry[0][24:26] == "  " and entry[0][26:].strip()
+        assert bool(inline) + len(entry) - 1 <= 2, entry
+    if module.startswith("train_"):
+        groups = [line for line in lines if line and not line.startswith(" ") and line.endswith(":")]
+        assert "(shared)" not in groups[1] and "(shared)" in groups[2], groups  # after "options:"
