@@ -791,8 +791,8 @@ class KAF(nn.Module):
         super().__init__()
         if size < 2:
             raise ValueError(f"kaf dictionary size must be >= 2, got {size}")
-        if boundary <= 0:
-            raise ValueError(f"kaf boundary must be > 0, got {boundary}")
+        if not 0 < boundary < math.inf:  # nan fails too
+            raise ValueError(f"kaf boundary must be a finite number > 0, got {boundary}")
         if init not in ("elu", "random"):
             raise ValueError(f"kaf init must be 'elu' or 'random', got {init!r}")
         if gamma_rule not in ("paper", "code"):
@@ -887,6 +887,7 @@ def make_factory(name, scope=None, **options):
         allowed = ", ".join(sorted(OPTIONS.get(name, ()))) or "none"
         raise ValueError(f"activation {name!r} takes no option {', '.join(sorted(unknown))} (allowed: {allowed})")
     if natural_scope == "none":
+        cls(**options)  # validate the options once, up front
         return lambda channels: cls(**options)
     scope = scope or natural_scope
     if scope not in SCOPES:

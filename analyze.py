@@ -58,6 +58,11 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plot", action="store_true", help="JSON only")
     args = p.parse_args(argv)
+    problems = utils.number_problems(args)
+    if problems:
+        p.error("; ".join(problems))
+    if args.eps is not None and not 0 < args.eps <= 1:
+        p.error(f"--eps must be in (0, 1] (images are in [0, 1]), got {args.eps}")
     if min(args.n_eval, args.pgd_steps, args.power_iters, args.bins, args.max_samples, args.batch_size) < 1:
         p.error("--n-eval, --pgd-steps, --power-iters, --bins, --max-samples and --batch-size must be >= 1")
     if args.range <= 0 or (args.eps is not None and args.eps <= 0):
@@ -597,7 +602,7 @@ def main(argv=None):
     utils.seed_everything(args.seed)
     model, _, eps = utils.load_for_eval(args.checkpoint, args.device, args.eps)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "analysis")
-    os.makedirs(out_dir, exist_ok=True)
+    utils.check_writable_dir(out_dir)  # before the analyses, not after them
     plt = None if args.no_plot else utils.pyplot()
     if plt is None and not args.no_plot:
         print("matplotlib is not installed: writing JSON only (pip install matplotlib for the PNGs)")
@@ -619,6 +624,7 @@ def main(argv=None):
 
     if args.preacts or args.lipschitz:
         _, x, y = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, args.n_eval)
+        utils.check_outputs_finite(model, x, args.checkpoint)
         if args.preacts:
             results["preacts"] = r = analyze_preacts(model, x, y, eps, args.pgd_steps, args.batch_size, args.bins,
                                                      args.max_samples, args.seed)

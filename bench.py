@@ -105,8 +105,9 @@ def get_args(argv=None):
     args.extra = extra
     if args.worker is not None:
         return args
-    problems = [f"--{name.replace('_', '-')} must be >= 1" for name in ("batch_size", "steps", "epochs")
-                if getattr(args, name) < 1]
+    problems = utils.number_problems(args)
+    problems += [f"--{name.replace('_', '-')} must be >= 1" for name in ("batch_size", "steps", "epochs")
+                 if getattr(args, name) < 1]
     problems += [f"--{name.replace('_', '-')} must be >= 1" for name in ("n_train", "n_eval")
                  if getattr(args, name) is not None and getattr(args, name) < 1]
     if args.warmup < 0:

@@ -18,6 +18,7 @@ import gzip
 import math
 import os
 import struct
+import zipfile
 import zlib
 
 import numpy as np
@@ -126,7 +127,9 @@ def read_idx_split(name, paths):
         raise DataError(f"{y_path} is not a label file (shape {tuple(y.shape)})")
     if len(x) != len(y):
         raise DataError(f"{x_path} holds {len(x)} images but {y_path} {len(y)} labels")
-    if len(y) and y.max() >= classes:
+    if len(y) == 0:
+        raise DataError(f"{x_path} holds no images")
+    if y.max() >= classes:
         raise DataError(f"{y_path} holds label {int(y.max())}, outside 0 .. {classes - 1} of {name}")
     return torch.from_numpy(x.copy()).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
 
@@ -146,8 +149,9 @@ def synthetic_data(name, n, seed):
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
-def load_split(name, data_dir, train):
-    """(images uint8 NCHW, labels int64) of one split, from data_dir or torchvision."""
+def load_split(name, data_dir, train, download=True):
+    """(images uint8 NCHW, labels int64) of one split, from data_dir or torchvision (which downloads
+    into data_dir when the files are not there, unless ``download`` is False)."""
     split = "train" if train else "test"
     if name.startswith("synthetic"):
         return synthetic_data(name, 2048 if train else 512, seed=0 if train else 1)
@@ -162,13 +166,13 @@ def load_split(name, data_dir, train):
                         "--data-dir") from None
     try:
         if name == "svhn":
-            ds = tvd.SVHN(data_dir, split=split, download=True)
+            ds = tvd.SVHN(data_dir, split=split, download=download)
             x = torch.from_numpy(ds.data)
             y = torch.from_numpy(np.asarray(ds.labels, dtype=np.int64))
         else:
             cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST,
                    "fashionmnist": tvd.FashionMNIST}[name]
-            ds = cls(data_dir, train=train, download=True)
+            ds = cls(data_dir, train=train, download=download)
             x = torch.as_tensor(np.asarray(ds.data))
             x = x.permute(0, 3, 1, 2) if x.dim() == 4 else x.unsqueeze(1)
             y = torch.as_tensor(np.asarray(ds.targets, dtype=np.int64))
@@ -267,9 +271,11 @@ def load_extra_data(path, channels, size, classes):
                                 f"array ({', '.join(EXTRA_LABEL_KEYS)}); found "
                                 f"{', '.join(f.files) or 'nothing'}")
             x, y = f[xk], f[yk]
-    except (OSError, ValueError, EOFError) as e:  # not an npz, truncated, pickled objects
-        raise DataError(f"--extra-data {path}: cannot read it as .npz "
-                        f"({str(e).splitlines()[0][:120]})") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # not an npz,
+        # truncated (a cut archive fails when an array is read), pickled objects
+        lines = str(e).strip().splitlines()
+        why = lines[0][:120] if lines else type(e).__name__
+        raise DataError(f"--extra-data {path}: cannot read it as .npz ({why})") from None
     want = (channels, size, size)
     if x.ndim == 3 and channels == 1:
         x = x[:, None]
@@ -277,12 +283,13 @@ def load_extra_data(path, channels, size, classes):
         x = x.transpose(0, 3, 1, 2)
     if x.ndim != 4 or x.shape[1:] != want:
         raise DataError(f"--extra-data {path}: images of shape {tuple(x.shape[1:])}, the dataset "
-                        "needs "
-                        f"{channels}x{size}x{size} (NCHW or NHWC)")
+                        f"needs {channels}x{size}x{size} (NCHW or NHWC)")
     labels_ok = y.shape == (len(x),) and np.issubdtype(y.dtype, np.integer) and len(y) > 0
     if not labels_ok or y.min() < 0 or y.max() >= classes:
         raise DataError(f"--extra-data {path}: needs one integer label in [0, {classes}) per image")
     if np.issubdtype(x.dtype, np.floating):
+        if not np.isfinite(x).all():  # NaN would silently become 0 in the uint8 cast
+            raise DataError(f"--extra-data {path}: {int((~np.isfinite(x)).sum())} pixels are NaN or inf")
         if x.min() < 0 or x.max() > 1:
             raise DataError(f"--extra-data {path}: float images must lie in [0, 1], found "
                             f"[{x.min():.3g}, {x.max():.3g}]")

@@ -136,8 +136,17 @@ def get_args(argv=None):
     p.add_argument("--plot", default=None, help="PNG output (default: the JSON path with .png; needs matplotlib)")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    problems = utils.number_problems(args)
+    if problems:
+        p.error("; ".join(problems))
     if args.eps is not None and not 0 < args.eps <= 1:
         p.error("--eps must be in (0, 1] (images are in [0, 1])")
+    if args.pgd_alpha is not None and args.pgd_alpha <= 0:  # a step of 0 leaves every image robust
+        p.error(f"--pgd-alpha must be > 0, got {args.pgd_alpha}")
+    if not 0 < args.square_p_init <= 1 or not 0 <= args.nonsense_threshold <= 1:
+        p.error("--square-p-init must be in (0, 1] and --nonsense-threshold in [0, 1]")
+    if min(args.nonsense_std, args.check_tol, args.gap_warn, args.square_only_max, args.zero_grad_max) < 0:
+        p.error("--nonsense-std, --check-tol, --gap-warn, --square-only-max and --zero-grad-max must be >= 0")
     if min(args.pgd_steps, args.pgd_restarts, args.batch_size, args.apgd_restarts) < 1 or (args.n_eval is not None and args.n_eval < 1) \
             or (args.n_clean is not None and args.n_clean < 0):
         p.error("--pgd-steps, --pgd-restarts, --apgd-restarts, --batch-size and --n-eval must be >= 1, --n-clean >= 0")
@@ -491,6 +500,7 @@ def main(argv=None):
         n_read = None if args.n_clean == 0 or args.n_eval is None else max(args.n_eval, args.n_clean)
     dataset, x_read, y_read = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, n_read)
     x, y = x_read[:args.n_eval], y_read[:args.n_eval]
+    utils.check_outputs_finite(model, x, args.checkpoint)
     if args.confidence == "auto":
         args.confidence = "output" if (train_args.get("hybrid_weight") or 0) > 0 else "softmax"
     cfg = getattr(model, "config", {})

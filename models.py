@@ -8,6 +8,7 @@ rebuilds one from a checkpoint file alone.
 
 Imports only torch and activations.py.
 """
+import os
 import pickle
 
 import torch
@@ -235,11 +236,33 @@ def read_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain values, whose "
                               f"loading could run code (a checkpoint of an older version of this project, or one "
                               f"changed by someone)") from None
-    except Exception as e:  # truncated or not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # empty, truncated or not a torch file
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+        empty = " (an empty file)" if os.path.isfile(path) and os.path.getsize(path) == 0 else ""
+        raise CheckpointError(f"cannot read checkpoint {path}{empty}: {why}") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a checkpoint of this project")
     return ckpt
+
+
+# entry -> the type a checkpoint of this project stores under it
+CHECKPOINT_TYPES = {"model_config": dict, "model_state": dict, "args": dict, "dataset": dict, "script": str}
+
+
+def check_checkpoint(ckpt, path):
+    """Refuse (:class:`CheckpointError`, one line) a checkpoint whose entries have the wrong type or
+    whose weights are not finite: it would evaluate to a number that means nothing."""
+    for key, kind in CHECKPOINT_TYPES.items():
+        if key in ckpt and not isinstance(ckpt[key], kind):
+            raise CheckpointError(f"{path} is not a checkpoint of this project: its {key} is a "
+                                  f"{type(ckpt[key]).__name__}, not a {kind.__name__}")
+    for name, t in (ckpt.get("model_state") or {}).items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: model_state[{name!r}] is not a tensor")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path} holds non-finite weights (NaN or inf) in {name}: a diverged "
+                                  f"or damaged model")
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -249,6 +272,7 @@ def load_checkpoint(path, map_location="cpu"):
     ckpt = read_checkpoint(path, map_location)
     if "model_config" not in ckpt or "model_state" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no model_config/model_state)")
+    check_checkpoint(ckpt, path)
     config = dict(ckpt["model_config"])
     # how a KAF was computed (impl) is not part of the model: rebuild with the default for this machine
     config["act_options"] = {k: v for k, v in (config.get("act_options") or {}).items() if k != "impl"}

@@ -145,6 +145,20 @@ train_config() {  # what makes a run: script and training flags (not DATA_DIR / 
     echo "train_$(script_of "$1").py --dataset $DATASET --model $MODEL --epsilon $EPS $(cell_train_flags "$1" "$2") --seed $3"
 }
 run_dir() { echo "$OUT/runs/$1_$2_s$3"; }
+same_config() {  # two run configurations, equal as text or with their numbers compared by value (EPS 1/10 = 0.1)
+    [ "$1" = "$2" ] && return 0
+    $PYTHON -c '
+import sys
+from fractions import Fraction
+def value(word):
+    try:
+        return float(Fraction(word))
+    except (ValueError, ZeroDivisionError):
+        return word
+a, b = (s.split() for s in sys.argv[1:3])
+sys.exit(0 if len(a) == len(b) and all(value(x) == value(y) for x, y in zip(a, b)) else 1)
+' "$1" "$2"
+}
 if [ -z "$CELLS" ] || [ -z "$(echo $SEEDS)" ]; then
     echo "run_all.sh: ACTS, REGIMES (or CELLS) and SEEDS must not be empty" >&2; exit 2
 fi
@@ -171,6 +185,19 @@ if ! mkdir -p "$OUT/runs" 2>/dev/null || ! { : > "$OUT/runs/.write-test"; } 2>/d
     echo "run_all.sh: OUT=$OUT cannot be created or written" >&2; exit 2
 fi
 rm -f "$OUT/runs/.write-test"
+# one matrix per OUT at a time: a second invocation stops here, before touching any run folder
+lock="$OUT/.run_all.lock"
+if ! mkdir "$lock" 2>/dev/null; then
+    holder=$(cat "$lock/pid" 2>/dev/null)
+    if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then
+        echo "run_all.sh: OUT=$OUT is in use by another run_all.sh (process $holder); wait for it or use another OUT" >&2
+        exit 2
+    fi
+    rm -rf "$lock"  # left by a run_all.sh that was killed
+    if ! mkdir "$lock" 2>/dev/null; then echo "run_all.sh: could not take $lock; try again" >&2; exit 2; fi
+fi
+echo $$ > "$lock/pid"
+trap 'rm -rf "$lock"' EXIT
 checks=""  # one line per cell: the one-line error's prefix, the script, its training flags
 for cell in $CELLS; do
     regime=${cell%%:*}; act=${cell#*:}
@@ -194,7 +221,9 @@ for seed in $SEEDS; do
     for cell in $CELLS; do
         regime=${cell%%:*}; act=${cell#*:}
         f="$(run_dir "$regime" "$act" "$seed")/run_config.txt"
-        if [ -f "$f" ] && [ "$(cat "$f")" != "$(train_config "$regime" "$act" "$seed")" ]; then others="$others ${regime}_${act}_s$seed"; fi
+        if [ -f "$f" ] && ! same_config "$(cat "$f")" "$(train_config "$regime" "$act" "$seed")"; then
+            others="$others ${regime}_${act}_s$seed"
+        fi
     done
 done
 if [ -n "$others" ]; then
@@ -217,14 +246,14 @@ run_one() {
             $(cell_train_flags "$regime" "$act") --seed "$seed" $DEVICE_FLAGS --out-dir "$dir" \
             --resume >> "$dir/train.log" 2>&1
         rc=$?
-        if [ $rc = 130 ]; then echo "train" > "$dir/INTERRUPTED"; echo "$line interrupted in training (resumes on the next run)"; return; fi
+        if [ $rc = 130 ] || [ $rc = 143 ]; then echo "train" > "$dir/INTERRUPTED"; echo "$line interrupted in training (resumes on the next run)"; return; fi
         if [ $rc != 0 ]; then echo "train" > "$dir/FAILED"; echo "$line FAILED in training (see $dir/train.log)"; return; fi
     fi
     rm -f "$dir/eval_config.txt"
     # shellcheck disable=SC2086
     $PYTHON eval.py "$dir/checkpoint.pt" $EVAL_FLAGS $DEVICE_FLAGS --out "$dir/eval.json" > "$dir/eval.log" 2>&1
     rc=$?
-    if [ $rc = 130 ]; then echo "eval" > "$dir/INTERRUPTED"; echo "$line interrupted in evaluation (resumes on the next run)"; return; fi
+    if [ $rc = 130 ] || [ $rc = 143 ]; then echo "eval" > "$dir/INTERRUPTED"; echo "$line interrupted in evaluation (resumes on the next run)"; return; fi
     if [ $rc != 0 ]; then echo "eval" > "$dir/FAILED"; echo "$line FAILED in evaluation (see $dir/eval.log)"; return; fi
     echo "$EVAL_FLAGS" > "$dir/eval_config.txt"
     echo "$line $(tail -n 1 "$dir/eval.log")"

@@ -79,6 +79,10 @@ def hybrid_loss(logits, y, weight=0.0, p=2.0):
     return ce + weight * (logits - t).abs().pow(p).mean()
 
 
+MAX_EXTRA_FRACTION = 0.9  # the enlarged batch is at most 10x the real one
+MAX_MEAN_COPIES_PER_IMAGE = 4  # mean-training copies per step, per real image of the batch
+
+
 def flag_problems(args):
     """Validation messages for this module's flags (empty when all is well)."""
     problems = []
@@ -99,8 +103,15 @@ def flag_problems(args):
         problems.append("--mean-training, --mean-noise and --mean-weight must be >= 0")
     if args.extra_fraction is not None and args.extra_data is None:
         problems.append("--extra-fraction needs --extra-data")
-    if args.extra_fraction is not None and not 0 < args.extra_fraction < 1:
-        problems.append("--extra-fraction must be in (0, 1)")
+    # memory: the batch grows by round(n f / (1 - f)) extra images (9 per real one at 0.9), the
+    # mean-training copies go through the model beside it
+    if args.extra_fraction is not None and not 0 < args.extra_fraction <= MAX_EXTRA_FRACTION:
+        problems.append(f"--extra-fraction must be in (0, {MAX_EXTRA_FRACTION}] (at most "
+                        f"{MAX_EXTRA_FRACTION / (1 - MAX_EXTRA_FRACTION):.0f} extra images per real one: the "
+                        f"batch grows {1 / (1 - MAX_EXTRA_FRACTION):.0f}-fold)")
+    if args.mean_training > MAX_MEAN_COPIES_PER_IMAGE * args.batch_size:
+        problems.append(f"--mean-training {args.mean_training} copies per step: at most "
+                        f"{MAX_MEAN_COPIES_PER_IMAGE} x --batch-size ({MAX_MEAN_COPIES_PER_IMAGE * args.batch_size})")
     if args.extra_data is not None and not os.path.isfile(args.extra_data):
         problems.append(f"--extra-data {args.extra_data}: no such file")
     return problems

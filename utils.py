@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -59,10 +60,30 @@ DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def device_problem(device):
-    """The one-line complaint about a --device this machine does not have, or None."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    """The one-line complaint about a --device that is not cpu / cuda[:N] or that this machine does
+    not have, or None."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return f"--device {device!r} is not a device; use cpu, cuda or cuda:N"
+    if d.type not in ("cpu", "cuda"):
+        return f"--device {device}: only cpu and cuda (cuda:N) are supported"
+    if d.type == "cuda" and not torch.cuda.is_available():
         return "--device cuda asked for but CUDA is not available; use --device cpu"
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
     return None
+
+
+def number_problems(args):
+    """One-line complaints about numeric flags that would run but give a wrong number or a
+    traceback: any float that is not finite, a seed outside numpy's range (every entry point
+    checks these; each adds its own ranges)."""
+    problems = [f"--{k.replace('_', '-')} must be a finite number, got {v}" for k, v in vars(args).items()
+                if isinstance(v, float) and not math.isfinite(v)]
+    if getattr(args, "seed", 0) is not None and not 0 <= getattr(args, "seed", 0) < 2 ** 32:
+        problems.append(f"--seed must be in [0, 2^32), got {args.seed}")
+    return problems
 
 
 def pyplot():
@@ -92,9 +113,19 @@ class Diverged(Exception):
                          f"batch {batch} of {batches}{note}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a cluster scheduler sends at the end of a job's time), handled as Ctrl-C is:
+    interrupted.pt, a partial summary, the lock released; exit code 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main_guard(main):
     """Run ``main()``; turn user errors into a one-line message and exit code 2, a diverged run into
-    exit code 1, Ctrl-C into 130."""
+    exit code 1, Ctrl-C into 130 and SIGTERM (handled as Ctrl-C) into 143."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return main()
     except (UserError, data.DataError, models.CheckpointError) as e:
@@ -103,9 +134,10 @@ def main_guard(main):
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        sys.exit(143 if terminated else 130)
 
 
 def fraction(text):
@@ -131,7 +163,23 @@ def load_for_eval(path, device, eps=None):
     ``eps`` or else the training epsilon) -- the preamble of eval.py and analyze.py."""
     model = models.load_checkpoint(path).to(device)
     train_args = model.checkpoint.get("args", {})
-    return model, train_args, eps if eps is not None else train_args.get("epsilon", 8 / 255)
+    if eps is None:
+        eps = train_args.get("epsilon", 8 / 255)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps <= 1:
+            raise models.CheckpointError(f"checkpoint {path} stores epsilon {eps!r}, not a radius in "
+                                         f"(0, 1]; give --eps")
+    return model, train_args, float(eps)
+
+
+def check_outputs_finite(model, x, path, n=256):
+    """Refuse (:class:`UserError`) a model whose outputs on the first ``n`` images are not finite:
+    every accuracy computed from them would be a number that means nothing."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(x[:n].to(device).float())
+    if not torch.isfinite(out).all():
+        raise UserError(f"{path}: the model's outputs on test images are not finite (NaN or inf); "
+                        f"nothing can be evaluated")
 
 
 def checkpoint_test_set(model, path, data_dir=None, n_eval=None):
@@ -141,9 +189,17 @@ def checkpoint_test_set(model, path, data_dir=None, n_eval=None):
     analyze.py."""
     train_args = model.checkpoint.get("args", {})
     dataset = model.checkpoint.get("dataset", {}).get("name") or train_args.get("dataset")
-    if dataset not in data.DATASETS:
+    if not isinstance(dataset, str) or dataset not in data.DATASETS:
         raise UserError(f"checkpoint {path} names no known dataset ({dataset!r})")
-    x, y = data.load_split(dataset, data_dir or train_args.get("data_dir", "./data"), train=False)
+    if data_dir is None and not dataset.startswith("synthetic"):
+        # the training run's folder is a hint only: never created, never downloaded into
+        data_dir = train_args.get("data_dir")
+        if not isinstance(data_dir, str) or not os.path.isdir(data_dir):
+            raise UserError(f"the checkpoint's dataset folder {data_dir!r} is not on this machine; "
+                            f"give --data-dir (a folder holding {dataset} or where to download it)")
+        x, y = data.load_split(dataset, data_dir, train=False, download=False)
+    else:
+        x, y = data.load_split(dataset, data_dir, train=False)
     return dataset, x[:n_eval].float().div_(255), y[:n_eval]
 
 
@@ -423,7 +479,7 @@ def parse_args(parser, argv=None, checks=()):
     problems) those of other modules; any problem becomes a one-line ``error: ...`` and exit code
     2."""
     args = parser.parse_args(argv)
-    problems = []
+    problems = number_problems(args)
     if not 0 < args.epsilon <= 1:
         problems.append(f"--epsilon must be in (0, 1] (images are in [0, 1]), got {args.epsilon}")
     for name in ("epochs", "batch_size", "eval_pgd_steps", "eval_pgd_restarts", "lr_cycles"):
@@ -442,6 +498,11 @@ def parse_args(parser, argv=None, checks=()):
         problems.append("--lr-min must be in [0, --lr-max)")
     if args.nesterov and args.momentum <= 0:
         problems.append("--nesterov needs --momentum > 0")
+    if args.eval_pgd_alpha is not None and args.eval_pgd_alpha <= 0:  # a step of 0 fakes robustness
+        problems.append(f"--eval-pgd-alpha must be > 0, got {args.eval_pgd_alpha}")
+    if min(args.momentum, args.weight_decay, args.grad_clip, args.co_guard) < 0 or args.lr_mult <= 0:
+        problems.append("--momentum, --weight-decay, --grad-clip and --co-guard must be >= 0, "
+                        "--lr-mult > 0")
     if min(args.pssilu_reg, args.act_lr_mult, args.act_weight_decay or 0,
            args.pssilu_beta_clip or 0) < 0:
         problems.append("--pssilu-reg, --pssilu-beta-clip, --act-lr-mult and --act-weight-decay "
@@ -459,12 +520,12 @@ def parse_args(parser, argv=None, checks=()):
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if args.kaf_impl == "triton" and not args.device.startswith("cuda") and not interpreted:
         problems.append("--kaf-impl triton runs on CUDA only (or under TRITON_INTERPRET=1, slowly)")
+    if problems:  # before the activation is built: a bad --kaf-size would allocate first
+        parser.error("; ".join(problems))
     try:
         activations.make_factory(args.act, args.act_scope, **act_options(args))
     except ValueError as e:
-        problems.append(str(e))
-    if problems:
-        parser.error("; ".join(problems))
+        parser.error(str(e))
     return args
 
 
@@ -624,8 +685,14 @@ def prepare_out_dir(args, script, rank):
     deleted first, so that no old result stays beside the new run)."""
     name = f"{script}_{args.dataset}_{args.model}_{run_name(args)}"
     out_dir = args.out_dir or os.path.join("runs", name)
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a link to {os.readlink(out_dir)}, which does not exist")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out-dir {out_dir} is a file, not a folder")
+    for name in ("checkpoint.pt", "interrupted.pt", "summary.json"):  # written at the end: check now
+        if os.path.isdir(os.path.join(out_dir, name)):
+            raise UserError(f"--out-dir {out_dir}: {name} there is a folder; remove it or use another "
+                            f"--out-dir")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -698,6 +765,8 @@ def setup(args, script, arrays=None):
         x_train, y_train = x_train[:args.n_train], y_train[:args.n_train]
     if args.n_eval:
         x_test, y_test = x_test[:args.n_eval], y_test[:args.n_eval]
+    if len(x_train) < 2:  # a last batch of one image is dropped (BatchNorm): nothing would train
+        raise UserError(f"{len(x_train)} training image(s) (--n-train or the data): at least 2 are needed")
     channels_last = cuda and bool(args.channels_last)
     batches = data.Batches(x_train.to(device), y_train.to(device), args.batch_size // world, shuffle=True,
                            augment=augment, channels_last=channels_last, rank=rank, world=world)
@@ -876,6 +945,19 @@ def check_writable(path, flag="--out"):
         raise UserError(f"{flag} {path} is not writable")
 
 
+def check_writable_dir(folder, flag="--out"):
+    """Create ``folder`` and refuse up front (:class:`UserError`) one that is a file, lies under a
+    file, or cannot be written."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder} is a file, not a folder")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot create it ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder} is not writable")
+
+
 def write_json(obj, path):
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
@@ -936,19 +1018,23 @@ def load_for_resume(run, args, passes):
     if "rng" not in ckpt or "model_config" not in ckpt:
         raise models.CheckpointError(f"cannot resume from {path}: not a resumable checkpoint of "
                                      "this project")
+    models.check_checkpoint(ckpt, path)
     if ckpt["script"] != run.script or ckpt["model_config"] != run.model.config:
         config = ckpt["model_config"]
         theirs = f"{ckpt['script']} {config.get('arch')} act={config.get('act')}"
-        raise models.CheckpointError(f"cannot resume from {path}: it is a {theirs} run, not this "
-                                     "one "
-                                     f"({run.script} {run.model.config.get('arch')} "
-                                     f"act={run.model.config.get('act')}); use another --out-dir")
+        ours = f"{run.script} {run.model.config.get('arch')} act={run.model.config.get('act')}"
+        raise models.CheckpointError(f"cannot resume from {path}: it is a {theirs} run, not this one "
+                                     f"({ours}); use another --out-dir")
     changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r} -> {v!r}" for k, v in vars(args).items()
                if k not in RESUMABLE_CHANGES and ckpt["args"].get(k) != v]
     if changed:
         raise models.CheckpointError(f"cannot resume from {path}: training flags differ from the "
                                      f"run's ({', '.join(changed)}); "
                                      f"use the run's flags or another --out-dir")
+    if ckpt["epoch"] > passes and not ckpt["guard"]:
+        unit = "passes" if run.script == "train_free" else "epochs"
+        raise models.CheckpointError(f"cannot resume from {path}: it has done {ckpt['epoch']} {unit}, "
+                                     f"more than the {passes} asked for; give at least that many")
     run.model.load_state_dict(ckpt["model_state"])
     run.opt.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])

@@ -32,29 +32,36 @@ def _weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model_state"]
 
 
-def _kill_during_second_epoch(script, args, out):
-    """Start a run, SIGKILL it as soon as the checkpoint of its first epoch is on disk, i.e. while
-    the second epoch is in progress.  Returns the epoch the surviving checkpoint holds."""
+def _kill_during_second_epoch(script, args, out, sig=signal.SIGKILL):
+    """Start a run, send it ``sig`` as soon as the checkpoint of its first epoch is on disk, i.e.
+    while the second epoch is in progress.  Returns the epoch the surviving checkpoint holds."""
     ckpt = out / "checkpoint.pt"
-    proc = subprocess.Popen(_cmd(script, *args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(script, *args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.time() + 240
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    proc.send_signal(sig)
+    _, err = proc.communicate()
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    else:  # SIGTERM, what a cluster scheduler sends: handled as Ctrl-C
+        assert proc.returncode == 143 and err.strip().splitlines()[-1] == "terminated", err[-2000:]
+        assert (out / "interrupted.pt").exists() and not (out / ".lock").exists()
+        assert json.loads((out / "summary.json").read_text())["stopped_early"] == "interrupted in epoch 2"
     return torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"]
 
 
-@pytest.mark.parametrize("script,extra", [
-    ("train_fast.py", ["--act", "pssilu", "--epochs", "3"]),
-    ("train_free.py", ["--act", "relu", "--epochs", "6", "--replays", "2", "--lr-max", "0.05"]),  # 3 passes
+@pytest.mark.parametrize("script,extra,sig", [
+    ("train_fast.py", ["--act", "pssilu", "--epochs", "3"], signal.SIGKILL),
+    ("train_free.py", ["--act", "relu", "--epochs", "6", "--replays", "2", "--lr-max", "0.05"], signal.SIGKILL),  # 3 passes
+    ("train_fast.py", ["--act", "relu", "--epochs", "3"], signal.SIGTERM),
 ])
-def test_kill_minus_9_then_resume_gives_the_same_final_weights(tmp_path, script, extra):
+def test_kill_then_resume_gives_the_same_final_weights(tmp_path, script, extra, sig):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     r = _run(script, *TINY, *extra, "--out-dir", str(whole))
     assert r.returncode == 0, r.stderr
-    survived = _kill_during_second_epoch(script, [*TINY, *extra, "--out-dir", str(broken)], broken)
+    survived = _kill_during_second_epoch(script, [*TINY, *extra, "--out-dir", str(broken)], broken, sig)
     assert survived == 1
     r = _run(script, *TINY, *extra, "--out-dir", str(broken), "--resume")
     assert r.returncode == 0, r.stderr
@@ -349,3 +356,100 @@ def test_ctrl_c_in_the_final_evaluation_writes_a_partial_summary(tmp_path, capsy
     monkeypatch.undo()  # --resume of the trained run only evaluates it
     r = _run("train_fast.py", *QUICK, "--out-dir", str(out), "--resume")
     assert r.returncode == 0 and "(finished)" in r.stdout and json.loads((out / "summary.json").read_text())["evaluated"]
+
+
+# ------------------------------------------------- no silent wrong number, no traceback (hostile input)
+@pytest.fixture(scope="module")
+def a_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    r = _run("train_fast.py", *TINY, "--n-train", "256", "--epochs", "1", "--out-dir", str(out))
+    assert r.returncode == 0, r.stderr
+    return out / "checkpoint.pt"
+
+
+def _one_line_error(r, *words):
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_a_step_of_zero_and_non_finite_numbers_are_refused_where_they_are_parsed(a_checkpoint, tmp_path):
+    _one_line_error(_run("eval.py", str(a_checkpoint), "--attacks", "pgd", "--pgd-alpha", "0", "--no-plot",
+                         "--out", str(tmp_path / "e.json")), "--pgd-alpha must be > 0")
+    for script, flags, words in (("train_fast.py", ["--eval-pgd-alpha", "0"], "--eval-pgd-alpha must be > 0"),
+                                 ("train_fast.py", ["--co-guard", "nan"], "--co-guard must be a finite number"),
+                                 ("train_pgd.py", ["--loss", "trades", "--trades-beta", "nan"], "--trades-beta must be a finite"),
+                                 ("train_fast.py", ["--seed", "-1"], "--seed must be in"),
+                                 ("train_fast.py", ["--device", "tpu"], "'tpu' is not a device"),
+                                 ("train_fast.py", ["--act", "kwta", "--kwta-gamma", "2"], "kwta gamma must be in (0, 1]")):
+        _one_line_error(_run(script, *TINY, *flags, "--out-dir", str(tmp_path / "never")), words)
+    assert not (tmp_path / "never" / "checkpoint.pt").exists()
+    _one_line_error(_run("analyze.py", str(a_checkpoint), "--eps", "5", "--out", str(tmp_path / "an")), "--eps must be in (0, 1]")
+
+
+def test_a_kaf_size_beyond_the_limit_is_refused_before_any_allocation(tmp_path):
+    started = time.time()
+    _one_line_error(_run("train_fast.py", *TINY, "--act", "kaf", "--kaf-size", "100000", "--out-dir", str(tmp_path)),
+                    "--kaf-size must be <= 1000")
+    assert time.time() - started < 60  # the D x D ridge fit would take minutes and 80 GB first
+
+
+def test_bad_checkpoints_are_one_line_errors_in_eval_analyze_and_resume(a_checkpoint, tmp_path):
+    good = torch.load(a_checkpoint, weights_only=True)
+    cases = {"empty": None, "string_config": dict(good, model_config="oops"), "string_args": dict(good, args="oops")}
+    nan = {k: v.clone() for k, v in good["model_state"].items()}
+    nan["net.classifier.1.weight"][0, 0] = float("nan")
+    cases["nan_weights"] = dict(good, model_state=nan)
+    cases["eps_50"] = dict(good, args=dict(good["args"], epsilon=50.0))
+    messages = {"empty": "(an empty file)", "string_config": "its model_config is a str",
+                "string_args": "its args is a str", "nan_weights": "non-finite weights",
+                "eps_50": "stores epsilon 50.0"}
+    for name, ckpt in cases.items():
+        path = tmp_path / name / "checkpoint.pt"
+        path.parent.mkdir()
+        if ckpt is None:
+            path.write_bytes(b"")
+        else:
+            torch.save(ckpt, path)
+        _one_line_error(_run("eval.py", str(path), "--no-plot", "--out", str(tmp_path / f"{name}.json")), messages[name])
+        assert not (tmp_path / f"{name}.json").exists()
+        if name != "eps_50":  # analyze.py has its own --eps; --resume checks flags, not the stored radius
+            _one_line_error(_run("analyze.py", str(path), "--out", str(tmp_path / f"an_{name}")), messages[name])
+            _one_line_error(_run("train_fast.py", *TINY, "--epochs", "1", "--n-train", "256", "--out-dir",
+                                 str(path.parent), "--resume"), messages[name])
+
+
+def test_the_checkpoints_data_folder_is_never_created_or_downloaded_into(a_checkpoint, tmp_path):
+    ckpt = torch.load(a_checkpoint, weights_only=True)
+    elsewhere = tmp_path / "no" / "such" / "folder"
+    ckpt["args"] = dict(ckpt["args"], dataset="fashionmnist", data_dir=str(elsewhere))
+    ckpt["dataset"] = dict(ckpt["dataset"], name="fashionmnist")
+    torch.save(ckpt, tmp_path / "moved.pt")
+    _one_line_error(_run("eval.py", str(tmp_path / "moved.pt"), "--no-plot", "--out", str(tmp_path / "e.json")),
+                    "is not on this machine", "--data-dir")
+    assert not (tmp_path / "no").exists()
+
+
+def test_the_memory_bounds_of_extra_data_and_mean_training(tmp_path):
+    import numpy as np
+    extra = tmp_path / "extra.npz"
+    np.savez(extra, x=np.zeros((4, 1, 28, 28), dtype=np.uint8), y=np.zeros(4, dtype=np.int64))
+    _one_line_error(_run("train_fast.py", *TINY, "--extra-data", str(extra), "--extra-fraction", "0.999",
+                         "--out-dir", str(tmp_path / "a")), "--extra-fraction must be in (0, 0.9]")
+    _one_line_error(_run("train_fast.py", *TINY, "--mean-training", "100000", "--out-dir", str(tmp_path / "b")),
+                    "--mean-training 100000 copies per step")
+    np.savez(tmp_path / "nan.npz", x=np.full((4, 1, 28, 28), np.nan, dtype=np.float32), y=np.zeros(4, dtype=np.int64))
+    _one_line_error(_run("train_fast.py", *TINY, "--extra-data", str(tmp_path / "nan.npz"), "--out-dir", str(tmp_path / "c")),
+                    "pixels are NaN or inf")
+
+
+def test_out_dir_traps_are_refused_before_the_run(tmp_path):
+    (tmp_path / "run" / "summary.json").mkdir(parents=True)
+    _one_line_error(_run("train_fast.py", *TINY, "--out-dir", str(tmp_path / "run")), "summary.json there is a folder")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    _one_line_error(_run("train_fast.py", *TINY, "--out-dir", str(tmp_path / "dangling")), "which does not exist")
+    _one_line_error(_run("train_fast.py", *TINY, "--n-train", "1", "--out-dir", str(tmp_path / "one")), "at least 2")
+    out = tmp_path / "two"
+    assert _run("train_fast.py", *TINY, "--epochs", "2", "--n-train", "128", "--out-dir", str(out)).returncode == 0
+    _one_line_error(_run("train_fast.py", *TINY, "--epochs", "1", "--n-train", "128", "--out-dir", str(out), "--resume"),
+                    "it has done 2 epochs, more than the 1 asked for")

@@ -288,3 +288,28 @@ def test_matrix_table_aggregates_seeds_flags_a_failed_seed_and_pairs_with_relu(t
     assert "| fast | gelu |" in text and "mean ± std over seeds 0 1 2" in text
     per = list(csv.DictReader(open(tmp_path / "results_seeds.csv")))
     assert len(per) == 9 and [p["status"] for p in per if p["activation"] == "gelu"] == ["ok", "failed (train)", "not run"]
+
+
+def test_one_matrix_per_out_at_a_time_and_eps_compared_by_value(tmp_path):
+    env = _env(tmp_path, ACTS="relu", REGIMES="fast", FAST_FLAGS=TINY.replace("--epochs 1", "--epochs 200"))
+    out = tmp_path / "results"
+    first = subprocess.Popen(["bash", os.path.join(ROOT, "run_all.sh")], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    ckpt, deadline = out / "runs" / "fast_relu_s0" / "checkpoint.pt", time.time() + 240
+    while not ckpt.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    second = _run_all(env)
+    os.killpg(first.pid, signal.SIGINT)
+    first.communicate(timeout=120)
+    lines = [l for l in second.stderr.splitlines() if l.strip()]
+    assert second.returncode == 2 and len(lines) == 1 and "is in use by another run_all.sh" in lines[0], second.stderr
+    assert "[1/" not in second.stdout and not (ckpt.parent / "FAILED").exists()
+    assert not (out / ".run_all.lock").exists()  # released by the first at its exit
+    # a finished run of EPS 0.1 is the same configuration as EPS 1/10, not as 0.2
+    env = _env(tmp_path, ACTS="relu", REGIMES="fast", OUT=str(tmp_path / "eps"))
+    assert _run_all(env).returncode == 0
+    again = _run_all(dict(env, EPS="1/10"))
+    assert again.returncode == 0 and "done before, skipped" in again.stdout, again.stdout + again.stderr
+    other = _run_all(dict(env, EPS="0.2"))
+    assert other.returncode == 2 and "another training configuration" in other.stderr
