@@ -100,6 +100,9 @@ def get_args(argv=None):
     p.add_argument("--n-train", type=int, default=None, help="--end-to-end: synthetic training images (default: the real dataset's count)")
     p.add_argument("--n-eval", type=int, default=None, help="--end-to-end: synthetic test images (default: the real dataset's count)")
     p.add_argument("--out", default=None, help="also write the results (rows, device, command, table) as JSON here")
+    p.add_argument("--suite", default=None, choices=["gpu"],
+                   help="gpu: every GPU measurement in one command, each part time-limited, one report "
+                        "(--out: its folder); tiny sizes on a CPU")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one configuration, in a subprocess
     args, extra = p.parse_known_args(argv)
     args.extra = extra
@@ -446,8 +449,138 @@ def configs(args):
                        argv=script_argv(args, regime, act), isolated=args.isolate)
 
 
+# ------------------------------------------------------------------------------- the GPU suite
+def suite_parts(device, folder):
+    """The GPU suite: (name, time limit s, command) per part, at full size on CUDA (about 8 minutes on
+    an H100 in all) and at tiny sizes elsewhere (a minute or two on a CPU; the plumbing, not speed)."""
+    py, here = sys.executable, os.path.dirname(os.path.abspath(__file__))
+    bench, cuda = [py, os.path.join(here, "bench.py"), "--device", device], device.startswith("cuda")
+    j = lambda name: os.path.join(folder, name)
+    ckpt = os.path.join(folder, "eval_model")
+    if cuda:
+        steps = ["--dataset", "cifar10", "--model", "preactresnet18", "--batch-size", "256", "--regimes", "fast",
+                 "free", "pgd", "--acts", "relu", "silu", "pssilu", "kaf:triton", "kaf:loop"]
+        e2e = ["--dataset", "cifar10", "--model", "preactresnet18", "--end-to-end", "--regimes", "fast", "--acts",
+               "relu", "kaf", "--epochs", "15", "--batch-size", "128", "--n-train", "50000", "--n-eval", "1000"]
+        train = ["--model", "preactresnet18", "--n-train", "4096", "--n-eval", "512"]
+        quick, standard = ["--preset", "quick", "--n-eval", "512"], ["--preset", "standard", "--n-eval", "512"]
+        triton_k, timed, compiled = [], ["--steps", "20", "--warmup", "5"], ["--steps", "20", "--warmup", "15"]
+    else:
+        steps = ["--dataset", "synthetic32", "--model", "lenet", "--batch-size", "16", "--regimes", "fast", "free",
+                 "pgd", "--acts", "relu", "kaf:loop", "--replays", "2", "--attack-iters", "2", "--no-isolate"]
+        e2e = ["--dataset", "synthetic32", "--model", "lenet", "--end-to-end", "--regimes", "fast", "--acts", "relu",
+               "kaf", "--epochs", "1", "--batch-size", "32", "--n-train", "128", "--n-eval", "32", "--no-isolate"]
+        train = ["--model", "lenet", "--n-train", "128", "--n-eval", "16"]
+        small = ["--n-eval", "16", "--apgd-iters", "4", "--apgd-targets", "2", "--square-queries", "20",
+                 "--nonsense-n", "8", "--curve-eps", "--noise-sigmas", "--large-eps", "0"]
+        quick, standard = ["--preset", "quick", *small], ["--preset", "standard", *small, "--attacks", "fgsm",
+                                                         "pgd20", "apgd-ce", "apgd-t", "square"]
+        triton_k, timed, compiled = ["-k", "bfloat16"], ["--steps", "2", "--warmup", "1"], None
+    parts = [
+        ("triton_kaf_tests", 90, [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                  os.path.join(here, "tests", "test_kaf_triton.py"), *triton_k]),
+        ("step_table", 150, [*bench, *steps, *timed, "--out", j("step_table.json")]),
+        ("step_table_compiled", 120, [*bench, *steps, *(compiled or []), "--compile", "--out",
+                                      j("step_table_compiled.json")] if compiled else None),
+        ("fgsm_rs_end_to_end", 150, [*bench, *e2e, "--out", j("end_to_end.json")]),
+        ("eval_model", 40, [py, os.path.join(here, "train_fast.py"), "--dataset", "synthetic32", *train,
+                            "--epochs", "1", "--epsilon", "8/255", "--device", device, "--overwrite",
+                            "--out-dir", ckpt]),
+        ("eval_quick", 60, [py, os.path.join(here, "eval.py"), os.path.join(ckpt, "checkpoint.pt"), *quick,
+                            "--device", device, "--no-plot", "--out", j("eval_quick.json")]),
+        ("eval_standard", 90, [py, os.path.join(here, "eval.py"), os.path.join(ckpt, "checkpoint.pt"), *standard,
+                               "--device", device, "--no-plot", "--out", j("eval_standard.json")]),
+    ]
+    return [(name, limit, cmd) for name, limit, cmd in parts if cmd is not None]
+
+
+def run_parts(parts, folder):
+    """Run each part as a subprocess under its own time limit; one that fails or runs out of time is
+    recorded as such and the rest go on.  Returns a row per part."""
+    rows = []
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the fused kernels as a user's GPU runs them
+    for name, limit, cmd in parts:
+        tic = time.perf_counter()
+        log = os.path.join(folder, f"{name}.log")
+        try:
+            with open(log, "w") as f:
+                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=limit, env=env,
+                                      cwd=os.path.dirname(os.path.abspath(__file__)))
+            status = "ok" if proc.returncode == 0 else f"failed (exit code {proc.returncode})"
+        except subprocess.TimeoutExpired:
+            status = f"out of time ({limit} s)"
+        tail = [l for l in open(log, errors="replace").read().replace("\r", "\n").splitlines() if l.strip()]
+        rows.append(dict(part=name, status=status, wall_s=round(time.perf_counter() - tic, 1), limit_s=limit,
+                         command=" ".join(cmd), log=log, last_line=tail[-1][:300] if tail else ""))
+        print(f"suite: {name:<22s} {status:<28s} {rows[-1]['wall_s']:7.1f} s", flush=True)
+    return rows
+
+
+def suite_goals(folder, full=True):
+    """The GPU goals, each with its number: FGSM-RS 15 epochs of relu in 30 s, KAF within 1.5x its time
+    and 1.3x its peak memory, Free and PGD step time relative to FGSM's, eval quick on 10,000 images
+    extrapolated from the images it ran on.  At the tiny CPU sizes (``full`` False) nothing is judged:
+    'met' is None."""
+    load = lambda name: json.load(open(os.path.join(folder, name))) if os.path.exists(os.path.join(folder, name)) else None
+    goals = {}
+    e2e = load("end_to_end.json")
+    rows = {r["act"]: r for r in (e2e or {}).get("rows", []) if "error" not in r}
+    if "relu" in rows:
+        t = rows["relu"]["wall_s"]
+        goals["fgsm_rs_relu_s"] = dict(value=round(t, 1), goal="<= 30 s", met=t <= 30)
+    if "relu" in rows and "kaf" in rows:
+        rt, rm = rows["kaf"]["wall_s"] / rows["relu"]["wall_s"], rows["kaf"]["peak_mem_mib"] / rows["relu"]["peak_mem_mib"]
+        goals["kaf_time_x_relu"] = dict(value=round(rt, 2), goal="<= 1.5", met=rt <= 1.5)
+        goals["kaf_peak_mem_x_relu"] = dict(value=round(rm, 2), goal="<= 1.3", met=rm <= 1.3)
+    steps = load("step_table.json")
+    ms = {r["regime"]: r["step_ms"] for r in (steps or {}).get("rows", []) if r.get("act") == "relu" and "error" not in r}
+    for regime in ("free", "pgd"):
+        if regime in ms and "fast" in ms:
+            goals[f"{regime}_step_x_fgsm"] = dict(value=round(ms[regime] / ms["fast"], 2), goal="reported")
+    quick = load("eval_quick.json")
+    if quick:
+        minutes = quick["time_s"] / quick["n_eval"] * 10000 / 60
+        goals["eval_quick_10000_min"] = dict(value=round(minutes, 1), goal="minutes, not hours", met=minutes < 60)
+    if not full:
+        for g in goals.values():
+            g["met"] = None
+    return goals
+
+
+def run_suite(args):
+    """bench.py --suite gpu: every part, then one JSON + Markdown report in --out (a folder)."""
+    folder = args.out or os.path.join("runs", "bench", "suite_gpu")
+    utils.check_writable_dir(folder)
+    rows = run_parts(suite_parts(args.device, folder), folder)
+    goals = suite_goals(folder, full=args.device.startswith("cuda"))
+    device = device_description(args.device)
+    lines = [f"# bench.py --suite gpu", "", f"{device}; torch {torch.__version__}", "",
+             "| part | status | wall s | limit s |", "|---|---|---|---|"]
+    lines += [f"| {r['part']} | {r['status']} | {r['wall_s']} | {r['limit_s']} |" for r in rows]
+    lines += ["", "| goal | value | target | met |", "|---|---|---|---|"]
+    judged = lambda g: "-" if g.get("met") is None else "yes" if g["met"] else "NO"
+    lines += [f"| {k} | {g['value']} | {g['goal']} | {judged(g)} |" for k, g in goals.items()]
+    for name in ("step_table.json", "step_table_compiled.json", "end_to_end.json"):
+        if os.path.exists(os.path.join(folder, name)):
+            lines += ["", f"## {name[:-5]}", "", json.load(open(os.path.join(folder, name)))["table"]]
+    for name in ("eval_quick.json", "eval_standard.json"):
+        if os.path.exists(os.path.join(folder, name)):
+            e = json.load(open(os.path.join(folder, name)))
+            lines += ["", f"## {name[:-5]} ({e['n_eval']} images, {e['time_s']} s)", "",
+                      ", ".join(f"{k} {v} s" for k, v in e["time_per_attack_s"].items())]
+    report = dict(device=device, torch=torch.__version__, parts=rows, goals=goals)
+    utils.write_json(report, os.path.join(folder, "suite.json"))
+    with open(os.path.join(folder, "suite.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"-> {folder}/suite.json, suite.md", flush=True)
+    return report
+
+
 def main(argv=None):
     args = get_args(argv)
+    if args.suite:
+        return run_suite(args)
     if args.worker is not None:  # a subprocess of an isolated benchmark: one configuration, one result line
         print(RESULT_TAG + json.dumps(run_config(json.loads(args.worker))), flush=True)
         return None

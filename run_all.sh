@@ -39,6 +39,11 @@
 #                                                                   fashionmnist /usr/share/datasets/fashion-mnist lenet 0.1]
 #   FAST_FLAGS, FREE_FLAGS, PGD_FLAGS  budgets of each regime      [each script's defaults / short ones]
 #   DEVICE      cpu, cuda, cuda:1 ... for training and evaluation  [the scripts' default: cuda when present]
+#   DEVICES     several devices, e.g. "cuda:0 cuda:1 cuda:2 cuda:3": each concurrent run gets one of
+#               its own (JOBS slots, slot s on device s mod the count; JOBS defaults to the count)
+#   CELL        run only run K of `bash run_all.sh --list` (0-based; e.g. CELL=$SLURM_ARRAY_TASK_ID in a
+#               cluster array job): it writes its own run folder only, takes no lock on OUT and writes no
+#               table; once every K has finished, the usual command skips them all and writes the table
 #   TRAIN_FLAGS extra flags for every training run (e.g. "--n-train 20000"; the seed comes from SEEDS)
 #   EVAL_FLAGS  eval.py flags                [--preset standard / --preset quick --n-eval 1000 --n-clean 0]
 #   OUT         results folder                                     [results / results-quick]
@@ -54,6 +59,12 @@
 # code is 130 after Ctrl-C, 1 when a run failed, else 0.
 set -u
 cd "$(dirname "$0")"
+LIST=0
+case "${1:-}" in
+    "") ;;
+    --list) LIST=1 ;;
+    *) echo "run_all.sh: unknown argument '$1' (the only one is --list; settings are environment variables)" >&2; exit 2 ;;
+esac
 PYTHON=${PYTHON:-python}
 
 if [ "${STUDY:-}" = saf ]; then
@@ -111,7 +122,14 @@ if [ -z "${CELLS:-}" ]; then
 fi
 CELLS=$(echo ${CELLS:-})
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
+DEVICES=$(echo ${DEVICES:-})
+if [ -n "$DEVICES" ] && [ -n "${DEVICE:-}" ]; then echo "run_all.sh: give DEVICE or DEVICES, not both" >&2; exit 2; fi
 DEVICE_FLAGS=${DEVICE:+--device $DEVICE}
+if [ -n "$DEVICES" ]; then
+    read -r -a device_list <<< "$DEVICES"
+    DEVICE_FLAGS="--device ${device_list[0]}"  # the up-front checks; each run gets its slot's device
+    JOBS=${JOBS:-${#device_list[@]}}
+fi
 JOBS=${JOBS:-1}
 
 # ---- checked before the first run: cells, seeds, jobs, every run's flags (activation, budgets, EPS,
@@ -178,6 +196,18 @@ done
 for n in "$JOBS" "${THREADS:-1}"; do
     case $n in ''|*[!0-9]*|0) echo "run_all.sh: JOBS and THREADS must be positive integers" >&2; exit 2 ;; esac
 done
+if [ $LIST = 1 ]; then  # the runs, numbered as CELL takes them: index regime act seed folder
+    k=0
+    for seed in $SEEDS; do for cell in $CELLS; do
+        echo "$k ${cell%%:*} ${cell#*:} $seed $(run_dir "${cell%%:*}" "${cell#*:}" "$seed")"; k=$((k + 1))
+    done; done
+    exit 0
+fi
+n_runs=$(( $(echo $SEEDS | wc -w) * $(echo $CELLS | wc -w) ))
+if [ -n "${CELL:-}" ]; then
+    case $CELL in *[!0-9]*) echo "run_all.sh: CELL must be a run index of --list (0 to $((n_runs - 1))), got '$CELL'" >&2; exit 2 ;; esac
+    if [ "$CELL" -ge "$n_runs" ]; then echo "run_all.sh: CELL=$CELL, but there are $n_runs runs (0 to $((n_runs - 1)))" >&2; exit 2; fi
+fi
 if [ -z "${THREADS:-}" ] && [ "$JOBS" -gt 1 ]; then THREADS=$(( $(nproc) / JOBS )); [ "$THREADS" -ge 1 ] || THREADS=1; fi
 if [ -n "${THREADS:-}" ]; then export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS; fi
 case " $TRAIN_FLAGS " in *" --seed "*|*" --seed="*) echo "run_all.sh: give the seeds with SEEDS, not --seed in TRAIN_FLAGS" >&2; exit 2 ;; esac
@@ -185,9 +215,12 @@ if ! mkdir -p "$OUT/runs" 2>/dev/null || ! { : > "$OUT/runs/.write-test"; } 2>/d
     echo "run_all.sh: OUT=$OUT cannot be created or written" >&2; exit 2
 fi
 rm -f "$OUT/runs/.write-test"
-# one matrix per OUT at a time: a second invocation stops here, before touching any run folder
+# one matrix per OUT at a time: a second invocation stops here, before touching any run folder (array
+# tasks, CELL=K, share OUT: each has its own run folder, locked by its training script)
 lock="$OUT/.run_all.lock"
-if ! mkdir "$lock" 2>/dev/null; then
+if [ -n "${CELL:-}" ]; then
+    :
+elif ! mkdir "$lock" 2>/dev/null; then
     holder=$(cat "$lock/pid" 2>/dev/null)
     if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then
         echo "run_all.sh: OUT=$OUT is in use by another run_all.sh (process $holder); wait for it or use another OUT" >&2
@@ -196,8 +229,7 @@ if ! mkdir "$lock" 2>/dev/null; then
     rm -rf "$lock"  # left by a run_all.sh that was killed
     if ! mkdir "$lock" 2>/dev/null; then echo "run_all.sh: could not take $lock; try again" >&2; exit 2; fi
 fi
-echo $$ > "$lock/pid"
-trap 'rm -rf "$lock"' EXIT
+if [ -z "${CELL:-}" ]; then echo $$ > "$lock/pid"; trap 'rm -rf "$lock"' EXIT; fi
 checks=""  # one line per cell: the one-line error's prefix, the script, its training flags
 for cell in $CELLS; do
     regime=${cell%%:*}; act=${cell#*:}
@@ -206,14 +238,18 @@ for cell in $CELLS; do
 done
 # shellcheck disable=SC2086
 if ! printf '%s' "$checks" | $PYTHON -c '
-import importlib, sys
+import importlib, os, sys
 import eval as evaluation
+import utils
 for line in sys.stdin.read().splitlines():
     label, script, flags = line.split("\t")
     sys.argv[0] = f"run_all.sh: {label}: {script}.py"  # the one-line error prefix
     importlib.import_module(script).get_args(flags.split())
 sys.argv[0] = "run_all.sh: EVAL_FLAGS: eval.py"
 evaluation.get_args(["checkpoint.pt", *sys.argv[1:]])
+for device in os.environ.get("DEVICES", "").split():
+    if utils.device_problem(device):
+        sys.exit(f"run_all.sh: DEVICES: {utils.device_problem(device)}")
 ' $EVAL_FLAGS $DEVICE_FLAGS
 then exit 2; fi
 others=""
@@ -235,15 +271,16 @@ fi
 # ---- one run: train (or resume) and evaluate.  Its outcome is one line and, unless it succeeded, a
 # FAILED or INTERRUPTED file in its folder (it runs in the background: it cannot set our variables).
 run_one() {
-    local regime=$1 act=$2 seed=$3 line=$4 dir rc
+    local regime=$1 act=$2 seed=$3 line=$4 device_flags=$5 dir rc
     dir=$(run_dir "$regime" "$act" "$seed")
     mkdir -p "$dir"
     rm -f "$dir/FAILED" "$dir/INTERRUPTED"
+    echo "${device_flags#--device }" > "$dir/device.txt"
     [ -f "$dir/run_config.txt" ] || train_config "$regime" "$act" "$seed" > "$dir/run_config.txt"
     if ! [ -f "$dir/summary.json" ] || ! grep -q '"evaluated": true' "$dir/summary.json"; then
         # shellcheck disable=SC2086  # the flag strings are meant to split into words
         $PYTHON "train_$(script_of "$regime").py" --dataset "$DATASET" --data-dir "$DATA_DIR" --model "$MODEL" --epsilon "$EPS" \
-            $(cell_train_flags "$regime" "$act") --seed "$seed" $DEVICE_FLAGS --out-dir "$dir" \
+            $(cell_train_flags "$regime" "$act") --seed "$seed" $device_flags --out-dir "$dir" \
             --resume >> "$dir/train.log" 2>&1
         rc=$?
         if [ $rc = 130 ] || [ $rc = 143 ]; then echo "train" > "$dir/INTERRUPTED"; echo "$line interrupted in training (resumes on the next run)"; return; fi
@@ -251,7 +288,7 @@ run_one() {
     fi
     rm -f "$dir/eval_config.txt"
     # shellcheck disable=SC2086
-    $PYTHON eval.py "$dir/checkpoint.pt" $EVAL_FLAGS $DEVICE_FLAGS --out "$dir/eval.json" > "$dir/eval.log" 2>&1
+    $PYTHON eval.py "$dir/checkpoint.pt" $EVAL_FLAGS $device_flags --out "$dir/eval.json" > "$dir/eval.log" 2>&1
     rc=$?
     if [ $rc = 130 ] || [ $rc = 143 ]; then echo "eval" > "$dir/INTERRUPTED"; echo "$line interrupted in evaluation (resumes on the next run)"; return; fi
     if [ $rc != 0 ]; then echo "eval" > "$dir/FAILED"; echo "$line FAILED in evaluation (see $dir/eval.log)"; return; fi
@@ -263,29 +300,43 @@ run_one() {
 # run (they share our process group): each saves what it has and stops, and we wait for them.
 interrupted=0
 trap 'interrupted=1' INT
-total=$(( $(echo $SEEDS | wc -w) * $(echo $CELLS | wc -w) )); i=0; start=$SECONDS
+total=$n_runs; i=0; start=$SECONDS
+slot_pid=()  # the run each of the JOBS slots holds; with DEVICES, slot s runs on device s mod their count
 for seed in $SEEDS; do
     for cell in $CELLS; do
         regime=${cell%%:*}; act=${cell#*:}
         i=$((i + 1))
+        if [ -n "${CELL:-}" ] && [ $((i - 1)) != "$CELL" ]; then continue; fi
         dir=$(run_dir "$regime" "$act" "$seed")
         if [ -f "$dir/eval.json" ] && [ "$(cat "$dir/eval_config.txt" 2>/dev/null)" = "$EVAL_FLAGS" ]; then
             printf '[%d/%d] %-7s %-16s s%-3s done before, skipped\n' "$i" "$total" "$regime" "$act" "$seed"; continue
         fi
         while [ $interrupted = 0 ] && [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
         if [ $interrupted = 1 ]; then break 2; fi
-        run_one "$regime" "$act" "$seed" "$(printf '[%d/%d %5ds] %-7s %-16s s%-3s' "$i" "$total" $((SECONDS - start)) "$regime" "$act" "$seed")" &
+        slot=0
+        while [ -n "${slot_pid[$slot]:-}" ] && kill -0 "${slot_pid[$slot]}" 2>/dev/null; do slot=$((slot + 1)); done
+        flags=$DEVICE_FLAGS
+        if [ -n "$DEVICES" ]; then flags="--device ${device_list[$((slot % ${#device_list[@]}))]}"; fi
+        run_one "$regime" "$act" "$seed" "$(printf '[%d/%d %5ds] %-7s %-16s s%-3s' "$i" "$total" $((SECONDS - start)) "$regime" "$act" "$seed")" "$flags" &
+        slot_pid[$slot]=$!
     done
 done
 while [ -n "$(jobs -rp)" ]; do wait; done  # a trapped Ctrl-C ends a wait early: wait again
 trap - INT
-failed=0
+failed=0; k=0
 for seed in $SEEDS; do for cell in $CELLS; do
+    k=$((k + 1))
+    if [ -n "${CELL:-}" ] && [ $((k - 1)) != "$CELL" ]; then continue; fi  # an array task: its run only
     dir=$(run_dir "${cell%%:*}" "${cell#*:}" "$seed")
     if [ -f "$dir/FAILED" ]; then failed=$((failed + 1)); fi
     if [ -f "$dir/INTERRUPTED" ]; then interrupted=1; fi
 done; done
 
+if [ -n "${CELL:-}" ]; then  # an array task: its own run only, the table comes from the usual command
+    if [ $interrupted = 1 ]; then exit 130; fi
+    if [ $failed -gt 0 ]; then exit 1; fi
+    exit 0
+fi
 # ---- the tables: one row per cell, mean +- std over the seeds, and the curves where the runs made
 # them (tables.py)
 $PYTHON tables.py "$OUT" "$CELLS" "$SEEDS" "${BASELINE:-relu}" "$EVAL_FLAGS"

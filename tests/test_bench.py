@@ -2,6 +2,7 @@
 autocast + loss-scaler steps, channels_last data and models, and no host syncs per training step."""
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -370,3 +371,25 @@ def test_compiled_kaf_model_matches_eager(kernel):
     assert torch.allclose(compiled_loss, loss, atol=1e-5)
     for a, b in zip(compiled_grads, grads):
         assert torch.allclose(a, b, atol=1e-5 + 1e-4 * b.abs().max().item())
+
+
+def test_suite_parts_that_fail_or_run_out_of_time_are_reported_and_the_rest_go_on(tmp_path):
+    py = sys.executable
+    parts = [("fails", 30, [py, "-c", "import sys; print('bad'); sys.exit(3)"]),
+             ("hangs", 1, [py, "-c", "import time; time.sleep(30)"]),
+             ("works", 30, [py, "-c", "print('fine')"])]
+    rows = bench.run_parts(parts, str(tmp_path))
+    assert [r["status"] for r in rows] == ["failed (exit code 3)", "out of time (1 s)", "ok"]
+    assert rows[0]["last_line"] == "bad" and rows[2]["last_line"] == "fine" and rows[1]["wall_s"] < 20
+
+
+def test_the_gpu_suite_runs_at_tiny_sizes_on_a_cpu_and_writes_one_report(tmp_path):
+    report = bench.main(["--suite", "gpu", "--device", "cpu", "--out", str(tmp_path)])
+    assert [r["part"] for r in report["parts"]] == ["triton_kaf_tests", "step_table", "fgsm_rs_end_to_end",
+                                                     "eval_model", "eval_quick", "eval_standard"]
+    assert all(r["status"] == "ok" for r in report["parts"]), report["parts"]
+    assert set(report["goals"]) >= {"fgsm_rs_relu_s", "kaf_time_x_relu", "kaf_peak_mem_x_relu", "eval_quick_10000_min"}
+    assert all(g["met"] is None for g in report["goals"].values())  # tiny sizes judge nothing
+    text = (tmp_path / "suite.md").read_text()
+    assert "| step_table | ok |" in text and "## end_to_end" in text and "apgd-t" in text
+    assert json.loads((tmp_path / "suite.json").read_text())["parts"] == report["parts"]

@@ -313,3 +313,41 @@ def test_one_matrix_per_out_at_a_time_and_eps_compared_by_value(tmp_path):
     assert again.returncode == 0 and "done before, skipped" in again.stdout, again.stdout + again.stderr
     other = _run_all(dict(env, EPS="0.2"))
     assert other.returncode == 2 and "another training configuration" in other.stderr
+
+
+def test_devices_give_each_concurrent_run_its_own_device(tmp_path):
+    # two fake devices a CPU has: "cpu" and "cpu:0" (the runs' logs name the one they got)
+    env = _env(tmp_path, REGIMES="fast", DEVICE="", DEVICES="cpu cpu:0", FAST_FLAGS=TINY.replace("--epochs 1", "--epochs 2"))
+    env.pop("DEVICE")
+    r = _run_all(env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs = tmp_path / "results" / "runs"
+    devices = sorted((runs / f"fast_{a}_s0" / "device.txt").read_text().strip() for a in ("relu", "rbf-insert"))
+    assert devices == ["cpu", "cpu:0"]  # JOBS defaults to 2: both slots, one device each
+    for a in ("relu", "rbf-insert"):
+        d = (runs / f"fast_{a}_s0" / "device.txt").read_text().strip()
+        assert f"on {d} " in (runs / f"fast_{a}_s0" / "train.log").read_text()
+    both = _run_all(dict(env, DEVICE="cpu"))
+    assert both.returncode == 2 and "give DEVICE or DEVICES, not both" in both.stderr
+
+
+def test_array_mode_lists_the_runs_runs_one_each_in_parallel_then_the_usual_command_writes_the_table(tmp_path):
+    env = _env(tmp_path, REGIMES="fast", SEEDS="0 1")
+    listed = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "--list"], env=env, capture_output=True, text=True)
+    lines = listed.stdout.splitlines()
+    assert listed.returncode == 0 and [l.split()[:4] for l in lines] == [
+        ["0", "fast", "relu", "0"], ["1", "fast", "rbf-insert", "0"], ["2", "fast", "relu", "1"], ["3", "fast", "rbf-insert", "1"]]
+    tasks = [subprocess.Popen(["bash", os.path.join(ROOT, "run_all.sh")], env=dict(env, CELL=str(k)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(4)]
+    for t in tasks:
+        out, err = t.communicate(timeout=600)
+        assert t.returncode == 0, out + err
+    out = tmp_path / "results"
+    assert not (out / "results.md").exists()  # array tasks write their own folders only
+    assert all((out / "runs" / l.split()[4].split("/runs/")[1] / "eval.json").exists() for l in lines)
+    r = _run_all(env)
+    assert r.returncode == 0 and r.stdout.count("done before, skipped") == 4, r.stdout + r.stderr
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [row["seeds ok"] for row in rows] == ["2/2", "2/2"]
+    bad = _run_all(dict(env, CELL="4"))
+    assert bad.returncode == 2 and "there are 4 runs" in bad.stderr
