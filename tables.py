@@ -52,8 +52,10 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 # (clean 100, FGSM 68.8, worst 37.5).
 CO_GAP = 0.30
 
+# eval.py runs its attacks in AutoAttack's order: each column is the accuracy left after that attack
+# and every one before it (an evaluation made before that order: the attack's own accuracy)
 MATRIX_ACCURACIES = {"clean": "clean", "PGD-20": "pgd20x1", "PGD-50x10": "pgd50x10", "APGD-CE": "apgd-ce",
-                     "APGD-DLR": "apgd-dlr", "APGD-T": "apgd-t"}
+                     "APGD-DLR": "apgd-dlr", "APGD-T": "apgd-t", "Square": "square"}
 
 
 def mean_std(values):

@@ -211,7 +211,7 @@ def test_headline_catches_a_model_only_the_targeted_attack_breaks(preset):
     result = eval_script.evaluate(model, x, y, args, EPS, progress=False)
     acc = result["accuracy"]
     assert "apgd-t" in acc
-    untargeted = [k for k in acc if k not in ("clean", "apgd-t", "square")]
+    untargeted = [k for k in acc if k not in ("clean", "apgd-t") and not k.startswith("square")]
     assert len(untargeted) >= (3 if preset == "quick" else 5)
     assert all(acc[k] == 1.0 for k in untargeted), acc  # the trap holds every untargeted white-box attack
     assert acc["apgd-t"] == 0.0 and result["robust_accuracy"] == 0.0
@@ -343,24 +343,44 @@ def run_stubbed(monkeypatch, attack_list, broken):
     return eval_script.evaluate(Switch().eval(), x, y, args, EPS, progress=False)
 
 
-def test_headline_is_the_intersection_of_per_attack_successes(monkeypatch):
+def test_the_cascade_gives_the_worst_case_of_every_attack_on_every_image(monkeypatch):
     """Two attacks break disjoint quarters of the images (FGSM the numbers 0 mod 4, PGD 1 mod 4; a third
-    quarter is wrong clean): each alone leaves half standing, but the headline counts an image only if it
-    survives both, so it is clean minus both sets, a quarter, strictly below either attack's accuracy.
-    Taking the minimum over attacks (or any one attack) gives a half and fails."""
+    quarter is wrong clean).  Each attack runs only on what the earlier ones left (AutoAttack's order),
+    and the headline is what running both on every image and intersecting gives: clean minus both
+    sets, a quarter; each attack's accuracy is what is left after it, and standalone on the check
+    subset each alone leaves half standing."""
     ids = torch.arange(N_SWITCH)
     by_fgsm, by_pgd = ids % 4 == 0, ids % 4 == 1
     _, y = switch_data()
     clean_ok = y == 0
     result = run_stubbed(monkeypatch, ["fgsm", "pgd10"], {"fgsm": by_fgsm, "pgd10x1": by_pgd})
-    acc = result["accuracy"]
-    assert acc["clean"] == clean_ok.float().mean().item()
-    assert acc["fgsm"] == (clean_ok & ~by_fgsm).float().mean().item()  # the stubs ran through eval.py
-    assert acc["pgd10x1"] == (clean_ok & ~by_pgd).float().mean().item()
     want = (clean_ok & ~by_fgsm & ~by_pgd).float().mean().item()
-    assert result["robust_accuracy"] == want == acc["clean"] - (by_fgsm.sum() + by_pgd.sum()).item() / N_SWITCH
-    assert result["robust_accuracy"] < min(acc["fgsm"], acc["pgd10x1"])
+    assert result["robust_accuracy"] == want == result["accuracy"]["clean"] - (by_fgsm.sum() + by_pgd.sum()).item() / N_SWITCH
+    acc = result["accuracy"]
+    assert acc["fgsm"] == (clean_ok & ~by_fgsm).float().mean().item() and acc["pgd10x1"] == want
+    cascade = {c["attack"]: c for c in result["cascade"]}
+    assert cascade["fgsm"]["attacked"] == int(clean_ok.sum()) and cascade["fgsm"]["broken"] == int(by_fgsm.sum())
+    assert cascade["pgd10x1"]["attacked"] == int((clean_ok & ~by_fgsm).sum())  # only FGSM's survivors
+    assert cascade["pgd10x1"]["broken"] == int(by_pgd.sum())
+    alone = result["standalone"]["accuracy"]
+    assert result["standalone"]["n"] == N_SWITCH and alone["fgsm"] == alone["pgd10x1"] == 0.5
     assert result["headline"].startswith(f"robust acc {want:.4f} ")
+
+
+def test_the_cascade_attacks_only_the_survivors(monkeypatch):
+    ids = torch.arange(N_SWITCH)
+    given = []
+    result = run_stubbed(monkeypatch, ["fgsm", "pgd10"], {"fgsm": ids % 2 == 0, "pgd10x1": ids % 4 == 1})
+    monkeypatch.undo()
+    x, y = switch_data()
+    # every image PGD saw in the cascade was still robust: correct clean and not broken by FGSM
+    monkeypatch.setattr(attacks, "fgsm", lambda m, xb, yb, eps, **kw: breaking(ids % 2 == 0)(m, xb, yb))
+    monkeypatch.setattr(attacks, "pgd", lambda m, xb, yb, *a, **kw: given.append(xb[:, 0, 0, 0].clone()) or xb.clone())
+    args = eval_args("--attacks", "fgsm", "pgd10", "--batch-size", "16", "--check-n", "1")
+    eval_script.evaluate(Switch().eval(), x, y, args, EPS, progress=False)
+    numbers = (torch.cat(given[:-1]) * N_SWITCH).round().long()  # the last call: the standalone check
+    assert sorted(numbers.tolist()) == [i for i in range(N_SWITCH) if i % 2 == 1 and i % 4 != 2]
+    assert result["robust_accuracy"] < result["accuracy"]["fgsm"]
 
 
 @pytest.mark.parametrize("fail", [False, True])
@@ -529,11 +549,13 @@ def test_eval_quick_preset_end_to_end(tmp_path):
                                "--curve-eps", "0.05", "--curve-steps", "5", "--noise-sigmas", "0.1", "0.3",
                                "--nonsense-n", "64", "--device", "cpu", "--out", str(path)])
     acc = result["accuracy"]
-    assert set(acc) == {"clean", "fgsm", "pgd20x1", "apgd-ce", "apgd-t"} and result["eps"] == pytest.approx(0.1)
+    assert {"clean", "fgsm", "pgd20x1", "apgd-ce", "apgd-t", "square"} <= set(acc) and result["eps"] == pytest.approx(0.1)
     assert all(result["robust_accuracy"] <= a for a in acc.values())
+    assert result["robust_accuracy"] == acc[result["cascade"][-1]["attack"]]
     assert set(result["sanity_checks"]) == set(eval_script.CHECKS)
     assert all(c["status"] in ("PASS", "FAIL", "SKIP") and c["detail"] for c in result["sanity_checks"].values())
-    assert result["sanity_checks"]["black_box_vs_white_box"]["status"] == "SKIP"  # quick runs no Square
+    assert result["sanity_checks"]["black_box_vs_white_box"]["status"] != "SKIP"  # quick runs Square on survivors
+    assert result["config"]["square_queries"] == 1000
     assert set(result["noise_accuracy"]) == {"0.1", "0.3"} and 0 <= result["nonsense"]["rate"] <= 1
     assert set(result["accuracy_vs_eps"]["accuracy"]) == {"0.05", "0.5"} and result["large_eps"]["eps"] == 0.5
     header, row = result["markdown_header"], result["markdown_row"]
@@ -586,3 +608,50 @@ def test_n_clean_is_the_clean_accuracy_of_the_first_n_test_images_and_the_split_
         assert len(reads) == 1 and r["n_eval"] == n_eval and r["clean_full"]["n"] == n_expected
         assert r["clean_full"]["accuracy"] == pytest.approx(accuracy(model, xt[:n_expected].float() / 255, yt[:n_expected]))
         assert r["accuracy"]["clean"] == pytest.approx(accuracy(model, xt[:n_eval].float() / 255, yt[:n_eval]))
+
+
+class Blind(nn.Module):
+    """Returns its wrapped model's logits on x with no gradient reaching x: every gradient attack sees
+    zero, a black-box attack sees the real model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x.detach()) + 0 * x.sum((1, 2, 3))[:, None]
+
+
+def test_gradient_masking_escalates_square_to_its_full_budget_and_a_plain_model_does_not(trained_lenet):
+    model, x, y = trained_lenet
+    x, y = x[:48], y[:48]
+    args = eval_args("--preset", "quick", "--apgd-iters", "10", "--apgd-targets", "2", "--square-queries", "20",
+                     "--square-escalate", "200", "--large-eps", "0", "--curve-eps", "--noise-sigmas", "--nonsense-n", "0")
+    torch.manual_seed(0)
+    plain = eval_script.evaluate(model, x, y, args, EPS, progress=False)
+    assert plain["escalation"] is None and not any(c["attack"] == "square-escalated" for c in plain["cascade"])
+    torch.manual_seed(0)
+    blind = eval_script.evaluate(Blind(model).eval(), x, y, args, EPS, progress=False)
+    assert blind["escalation"]["queries"] == 200 and "all-zero input gradient" in blind["escalation"]["reasons"][0]
+    steps = [c["attack"] for c in blind["cascade"]]
+    assert steps[-2:] == ["square", "square-escalated"]
+    escalated = blind["cascade"][-1]
+    assert escalated["attacked"] == int(round(blind["accuracy"]["square"] * len(y)))  # the survivors only
+    assert blind["robust_accuracy"] <= blind["accuracy"]["square"] <= blind["accuracy"]["apgd-t"]
+    assert blind["robust_accuracy"] < blind["accuracy"]["apgd-t"] - 0.1  # the black box found what gradients hid
+
+
+def test_robustbench_model_info_has_the_fields_robustbench_reads(tmp_path):
+    out = tmp_path / "run"
+    train_fast.main(["--dataset", "synthetic", "--model", "lenet", "--epochs", "1", "--n-train", "128", "--n-eval", "32",
+                     "--batch-size", "64", "--epsilon", "0.1", "--eval-pgd-steps", "1", "--device", "cpu",
+                     "--out-dir", str(out)])
+    result = eval_script.main([str(out / "checkpoint.pt"), "--attacks", "fgsm", "pgd10", "--n-eval", "32", "--no-plot",
+                               "--device", "cpu", "--out", str(tmp_path / "e.json"), "--robustbench", "Ours2026Relu"])
+    info = json.loads((tmp_path / "model_info" / "synthetic" / "Linf" / "Ours2026Relu.json").read_text())
+    fields = {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+              "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote"}
+    assert fields <= set(info) and info["dataset"] == "synthetic" and info["eps"] == pytest.approx(0.1)
+    assert info["clean_acc"] == f"{100 * result['accuracy']['clean']:.2f}"
+    assert info["autoattack_acc"] == f"{100 * result['robust_accuracy']:.2f}"
+    assert "not AutoAttack" in info["footnote"] and info["evaluation"]["cascade"] == result["cascade"]
