@@ -394,6 +394,7 @@ def evaluate(model, x, y, args, eps, progress=True):
                 square_attack(eps, args.square_escalate, args.square_p_init, square_queries))
     result["cascade"] = cascade
     result["robust_accuracy"] = robust.float().mean().item()
+    result["robust_images"] = robust.nonzero().squeeze(1).tolist()  # per image: for cross-checks
     if square_queries:
         q = torch.cat(square_queries)
         q = q[q > 0].tolist()
