@@ -60,7 +60,7 @@ def input_gradient(run, x, y, create_graph=False):
     """Gradient of the (scaled) training loss w.r.t. the input only (no weight gradients)."""
     x = x if x.requires_grad else x.detach().requires_grad_(True)
     with run.amp:
-        loss = F.cross_entropy(run.attack_forward(x), y)
+        loss = F.cross_entropy(run.attack_forward(x), y, label_smoothing=run.label_smoothing)
     (grad,) = torch.autograd.grad(run.scaler.scale(loss), x, create_graph=create_graph)
     return grad
 
@@ -103,7 +103,7 @@ def train_step(run, tr, x, y, args):
         if args.hybrid_weight:  # Zhao & Griffin's hybrid loss
             loss = tricks.hybrid_loss(logits, y, args.hybrid_weight, args.hybrid_p)
         else:
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
     total = loss
     if args.grad_align > 0:  # GradAlign's gradient-alignment term
         total = total + args.grad_align * grad_align_penalty(run, x, y, eps)
@@ -162,6 +162,8 @@ def main(argv=None, arrays=None):
                     group["lr"], group["momentum"] = lr * group.get("lr_mult", 1.0), momenta[it]
                 loss, n_correct, bad = train_step(run, tr, x, y, args)
                 state["iteration"] = it = it + 1
+                if args.ema:  # weight averaging (the FastAT benchmark's), after every optimiser step
+                    utils.update_ema(state["ema"], run.model, args.ema)
                 if args.eval_every and it % args.eval_every == 0:  # accuracy over iterations
                     state["curve"].append(utils.probe(run, args, it, lr))
                 first_bad = torch.where((first_bad == 0) & bad, i + 1, first_bad)

@@ -63,7 +63,7 @@ def replay_step(run, tr, x, y, delta, args):
         if args.hybrid_weight:  # Zhao & Griffin's hybrid loss
             loss = tricks.hybrid_loss(logits, y, args.hybrid_weight, args.hybrid_p)
         else:
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
     total = loss
     if tr.mean_copies:  # Zhao & Griffin's mean training
         total = total + tr.mean_loss(run.model, run.forward, run.amp)
@@ -138,6 +138,8 @@ def main(argv=None, arrays=None):
                         group["lr"], group["momentum"] = lr * group.get("lr_mult", 1.0), momenta[it]
                     loss, n_correct, bad = replay_step(run, tr, x, y, state["delta"], args)
                     state["iteration"] = it = it + 1
+                    if args.ema:  # weight averaging (the FastAT benchmark's), after every optimiser step
+                        utils.update_ema(state["ema"], run.model, args.ema)
                     if args.eval_every and it % args.eval_every == 0:  # accuracy over iterations
                         state["curve"].append(utils.probe(run, args, it, lr))
                 # the last replay's

@@ -96,7 +96,8 @@ def trades_loss(run, x, y, eps, alpha, iters, beta, attack_mode="eval"):
         logits, logits_adv = run.forward(x), run.forward(x + delta)
     robust = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits.float(), dim=1),
                       reduction="batchmean")
-    return F.cross_entropy(logits.float(), y) + beta * robust, logits_adv, steps
+    ce = F.cross_entropy(logits.float(), y, label_smoothing=run.label_smoothing)
+    return ce + beta * robust, logits_adv, steps
 
 
 def train_step(run, tr, x, y, args):
@@ -109,7 +110,7 @@ def train_step(run, tr, x, y, args):
                                           args.attack_mode)
     else:
         # ---- the perturbation: k PGD steps from a random start, in --attack-mode
-        ce = lambda logits: F.cross_entropy(logits, y)
+        ce = lambda logits: F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
         run.model.train(args.attack_mode == "train")
         delta, steps = pgd_delta(run, x, ce, eps, alpha, k, torch.empty_like(x).uniform_(-eps, eps))
         run.model.train()
@@ -119,7 +120,7 @@ def train_step(run, tr, x, y, args):
             if args.hybrid_weight:  # Zhao & Griffin's hybrid loss
                 loss = tricks.hybrid_loss(logits, y, args.hybrid_weight, args.hybrid_p)
             else:
-                loss = F.cross_entropy(logits, y)
+                loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
     total = loss
     if tr.mean_copies:  # Zhao & Griffin's mean training
         total = total + tr.mean_loss(run.model, run.forward, run.amp)
@@ -176,6 +177,8 @@ def main(argv=None, arrays=None):
                     group["lr"], group["momentum"] = lr * group.get("lr_mult", 1.0), momenta[it]
                 loss, n_correct, bad, steps = train_step(run, tr, x, y, args)
                 state["iteration"] = it = it + 1
+                if args.ema:  # weight averaging (the FastAT benchmark's), after every optimiser step
+                    utils.update_ema(state["ema"], run.model, args.ema)
                 state["attack_steps"] += steps
                 if args.eval_every and it % args.eval_every == 0:  # accuracy over iterations
                     state["curve"].append(utils.probe(run, args, it, lr))

@@ -452,6 +452,14 @@ def add_shared_flags(p, **defaults):
     g.add_argument("--co-guard", type=float, default=0.2,
                    help="catastrophic-overfitting guard: stop and restore the best weights when "
                         "held-out PGD accuracy drops by more than this (0 = off)")
+    g.add_argument("--co-fgsm-margin", type=float, default=0.02,
+                   help="the guard also fires when held-out FGSM accuracy exceeds clean accuracy by more "
+                        "than this (< 0: off)")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="label smoothing of the training loss and attack (FastAT benchmark: 0.4)")
+    g.add_argument("--ema", type=float, default=0.0, metavar="TAU",
+                   help="weight averaging, ema = tau ema + (1 - tau) weights each step (benchmark: "
+                        "0.9995; 0 = off); the average is what is saved and evaluated")
     g = p.add_argument_group("run (shared)")
     g.add_argument("--device", default=DEFAULT_DEVICE, help="cuda, cuda:N or cpu")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
@@ -500,6 +508,8 @@ def parse_args(parser, argv=None, checks=()):
         problems.append("--nesterov needs --momentum > 0")
     if args.eval_pgd_alpha is not None and args.eval_pgd_alpha <= 0:  # a step of 0 fakes robustness
         problems.append(f"--eval-pgd-alpha must be > 0, got {args.eval_pgd_alpha}")
+    if not 0 <= args.label_smoothing < 1 or not 0 <= args.ema < 1:
+        problems.append("--label-smoothing and --ema must be in [0, 1)")
     if min(args.momentum, args.weight_decay, args.grad_clip, args.co_guard) < 0 or args.lr_mult <= 0:
         problems.append("--momentum, --weight-decay, --grad-clip and --co-guard must be >= 0, "
                         "--lr-mult > 0")
@@ -803,6 +813,7 @@ def setup(args, script, arrays=None):
         scaler=torch.amp.GradScaler("cuda", enabled=fp16), amp_dtype=amp_dtype,
         channels_last=channels_last)
     run.amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    run.label_smoothing = args.label_smoothing  # of the training loss and of the training attack
     pssilu = args.act == "pssilu" and not args.freeze_act  # PSSiLU-only work is set up here, once
     run.pssilu_reg = args.pssilu_reg if pssilu else 0.0
     clip = args.pssilu_beta_clip
@@ -855,6 +866,45 @@ def held_out_pgd(run, eps):
     return acc
 
 
+def held_out_clean_fgsm(run, eps):
+    """(clean, FGSM) accuracy on the held-out training images: FGSM above clean is the classic sign of
+    catastrophic overfitting (Wong et al. 2020; Kurakin et al.'s label leaking), one attack's cost.
+    Rank 0's values on every rank."""
+    clean = attacks.robust_accuracy(run.model, run.x_held, run.y_held)[0]
+    fgsm = attacks.robust_accuracy(run.model, run.x_held, run.y_held,
+                                   lambda m, x, y: attacks.fgsm(m, x, y, eps))[0]
+    if run.world > 1:
+        t = torch.tensor([clean, fgsm], device=run.device)
+        torch.distributed.broadcast(t, 0)
+        clean, fgsm = t.tolist()
+    return clean, fgsm
+
+
+def overfitting_rule(held, clean, fgsm, best, args):
+    """Which sign of catastrophic overfitting the epoch shows, or None: 'pgd_drop' (held-out PGD
+    accuracy more than --co-guard below the best epoch's) or 'fgsm_above_clean' (held-out FGSM
+    accuracy more than --co-fgsm-margin above clean accuracy, which a collapse shows even when the
+    PGD probe was never high).  Both only while the guard is on (--co-guard > 0)."""
+    if args.co_guard <= 0:
+        return None
+    if collapsed(held, best, args.co_guard):
+        return "pgd_drop"
+    if fgsm is not None and fgsm > clean + args.co_fgsm_margin:
+        return "fgsm_above_clean"
+    return None
+
+
+def update_ema(ema, model, tau):
+    """ema = tau ema + (1 - tau) state, entry by entry over the model's whole state, BatchNorm's
+    running statistics included, as the FastAT benchmark averages (integer counters are copied)."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                ema[k].mul_(tau).add_(v, alpha=1 - tau)
+            else:
+                ema[k].copy_(v)
+
+
 def probe(run, args, it, lr):
     """Clean and PGD-10 (step eps/4) accuracy on the first --eval-every-images test images after
     optimiser step ``it``, for accuracy-over-iterations curves.  It leaves the training trajectory
@@ -882,6 +932,8 @@ def new_state(run, args, passes, **extra):
     steps)."""
     state = dict(epoch=0, iteration=0, history=[], best=None, guard=None, curve=[], train_time_s=0.0,
                  **extra)
+    if args.ema > 0:  # weight averaging: starts at the initial weights
+        state["ema"] = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     if args.resume and (ckpt := load_for_resume(run, args, passes)):
         state.update((k, ckpt[k]) for k in state)
     return state
@@ -894,24 +946,30 @@ def end_epoch(run, args, state, train_loss, train_acc, lr, seconds, label="epoch
     state["train_time_s"] += seconds
     sync_buffers(run)
     held = held_out_pgd(run, args.epsilon)
+    clean = fgsm = None
+    if args.co_guard > 0 and args.co_fgsm_margin >= 0:
+        clean, fgsm = held_out_clean_fgsm(run, args.epsilon)
     epoch = state["epoch"] + 1
     state["history"].append(dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc,
-                                 held_pgd_acc=held, lr=lr, time_s=round(state["train_time_s"], 2)))
+                                 held_pgd_acc=held, held_clean_acc=clean, held_fgsm_acc=fgsm, lr=lr,
+                                 time_s=round(state["train_time_s"], 2)))
     state["epoch"] = epoch
     log(run, f"{label} {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  held-out PGD-10 acc "
-             f"{held:.4f}  "
-             f"lr {lr:.4g}  time {state['train_time_s']:.1f}s")
+             f"{held:.4f}  lr {lr:.4g}  time {state['train_time_s']:.1f}s")
     best = state["best"]
-    # catastrophic overfitting: back to the best epoch, stop
-    if collapsed(held, best, args.co_guard):
-        state["guard"] = dict(epoch=epoch, held_pgd_acc=held, best_held_pgd_acc=best["held_pgd_acc"],
-                              restored_epoch=best["epoch"])
-        log(run, f"catastrophic overfitting detected in {label} {epoch}: held-out PGD accuracy "
-                 "fell from "
-                 f"{best['held_pgd_acc']:.3f} to {held:.3f}; restoring the weights of {label} "
-                 f"{best['epoch']} "
-                 f"and stopping")
-        run.model.load_state_dict(best["model_state"])
+    rule = overfitting_rule(held, clean, fgsm, best, args)
+    if rule:  # catastrophic overfitting: back to the best epoch (if there is one), stop
+        state["guard"] = dict(epoch=epoch, rule=rule, held_pgd_acc=held, held_clean_acc=clean,
+                              held_fgsm_acc=fgsm, best_held_pgd_acc=best and best["held_pgd_acc"],
+                              restored_epoch=best and best["epoch"])
+        sign = (f"held-out PGD accuracy fell from {best['held_pgd_acc']:.3f} to {held:.3f}"
+                if rule == "pgd_drop" else
+                f"held-out FGSM accuracy {fgsm:.3f} is above clean accuracy {clean:.3f}")
+        then = (f"restoring the weights of {label} {best['epoch']} and stopping" if best
+                else "no earlier weights to restore; stopping")
+        log(run, f"catastrophic overfitting detected in {label} {epoch}: {sign}; {then}")
+        if best:
+            run.model.load_state_dict(best["model_state"])
         return True
     if best is None or held >= best["held_pgd_acc"]:
         state["best"] = dict(epoch=epoch, held_pgd_acc=held,
@@ -995,7 +1053,11 @@ def save_checkpoint(run, args, path, **state):
         return
     shape = dict(zip(("channels", "size", "classes"), data.DATASETS[args.dataset][:3]))
     dataset = dict(name=args.dataset, **shape)
-    save_atomic({"model_config": run.model.config, "model_state": run.model.state_dict(), "args": vars(args),
+    weights = run.model.state_dict()
+    if state.get("ema") is not None:  # the average is what eval.py loads; the trained weights resume
+        state = dict(state, train_model_state=weights)
+        weights = state["ema"]
+    save_atomic({"model_config": run.model.config, "model_state": weights, "args": vars(args),
                  "script": run.script, "dataset": dataset, "optimizer": run.opt.state_dict(),
                  "scaler": run.scaler.state_dict(), "rng": rng_states(run.device), **state}, path)
 
@@ -1035,7 +1097,7 @@ def load_for_resume(run, args, passes):
         unit = "passes" if run.script == "train_free" else "epochs"
         raise models.CheckpointError(f"cannot resume from {path}: it has done {ckpt['epoch']} {unit}, "
                                      f"more than the {passes} asked for; give at least that many")
-    run.model.load_state_dict(ckpt["model_state"])
+    run.model.load_state_dict(ckpt.get("train_model_state", ckpt["model_state"]))  # --ema: raw weights
     run.opt.load_state_dict(ckpt["optimizer"])
     run.scaler.load_state_dict(ckpt["scaler"])
     set_rng_states(ckpt["rng"], run.device)
@@ -1110,6 +1172,8 @@ def finish(run, args, summary, state, label="epoch"):
     """After training: the last checkpoint, the final clean / PGD evaluation (rank 0) and
     summary.json.  Returns the summary."""
     save_checkpoint(run, args, os.path.join(run.out_dir, "checkpoint.pt"), **state)
+    if state.get("ema") is not None:  # the final evaluation judges what was saved: the average
+        run.model.load_state_dict(state["ema"])
     guard = state["guard"]
     summary.update(catastrophic_overfitting=guard,
                    stopped_early=guard and f"catastrophic overfitting in {label} {guard['epoch']}")

@@ -287,7 +287,7 @@ def linear_problem(seed=0, n=32, d=12, classes=4):
     x, y = torch.rand(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
     run = argparse.Namespace(model=model, forward=model, attack_forward=model, amp=contextlib.nullcontext(), device=torch.device("cpu"),
                              scaler=torch.amp.GradScaler("cpu", enabled=False), opt=torch.optim.SGD(model.parameters(), lr=0.0),
-                             pssilu_reg=0.0, shift_params=[], shift_clip=0.0)
+                             pssilu_reg=0.0, shift_params=[], shift_clip=0.0, label_smoothing=0.0)
     return run, x, y
 
 
@@ -310,7 +310,7 @@ def test_fgsm_rs_and_nfgsm_are_one_signed_gradient_step_from_their_noise_and_rai
     run, x, y = linear_problem()
     eps, alpha = 0.1, 0.1 if nfgsm else 0.125
     args = argparse.Namespace(epsilon=eps, alpha=alpha, nfgsm=nfgsm, init="random", attack="fgsm", grad_align=0.0,
-                              grad_clip=0, hybrid_weight=0.0, hybrid_p=2.0)
+                              grad_clip=0, hybrid_weight=0.0, hybrid_p=2.0, label_smoothing=0.0)
     trained_on = []  # what the step's forward pass sees: x + delta
     run.forward = lambda z: trained_on.append(z.detach()) or run.model(z)
     torch.manual_seed(5)
@@ -328,7 +328,7 @@ def test_fgsm_rs_and_nfgsm_are_one_signed_gradient_step_from_their_noise_and_rai
 def test_free_replay_moves_delta_by_one_signed_step_of_eps_and_raises_the_loss():
     run, x, y = linear_problem()
     eps = 0.05
-    args = argparse.Namespace(epsilon=eps, grad_clip=0, hybrid_weight=0.0, hybrid_p=2.0)
+    args = argparse.Namespace(epsilon=eps, grad_clip=0, hybrid_weight=0.0, hybrid_p=2.0, label_smoothing=0.0)
     tr = argparse.Namespace(mean_copies=0)
     delta = in_image(x, torch.empty_like(x).uniform_(-eps, eps, generator=torch.Generator().manual_seed(1)))
     start = delta.clone()
@@ -474,6 +474,7 @@ def test_the_guard_detects_a_collapse_and_restores_the_best_weights(tmp_path, mo
     weights of epoch 2 (the best), which is what its checkpoint and evaluation use."""
     held = iter([0.5, 0.6, 0.1])
     monkeypatch.setattr(utils, "held_out_pgd", lambda run, eps: next(held))
+    monkeypatch.setattr(utils, "held_out_clean_fgsm", lambda run, eps: (0.9, 0.7))  # a healthy FGSM gap
     saved = {}
     real_save = utils.save_checkpoint
 
@@ -484,7 +485,8 @@ def test_the_guard_detects_a_collapse_and_restores_the_best_weights(tmp_path, mo
     monkeypatch.setattr(utils, "save_checkpoint", save_checkpoint)
     summary = train_fast.main(tiny(tmp_path, "--epochs", 5, "--co-guard", 0.2))
     record = summary["catastrophic_overfitting"]
-    assert record == dict(epoch=3, held_pgd_acc=0.1, best_held_pgd_acc=0.6, restored_epoch=2)
+    assert record == dict(epoch=3, rule="pgd_drop", held_pgd_acc=0.1, held_clean_acc=0.9, held_fgsm_acc=0.7,
+                          best_held_pgd_acc=0.6, restored_epoch=2)
     assert summary["epochs_completed"] == 3 and len(summary["history"]) == 3
     final = models.load_checkpoint(str(tmp_path / "checkpoint.pt")).state_dict()
     assert all(torch.equal(final[k], saved[2][k]) for k in final)
@@ -551,3 +553,84 @@ def test_help_shows_the_scripts_own_flags_first_and_no_help_text_over_two_lines(
     if module.startswith("train_"):
         groups = [line for line in lines if line and not line.startswith(" ") and line.endswith(":")]
         assert "(shared)" not in groups[1] and "(shared)" in groups[2], groups  # after "options:"
+
+
+# ------------------------------------------------ fast-AT as of 2026: the FGSM sign, EMA, label smoothing
+def test_the_fgsm_above_clean_rule_fires_on_a_collapse_and_not_on_a_healthy_epoch(tmp_path, monkeypatch):
+    args = argparse.Namespace(co_guard=0.2, co_fgsm_margin=0.02)
+    best = dict(epoch=1, held_pgd_acc=0.3)
+    assert utils.overfitting_rule(0.3, 0.80, 0.60, best, args) is None  # FGSM lowers accuracy: healthy
+    assert utils.overfitting_rule(0.3, 0.80, 0.81, best, args) is None  # within the margin
+    assert utils.overfitting_rule(0.3, 0.70, 0.90, best, args) == "fgsm_above_clean"
+    assert utils.overfitting_rule(0.05, 0.70, 0.90, None, args) == "fgsm_above_clean"  # PGD never high
+    assert utils.overfitting_rule(0.05, 0.8, 0.6, best, args) == "pgd_drop"
+    assert utils.overfitting_rule(0.05, 0.7, 0.9, best, argparse.Namespace(co_guard=0.0, co_fgsm_margin=0.02)) is None
+    # in a run: epoch 2 resists FGSM more than it classifies clean images -> back to epoch 1, stop
+    probes = iter([(0.9, 0.6), (0.7, 0.95)])
+    monkeypatch.setattr(utils, "held_out_clean_fgsm", lambda run, eps: next(probes))
+    monkeypatch.setattr(utils, "held_out_pgd", lambda run, eps: 0.4)
+    summary = train_fast.main(tiny(tmp_path, "--epochs", 4))
+    record = summary["catastrophic_overfitting"]
+    assert record["rule"] == "fgsm_above_clean" and record["epoch"] == 2 and record["restored_epoch"] == 1
+    assert (record["held_clean_acc"], record["held_fgsm_acc"]) == (0.7, 0.95)
+    assert summary["epochs_completed"] == 2 and summary["history"][1]["held_fgsm_acc"] == 0.95
+
+
+def test_label_smoothing_is_the_closed_form(tmp_path):
+    args = train_fast.get_args(tiny(tmp_path, "--attack", "none", "--label-smoothing", "0.4"))
+    run = utils.setup(args, "train_fast")
+    x, y = next(iter(run.batches))
+    with torch.no_grad():
+        run.model.train()
+        logp = F.log_softmax(run.model(x), 1)  # train mode, as the step (BatchNorm uses the batch)
+    want = (0.6 * F.nll_loss(logp, y) + 0.4 * (-logp.mean(1)).mean()).item()
+    loss = train_fast.train_step(run, argparse.Namespace(mean_copies=0), x, y, args)[0]
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_ema_is_the_hand_computed_average_and_resume_keeps_it(tmp_path, monkeypatch):
+    states = []
+    real_step = torch.optim.SGD.step
+
+    def step(opt, *a, **k):
+        out = real_step(opt, *a, **k)
+        model = step.model
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return out
+    real_setup = utils.setup
+
+    def setup(*a, **k):
+        run = real_setup(*a, **k)
+        step.model = run.model
+        states.append({k: v.detach().clone() for k, v in run.model.state_dict().items()})  # the start
+        return run
+    monkeypatch.setattr(torch.optim.SGD, "step", step)
+    monkeypatch.setattr(utils, "setup", setup)
+    tau = 0.9
+    summary = train_fast.main(tiny(tmp_path / "whole", "--epochs", 2, "--ema", tau, "--co-guard", 0))
+    ema = {k: v.clone() for k, v in states[0].items()}
+    for s in states[1:]:
+        for k, v in s.items():
+            ema[k] = ema[k] * tau + (1 - tau) * v if v.is_floating_point() else v.clone()
+    saved = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    assert summary["counts"]["optimizer_steps"] == len(states) - 1 == 8
+    for k, v in saved["model_state"].items():  # the average is the saved (and evaluated) model
+        assert torch.allclose(v.float(), ema[k].float(), rtol=1e-5, atol=1e-6), k
+    assert all(torch.equal(saved["train_model_state"][k], states[-1][k]) for k in states[-1])
+    monkeypatch.undo()
+    half, calls = tmp_path / "half", []
+    real_probe = utils.held_out_pgd
+
+    def interrupt_at_the_end_of_epoch_2(run, eps):  # checkpoint.pt then holds epoch 1
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_probe(run, eps)
+    monkeypatch.setattr(utils, "held_out_pgd", interrupt_at_the_end_of_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_fast.main(tiny(half, "--epochs", 2, "--ema", tau, "--co-guard", 0))
+    monkeypatch.undo()
+    train_fast.main(tiny(half, "--epochs", 2, "--ema", tau, "--co-guard", 0, "--resume"))
+    resumed = torch.load(half / "checkpoint.pt", weights_only=True)
+    for key in ("model_state", "train_model_state"):
+        assert all(torch.equal(resumed[key][k], saved[key][k]) for k in saved[key]), key
