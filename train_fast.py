@@ -38,13 +38,19 @@ def get_args(argv=None):
                    help="N-FGSM: noise U(-2eps, 2eps), step eps, no projection to the eps-ball")
     g.add_argument("--grad-align", type=float, default=0.0,
                    help="GradAlign weight lambda (0.2 at 8/255; 0 = off)")
+    g.add_argument("--elle", type=float, default=0.0, metavar="LAMBDA",
+                   help="ELLE: weight of the local-linearity penalty (1 as the FastAT benchmark; 0 = off)")
+    g.add_argument("--elle-adaptive", action="store_true",
+                   help="ELLE-A: the weight is 0 until the linearity error jumps, then --elle, decaying")
     utils.add_shared_flags(p, epochs=15, lr_max=0.2, lr_schedule="cyclic")
     tricks.add_flags(p)
     args = utils.parse_args(p, argv, checks=[tricks.flag_problems])
     if args.alpha is not None and args.alpha <= 0:
         p.error("--alpha must be > 0")
-    if args.grad_align < 0:
-        p.error("--grad-align must be >= 0")
+    if args.grad_align < 0 or args.elle < 0:
+        p.error("--grad-align and --elle must be >= 0")
+    if args.elle_adaptive and args.elle <= 0:
+        p.error("--elle-adaptive needs --elle > 0 (the weight it switches on)")
     if args.attack == "none" and (args.nfgsm or args.alpha is not None or args.init != "random"):
         p.error("--attack none trains on clean images; --nfgsm, --alpha and --init belong to the "
                 "FGSM attack")
@@ -74,6 +80,44 @@ def grad_align_penalty(run, x, y, eps):
     g2 = input_gradient(run, x_eta, y, create_graph=True)
     cos = F.cosine_similarity(g1.flatten(1).float(), g2.flatten(1).float(), dim=1)
     return (1 - cos).mean()
+
+
+def elle_penalty(run, x, y, eps, loss=None):
+    """ELLE's local-linearity error (Abad Rocamora et al., ICLR 2024, "Efficient local linearity
+    regularization to overcome catastrophic overfitting"): for x_a, x_b uniform in the eps-ball around
+    x (kept in [0, 1]) and x_c = (1 - a) x_a + a x_b, a ~ U(0, 1) per image,
+
+        E[ (L(x_c) - (1 - a) L(x_a) - a L(x_b))^2 ],
+
+    zero where the per-example loss L is linear in the input; one forward pass over 3x the batch.
+    ``loss(points, labels) -> per example`` replaces the model's cross-entropy (tests).  Read from
+    the FastAT benchmark's ELLE (fzjcdt/FastAT_Benchmark), which leaves the points unclipped; here
+    they stay images."""
+    n, twice = len(x), torch.cat([x, x])
+    x_ab = (twice + eps * (2 * torch.rand_like(twice) - 1)).clamp(0, 1)
+    a = torch.rand((n,) + (1,) * (x.dim() - 1), device=x.device)
+    points = torch.cat([x_ab, (1 - a) * x_ab[:n] + a * x_ab[n:]])
+    if loss is None:
+        with run.amp:
+            losses = F.cross_entropy(run.forward(points).float(), y.repeat(3), reduction="none")
+    else:
+        losses = loss(points, y.repeat(3))
+    a = a.flatten()
+    return ((losses[2 * n:] - (1 - a) * losses[:n] - a * losses[n:2 * n]) ** 2).mean()
+
+
+def elle_a_update(st, error, weight, sensitivity=2.0, decay=0.99):
+    """ELLE-A's weight for the next step, on the device (no host sync): --elle when this step's error
+    exceeds the running mean of the errors so far by ``sensitivity`` standard deviations (after the
+    first two), else the weight decays by ``decay`` (the benchmark's 'onoff' schedule: 2, 0.99).
+    ``st``: {n, mean, m2, weight} device tensors (Welford's running variance)."""
+    std = (st["m2"] / st["n"].clamp(min=1)).sqrt()
+    jump = (st["n"] > 2) & (error > st["mean"] + sensitivity * std)
+    st["weight"] = torch.where(jump, torch.full_like(st["weight"], weight), st["weight"] * decay)
+    st["n"] += 1
+    d = error - st["mean"]
+    st["mean"] += d / st["n"]
+    st["m2"] += d * (error - st["mean"])
 
 
 def train_step(run, tr, x, y, args):
@@ -107,6 +151,11 @@ def train_step(run, tr, x, y, args):
     total = loss
     if args.grad_align > 0:  # GradAlign's gradient-alignment term
         total = total + args.grad_align * grad_align_penalty(run, x, y, eps)
+    if args.elle > 0:  # ELLE's local-linearity error; ELLE-A weighs it by run.elle["weight"]
+        error = elle_penalty(run, x, y, eps)
+        total = total + (run.elle["weight"] if args.elle_adaptive else args.elle) * error
+        if args.elle_adaptive:
+            elle_a_update(run.elle, error.detach(), args.elle)
     if tr.mean_copies:  # Zhao & Griffin's mean training
         total = total + tr.mean_loss(run.model, run.forward, run.amp)
     if run.pssilu_reg:  # Dai et al.'s L1 penalty on PSSiLU's shift
@@ -134,14 +183,20 @@ def main(argv=None, arrays=None):
     run = utils.setup(args, "train_fast", arrays)  # device, data on it, model, SGD, AMP, out dir
     # random / mean training, extra data: off unless asked
     tr = tricks.TrainingTricks.for_run(args, run)
+    if args.elle_adaptive:  # ELLE-A's running statistics and weight (which starts at 0)
+        run.elle = {k: torch.zeros((), device=run.device) for k in ("n", "mean", "m2", "weight")}
     if args.lr_find:
         step = lambda x, y: train_step(run, tr, *tr.mix(x, y), args)[0]
         return tricks.lr_range_test(run, args, step)
     total_steps = args.epochs * len(run.batches)
     lrs, momenta = utils.lr_schedule(args, total_steps)
-    state = utils.new_state(run, args, args.epochs)  # fresh, or restored whole by --resume
+    # fresh, or restored whole by --resume (ELLE-A's statistics included)
+    state = utils.new_state(run, args, args.epochs, **({"elle": run.elle} if args.elle_adaptive else {}))
+    if args.elle_adaptive:
+        run.elle = state["elle"]
     regime = ("natural" if args.attack == "none" else "n-fgsm" if args.nfgsm
               else "fgsm-rs" if args.init == "random" else "fgsm")
+    regime += "+elle-a" if args.elle_adaptive else "+elle" if args.elle > 0 else ""
     summary = utils.start_summary(run, args, args.epochs, regime, state)
     try:
         while state["epoch"] < args.epochs and state["guard"] is None:  # a guard stop stays stopped

@@ -634,3 +634,42 @@ def test_ema_is_the_hand_computed_average_and_resume_keeps_it(tmp_path, monkeypa
     resumed = torch.load(half / "checkpoint.pt", weights_only=True)
     for key in ("model_state", "train_model_state"):
         assert all(torch.equal(resumed[key][k], saved[key][k]) for k in saved[key]), key
+
+
+def test_elle_penalty_is_zero_on_a_linear_loss_and_the_closed_form_on_a_quadratic_one():
+    run = argparse.Namespace()
+    x, y, eps = torch.full((6, 1, 4, 4), 0.5), torch.zeros(6, dtype=torch.long), 0.1  # no clipping bites
+    w = torch.randn(16, generator=torch.Generator().manual_seed(0))
+    linear = lambda p, yy: p.flatten(1) @ w + 3.0
+    assert train_fast.elle_penalty(run, x, y, eps, linear).item() == pytest.approx(0.0, abs=1e-10)
+    square = lambda p, yy: (p.flatten(1) ** 2).sum(1)
+    torch.manual_seed(4)
+    got = train_fast.elle_penalty(run, x, y, eps, square)
+    torch.manual_seed(4)  # the same draws: f(c) - (1-a) f(xa) - a f(xb) = -a (1-a) |xa - xb|^2 for f = |.|^2
+    twice = torch.cat([x, x])
+    x_ab = twice + eps * (2 * torch.rand_like(twice) - 1)
+    a = torch.rand(6, 1, 1, 1).flatten()
+    gap = ((x_ab[:6] - x_ab[6:]).flatten(1) ** 2).sum(1)
+    assert got.item() == pytest.approx(((a * (1 - a) * gap) ** 2).mean().item(), rel=1e-5)
+
+
+def test_elle_a_switches_the_weight_on_at_a_jump_and_decays_it_otherwise():
+    st = {k: torch.zeros(()) for k in ("n", "mean", "m2", "weight")}
+    for e in (1.0, 1.1, 0.9, 1.0):
+        train_fast.elle_a_update(st, torch.tensor(e), 10.0)
+    assert st["weight"].item() == 0.0  # no jump: 0 stays 0
+    train_fast.elle_a_update(st, torch.tensor(5.0), 10.0)  # far above mean + 2 std
+    assert st["weight"].item() == 10.0
+    train_fast.elle_a_update(st, torch.tensor(1.0), 10.0)
+    assert st["weight"].item() == pytest.approx(9.9)
+    assert st["n"].item() == 6 and st["mean"].item() == pytest.approx((1 + 1.1 + 0.9 + 1 + 5 + 1) / 6)
+
+
+@pytest.mark.parametrize("flags,regime", [(["--elle", "1"], "fgsm-rs+elle"),
+                                          (["--elle", "1", "--elle-adaptive"], "fgsm-rs+elle-a")])
+def test_elle_runs_train_and_resume_keeps_elle_a_state(tmp_path, flags, regime):
+    summary = train_fast.main(tiny(tmp_path, "--epochs", 1, *flags))
+    assert summary["regime"] == regime and summary["evaluated"]
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    if "--elle-adaptive" in flags:
+        assert ckpt["elle"]["n"].item() == summary["counts"]["optimizer_steps"]
