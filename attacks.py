@@ -270,8 +270,28 @@ def _apgd_run(model, x, y, eps, n_iter, loss, rho=0.75, momentum=0.75, random_in
     return torch.where(fooled.view(view), out, best_x), best_loss, fooled
 
 
+def malt_target_order(model, x, y):
+    """Classes ranked by MALT's linear estimate of the distance to each decision boundary (Melamed et
+    al. 2024, "Mind the gap: a closer look at adversarial attacks' targets"): for class k != y,
+
+        (z_y - z_k) / ||grad_x (z_y - z_k)||_1,
+
+    the L-inf distance to the boundary between y and k of the logits' first-order expansion; smallest
+    first.  One backward pass per class.  Returns a (n, K) index tensor whose column 0 is y."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x).float()
+    grads = [torch.autograd.grad(logits[:, k].sum(), x, retain_graph=k < logits.shape[1] - 1)[0].flatten(1)
+             for k in range(logits.shape[1])]
+    grads = torch.stack(grads, 1)  # n x K x d
+    rows = torch.arange(len(y), device=y.device)
+    margin = (logits[rows, y][:, None] - logits).detach()
+    dist = margin / (grads[rows, y][:, None] - grads).abs().sum(2).clamp(min=1e-12)
+    dist[rows, y] = float("-inf")  # y first, as the logit order's top class
+    return dist.argsort(1)
+
+
 def apgd(model, x, y, eps, n_iter=100, loss="ce", restarts=1, targeted=False, n_target_classes=9,
-         rho=0.75, random_init=True):
+         rho=0.75, random_init=True, target_order="logit"):
     """Auto-PGD, L-inf (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an
     ensemble of diverse parameter-free attacks", Algorithm 1): the white-box part of AutoAttack.
 
@@ -291,7 +311,8 @@ def apgd(model, x, y, eps, n_iter=100, loss="ce", restarts=1, targeted=False, n_
 
     ``loss``: 'ce' (APGD-CE) or 'dlr' (APGD-DLR, see dlr_loss).  ``targeted=True`` runs APGD-T: the
     targeted DLR loss (dlr_targeted_loss) towards each of the ``n_target_classes`` classes of highest
-    clean logit after the top one, ``restarts`` runs each.  Only examples the model classifies
+    clean logit after the top one (``target_order='malt'``: the nearest by malt_target_order),
+    ``restarts`` runs each.  Only examples the model classifies
     correctly are attacked (the others are already errors), and an example leaves the attack once
     fooled.  One forward/backward pass per iteration and live example."""
     if n_iter < 1 or restarts < 1:
@@ -306,7 +327,13 @@ def apgd(model, x, y, eps, n_iter=100, loss="ce", restarts=1, targeted=False, n_
         active = logits.argmax(1) == y
         best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
         if targeted:
-            order = logits.sort(1, descending=True).indices
+            if target_order == "malt":
+                with torch.enable_grad():
+                    order = malt_target_order(model, x, y)
+            elif target_order == "logit":
+                order = logits.sort(1, descending=True).indices
+            else:
+                raise ValueError(f"unknown target order {target_order!r}; choose logit or malt")
             # the k-th most likely class after the top one (= y for the attacked examples)
             targets = [order[:, k] for k in range(1, min(n_target_classes, logits.shape[1] - 1) + 1)]
             runs = [(lambda t: (lambda z, yy, rows: dlr_targeted_loss(z, yy, t[rows])))(t)

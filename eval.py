@@ -107,6 +107,8 @@ def get_args(argv=None):
                    help="target classes of APGD-T, the most likely after the top one (default 9, as AutoAttack)")
     p.add_argument("--square-queries", type=int, default=None, help="Square attack queries per image (default 5000)")
     p.add_argument("--square-p-init", type=float, default=0.8, help="Square attack initial square share p")
+    p.add_argument("--apgd-target-order", default="logit", choices=["logit", "malt"],
+                   help="APGD-T's targets: the highest clean logits, or MALT's nearest boundaries")
     p.add_argument("--square-escalate", type=int, default=5000,
                    help="queries of a second Square run on the images still standing when gradients look "
                         "masked (0 = never)")
@@ -259,7 +261,8 @@ def build_attacks(args, eps, device, square_queries_seen):
         elif name == "apgd-t":
             out.append((name, f"APGD-T ({args.apgd_iters} it. x {args.apgd_restarts}, {args.apgd_targets} targets)",
                         lambda m, xb, yb: attacks.apgd(m, xb, yb, eps, args.apgd_iters, "dlr", args.apgd_restarts,
-                                                       targeted=True, n_target_classes=args.apgd_targets)))
+                                                       targeted=True, n_target_classes=args.apgd_targets,
+                                                       target_order=args.apgd_target_order)))
         elif name == "square":
             out.append(("square", f"Square ({args.square_queries} queries)",
                         square_attack(eps, args.square_queries, args.square_p_init, square_queries_seen)))
@@ -337,7 +340,8 @@ def evaluate(model, x, y, args, eps, progress=True):
               "config": {"pgd_alpha": args.pgd_alpha if args.pgd_alpha is not None else eps / 4,
                          "apgd_iters": args.apgd_iters, "apgd_restarts": args.apgd_restarts,
                          "square_queries": args.square_queries, "square_p_init": args.square_p_init,
-                         "apgd_targets": args.apgd_targets, "curve_steps": args.curve_steps, "check_tol": args.check_tol,
+                         "apgd_targets": args.apgd_targets, "apgd_target_order": args.apgd_target_order,
+                         "curve_steps": args.curve_steps, "check_tol": args.check_tol,
                          "square_only_max": args.square_only_max, "zero_grad_max": args.zero_grad_max,
                          "batch_size": args.batch_size,
                          "seed": args.seed, "device": str(device)}}

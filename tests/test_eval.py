@@ -655,3 +655,25 @@ def test_robustbench_model_info_has_the_fields_robustbench_reads(tmp_path):
     assert info["clean_acc"] == f"{100 * result['accuracy']['clean']:.2f}"
     assert info["autoattack_acc"] == f"{100 * result['robust_accuracy']:.2f}"
     assert "not AutoAttack" in info["footnote"] and info["evaluation"]["cascade"] == result["cascade"]
+
+
+def test_malt_ranks_targets_by_the_linear_distance_to_each_boundary():
+    """On a linear classifier the first-order estimate is exact: the L-inf distance from x to the
+    boundary between y and k is (z_y - z_k) / ||w_y - w_k||_1.  Class 1 has the second-highest logit
+    but a steep boundary far away; class 2, a lower logit with a flat weight difference, is nearer."""
+    torch.manual_seed(0)
+    model = nn.Linear(8, 4)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([3.0, 2.5, 1.0, -5.0]))
+        model.weight[1] = 0.1  # boundary 0-1: margin 0.5 over 0.8: 0.6 away
+        model.weight[2] = 4.0  # boundary 0-2: margin about 1.9 over 32: 0.06 away
+    x, y = torch.rand(5, 8) * 0.01, torch.zeros(5, dtype=torch.long)
+    z = model(x).detach()
+    exact = torch.stack([(z[:, 0] - z[:, k]) / (model.weight[0] - model.weight[k]).abs().sum().detach()
+                         for k in range(1, 4)], 1)
+    order = attacks.malt_target_order(model, x, y)
+    assert (order[:, 0] == 0).all() and torch.equal(order[:, 1:], exact.argsort(1) + 1)
+    assert (order[:, 1] == 2).all() and (z.argsort(1, descending=True)[:, 1] == 1).all()  # logit order: 1
+    args = eval_args("--attacks", "apgd-t", "--apgd-iters", "5", "--apgd-targets", "1", "--apgd-target-order", "malt")
+    assert args.apgd_target_order == "malt"
