@@ -252,10 +252,12 @@ for device in os.environ.get("DEVICES", "").split():
         sys.exit(f"run_all.sh: DEVICES: {utils.device_problem(device)}")
 ' $EVAL_FLAGS $DEVICE_FLAGS
 then exit 2; fi
-others=""
+others=""; k=0
 for seed in $SEEDS; do
     for cell in $CELLS; do
         regime=${cell%%:*}; act=${cell#*:}
+        k=$((k + 1))
+        if [ -n "${CELL:-}" ] && [ $((k - 1)) != "$CELL" ]; then continue; fi  # an array task: its own run
         f="$(run_dir "$regime" "$act" "$seed")/run_config.txt"
         if [ -f "$f" ] && ! same_config "$(cat "$f")" "$(train_config "$regime" "$act" "$seed")"; then
             others="$others ${regime}_${act}_s$seed"
@@ -276,7 +278,9 @@ run_one() {
     mkdir -p "$dir"
     rm -f "$dir/FAILED" "$dir/INTERRUPTED"
     echo "${device_flags#--device }" > "$dir/device.txt"
-    [ -f "$dir/run_config.txt" ] || train_config "$regime" "$act" "$seed" > "$dir/run_config.txt"
+    if ! [ -f "$dir/run_config.txt" ]; then  # atomic: a concurrent array task never reads half of it
+        train_config "$regime" "$act" "$seed" > "$dir/run_config.txt.$$" && mv "$dir/run_config.txt.$$" "$dir/run_config.txt"
+    fi
     if ! [ -f "$dir/summary.json" ] || ! grep -q '"evaluated": true' "$dir/summary.json"; then
         # shellcheck disable=SC2086  # the flag strings are meant to split into words
         $PYTHON "train_$(script_of "$regime").py" --dataset "$DATASET" --data-dir "$DATA_DIR" --model "$MODEL" --epsilon "$EPS" \

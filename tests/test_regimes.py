@@ -310,7 +310,8 @@ def test_fgsm_rs_and_nfgsm_are_one_signed_gradient_step_from_their_noise_and_rai
     run, x, y = linear_problem()
     eps, alpha = 0.1, 0.1 if nfgsm else 0.125
     args = argparse.Namespace(epsilon=eps, alpha=alpha, nfgsm=nfgsm, init="random", attack="fgsm", grad_align=0.0,
-                              grad_clip=0, hybrid_weight=0.0, hybrid_p=2.0, label_smoothing=0.0)
+                              grad_clip=0, hybrid_weight=0.0, hybrid_p=2.0, label_smoothing=0.0, elle=0.0,
+                              elle_adaptive=False)
     trained_on = []  # what the step's forward pass sees: x + delta
     run.forward = lambda z: trained_on.append(z.detach()) or run.model(z)
     torch.manual_seed(5)
