@@ -373,13 +373,12 @@ def evaluate(model, x, y, args, eps, progress=True):
         print(f"{name:>12s}  {result['accuracy'][name]:.4f}   {desc}: {len(idx)} images attacked, "
               f"{cascade[-1]['broken']} broken  ({seconds}s)", flush=True)
 
-    for name, desc, attack in specs:
-        if name != "square":
-            run(name, desc, attack)
+    black_box = [spec for spec in specs if spec[0] == "square"]  # after every white-box attack
+    for name, desc, attack in [spec for spec in specs if spec[0] != "square"]:
+        run(name, desc, attack)
     white = result["accuracy"][cascade[-1]["attack"]] if cascade else result["accuracy"]["clean"]
-    if "square" in args.attack_list:
-        run("square", f"Square ({args.square_queries} queries)",
-            square_attack(eps, args.square_queries, args.square_p_init, square_queries))
+    if black_box:
+        run(*black_box[0])
         # a sign of gradient masking sends Square back with the full budget to the images still standing
         first = next((c for c in cascade if c["attack"] != "fgsm"), None)
         reasons = []

@@ -695,20 +695,11 @@ def prepare_out_dir(args, script, rank):
     deleted first, so that no old result stays beside the new run)."""
     name = f"{script}_{args.dataset}_{args.model}_{run_name(args)}"
     out_dir = args.out_dir or os.path.join("runs", name)
-    if os.path.islink(out_dir) and not os.path.exists(out_dir):
-        raise UserError(f"--out-dir {out_dir} is a link to {os.readlink(out_dir)}, which does not exist")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out-dir {out_dir} is a file, not a folder")
+    check_writable_dir(out_dir, "--out-dir")
     for name in ("checkpoint.pt", "interrupted.pt", "summary.json"):  # written at the end: check now
         if os.path.isdir(os.path.join(out_dir, name)):
             raise UserError(f"--out-dir {out_dir}: {name} there is a folder; remove it or use another "
                             f"--out-dir")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out-dir {out_dir} ({e.strerror or e})") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise UserError(f"--out-dir {out_dir} is not writable")
     if rank == 0:
         lock_out_dir(out_dir)
     continues = args.resume or args.overwrite or getattr(args, "lr_find", False)
@@ -1004,14 +995,16 @@ def check_writable(path, flag="--out"):
 
 
 def check_writable_dir(folder, flag="--out"):
-    """Create ``folder`` and refuse up front (:class:`UserError`) one that is a file, lies under a
-    file, or cannot be written."""
+    """Create ``folder`` and refuse up front (:class:`UserError`) one that is a dangling link or a
+    file, lies under a file, or cannot be written."""
+    if os.path.islink(folder) and not os.path.exists(folder):
+        raise UserError(f"{flag} {folder} is a link to {os.readlink(folder)}, which does not exist")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is a file, not a folder")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{flag} {folder}: cannot create it ({e.strerror or e})") from None
+        raise UserError(f"cannot create {flag} {folder} ({e.strerror or e})") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {folder} is not writable")
 
