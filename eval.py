@@ -404,7 +404,7 @@ def evaluate(model, x, y, args, eps, progress=True):
         result["square_queries_used"] = {"mean": statistics.fmean(q) if q else 0.0,
                                          "median": statistics.median(q) if q else 0.0, "budget": args.square_queries}
     square_only = None
-    if "square" in args.attack_list and cascade and any(c["attack"] != "square" for c in cascade):
+    if "square" in args.attack_list and any(not c["attack"].startswith("square") for c in cascade):
         # images that only the black-box attack breaks (every white-box attack ran before it): a sign
         # of gradient masking
         result["square_only_breaks"] = sum(c["broken"] for c in cascade if c["attack"].startswith("square"))

@@ -677,3 +677,14 @@ def test_malt_ranks_targets_by_the_linear_distance_to_each_boundary():
     assert (order[:, 1] == 2).all() and (z.argsort(1, descending=True)[:, 1] == 1).all()  # logit order: 1
     args = eval_args("--attacks", "apgd-t", "--apgd-iters", "5", "--apgd-targets", "1", "--apgd-target-order", "malt")
     assert args.apgd_target_order == "malt"
+
+
+def test_square_alone_even_escalated_is_not_judged_by_check_4(trained_lenet):
+    """With no white-box attack there is nothing Square could have broken 'alone': check 4 is skipped,
+    also when the escalated Square run follows the first (a gradient-blind model escalates)."""
+    model, x, y = trained_lenet
+    args = eval_args("--attacks", "square", "--square-queries", "10", "--square-escalate", "20", "--large-eps", "0")
+    torch.manual_seed(0)
+    result = eval_script.evaluate(Blind(model).eval(), x[:16], y[:16], args, EPS, progress=False)
+    assert [c["attack"] for c in result["cascade"]] == ["square", "square-escalated"]
+    assert result["sanity_checks"]["black_box_vs_white_box"]["status"] == "SKIP"
