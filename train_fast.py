@@ -130,6 +130,7 @@ def train_step(run, tr, x, y, args):
         delta = 0
     else:
         alpha = args.alpha if args.alpha is not None else (eps if args.nfgsm else 1.25 * eps)
+        alpha = alpha * run.attack_step_scale  # < 1 after a recovery (--co-action recover)
         if args.nfgsm:  # N-FGSM: larger noise, no projection back to the eps-ball
             delta = torch.empty_like(x).uniform_(-2 * eps, 2 * eps)
         elif args.init == "random":

@@ -75,7 +75,7 @@ def replay_step(run, tr, x, y, delta, args):
         # fp16 loss scaling scales d.grad but keeps its sign; an overflowing pass (whose step the
         # scaler skips) must not leave NaN in delta for the rest of the run
         g = torch.nan_to_num(d.grad, nan=0.0)
-        moved = (d + eps * g.sign()).clamp(-eps, eps)
+        moved = (d + eps * run.attack_step_scale * g.sign()).clamp(-eps, eps)  # scale: a recovery's
         delta[:n] = (x + moved).clamp(0, 1) - x
     # ---- unscale, clip, step, update, zero_grad
     bad = ~torch.isfinite(loss.detach().float())

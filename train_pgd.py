@@ -104,7 +104,7 @@ def train_step(run, tr, x, y, args):
     """One minibatch at the LR the optimiser holds: the PGD (or TRADES) perturbation, then one SGD
     step on its loss.  Returns the loss, the number of correct predictions on x + delta, a
     non-finite flag (device tensors, no host sync) and the attack's steps."""
-    eps, alpha, k = args.epsilon, args.attack_step, args.attack_iters
+    eps, alpha, k = args.epsilon, args.attack_step * run.attack_step_scale, args.attack_iters
     if args.loss == "trades":  # its own perturbation (of the KL term), forward and loss
         loss, logits, steps = trades_loss(run, x, y, eps, alpha, k, args.trades_beta,
                                           args.attack_mode)

@@ -455,6 +455,11 @@ def add_shared_flags(p, **defaults):
     g.add_argument("--co-fgsm-margin", type=float, default=0.02,
                    help="the guard also fires when held-out FGSM accuracy exceeds clean accuracy by more "
                         "than this (< 0: off)")
+    g.add_argument("--co-action", default="stop", choices=["stop", "recover"],
+                   help="when the guard fires: stop with the best weights, or roll back to them and go on "
+                        "with the attack step halved (see end_epoch)")
+    g.add_argument("--co-max-recoveries", type=int, default=3,
+                   help="recoveries before the guard stops the run after all (--co-action recover)")
     g.add_argument("--label-smoothing", type=float, default=0.0,
                    help="label smoothing of the training loss and attack (FastAT benchmark: 0.4)")
     g.add_argument("--ema", type=float, default=0.0, metavar="TAU",
@@ -508,6 +513,8 @@ def parse_args(parser, argv=None, checks=()):
         problems.append("--nesterov needs --momentum > 0")
     if args.eval_pgd_alpha is not None and args.eval_pgd_alpha <= 0:  # a step of 0 fakes robustness
         problems.append(f"--eval-pgd-alpha must be > 0, got {args.eval_pgd_alpha}")
+    if args.co_max_recoveries < 0:
+        problems.append("--co-max-recoveries must be >= 0")
     if not 0 <= args.label_smoothing < 1 or not 0 <= args.ema < 1:
         problems.append("--label-smoothing and --ema must be in [0, 1)")
     if min(args.momentum, args.weight_decay, args.grad_clip, args.co_guard) < 0 or args.lr_mult <= 0:
@@ -805,6 +812,7 @@ def setup(args, script, arrays=None):
         channels_last=channels_last)
     run.amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     run.label_smoothing = args.label_smoothing  # of the training loss and of the training attack
+    run.attack_step_scale = 1.0  # halved by each recovery from catastrophic overfitting
     pssilu = args.act == "pssilu" and not args.freeze_act  # PSSiLU-only work is set up here, once
     run.pssilu_reg = args.pssilu_reg if pssilu else 0.0
     clip = args.pssilu_beta_clip
@@ -909,6 +917,26 @@ def probe(run, args, it, lr):
     return dict(iteration=it, lr=lr, clean_acc=clean, pgd_acc=robust)
 
 
+def recover_from_overfitting(run, state, event):
+    """--co-action recover, after end_epoch restored the best epoch's weights (when there was one):
+    the optimiser's momentum is dropped (it points along the path into the collapse), the weight
+    average restarts at the restored weights, Free's perturbation restarts at 0, and the training
+    attack's step is halved from here on (``run.attack_step_scale``; the event is appended to
+    state['recoveries']).  Why the step: catastrophic overfitting sets in as the single-step
+    attack's step grows relative to eps (Wong et al. 2020, Sec. 5.1: FGSM-RS collapses for alpha
+    above about 1.25 eps at 8/255; de Jorge et al. 2022 and Kim et al. 2021 likewise tie it to the
+    step), while the epoch budget and LR schedule run on unchanged, so the run trains through the
+    collapse instead of ending at it."""
+    run.opt.state.clear()
+    if state.get("ema") is not None:
+        for k, v in run.model.state_dict().items():
+            state["ema"][k].copy_(v)
+    if torch.is_tensor(state.get("delta")):
+        state["delta"].zero_()
+    state["recoveries"].append(dict(event, attack_step_scale=0.5 ** (len(state["recoveries"]) + 1)))
+    run.attack_step_scale = attack_step_scale(state)
+
+
 def collapsed(held, best, co_guard):
     """The catastrophic-overfitting guard: held-out PGD accuracy fell by more than ``co_guard``
     below the best epoch's (``best`` = {epoch, held_pgd_acc, model_state} or None)."""
@@ -925,9 +953,18 @@ def new_state(run, args, passes, **extra):
                  **extra)
     if args.ema > 0:  # weight averaging: starts at the initial weights
         state["ema"] = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    if args.co_action == "recover":  # the guard's recoveries, one record each
+        state["recoveries"] = []
     if args.resume and (ckpt := load_for_resume(run, args, passes)):
         state.update((k, ckpt[k]) for k in state)
+    run.attack_step_scale = attack_step_scale(state)
     return state
+
+
+def attack_step_scale(state):
+    """The factor on the training attack's step: halved by each recovery from catastrophic
+    overfitting (1 without one)."""
+    return 0.5 ** len(state.get("recoveries", []))
 
 
 def end_epoch(run, args, state, train_loss, train_acc, lr, seconds, label="epoch"):
@@ -949,18 +986,26 @@ def end_epoch(run, args, state, train_loss, train_acc, lr, seconds, label="epoch
              f"{held:.4f}  lr {lr:.4g}  time {state['train_time_s']:.1f}s")
     best = state["best"]
     rule = overfitting_rule(held, clean, fgsm, best, args)
-    if rule:  # catastrophic overfitting: back to the best epoch (if there is one), stop
-        state["guard"] = dict(epoch=epoch, rule=rule, held_pgd_acc=held, held_clean_acc=clean,
-                              held_fgsm_acc=fgsm, best_held_pgd_acc=best and best["held_pgd_acc"],
-                              restored_epoch=best and best["epoch"])
+    if rule:  # catastrophic overfitting: back to the best epoch (if there is one); stop or recover
+        event = dict(epoch=epoch, rule=rule, held_pgd_acc=held, held_clean_acc=clean,
+                     held_fgsm_acc=fgsm, best_held_pgd_acc=best and best["held_pgd_acc"],
+                     restored_epoch=best and best["epoch"])
         sign = (f"held-out PGD accuracy fell from {best['held_pgd_acc']:.3f} to {held:.3f}"
                 if rule == "pgd_drop" else
                 f"held-out FGSM accuracy {fgsm:.3f} is above clean accuracy {clean:.3f}")
-        then = (f"restoring the weights of {label} {best['epoch']} and stopping" if best
-                else "no earlier weights to restore; stopping")
-        log(run, f"catastrophic overfitting detected in {label} {epoch}: {sign}; {then}")
+        recover = args.co_action == "recover" and len(state["recoveries"]) < args.co_max_recoveries
+        back = f"restoring the weights of {label} {best['epoch']}" if best else "no earlier weights"
         if best:
             run.model.load_state_dict(best["model_state"])
+        if recover:
+            recover_from_overfitting(run, state, event)
+            log(run, f"catastrophic overfitting detected in {label} {epoch}: {sign}; {back}, going on "
+                     f"with the attack step x {run.attack_step_scale:g} (recovery "
+                     f"{len(state['recoveries'])} of {args.co_max_recoveries})")
+            save_checkpoint(run, args, os.path.join(run.out_dir, "checkpoint.pt"), **state)
+            return False
+        state["guard"] = event
+        log(run, f"catastrophic overfitting detected in {label} {epoch}: {sign}; {back}; stopping")
         return True
     if best is None or held >= best["held_pgd_acc"]:
         state["best"] = dict(epoch=epoch, held_pgd_acc=held,
@@ -1170,6 +1215,8 @@ def finish(run, args, summary, state, label="epoch"):
     guard = state["guard"]
     summary.update(catastrophic_overfitting=guard,
                    stopped_early=guard and f"catastrophic overfitting in {label} {guard['epoch']}")
+    if "recoveries" in state:
+        summary["co_recoveries"] = state["recoveries"]
     summary.update(results(run, args, state, evaluated=False))
     # the DDP test's witness: each rank's parameters as a digest of their exact bytes
     if run.world > 1:

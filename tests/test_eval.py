@@ -634,9 +634,11 @@ def test_gradient_masking_escalates_square_to_its_full_budget_and_a_plain_model_
     blind = eval_script.evaluate(Blind(model).eval(), x, y, args, EPS, progress=False)
     assert blind["escalation"]["queries"] == 200 and "all-zero input gradient" in blind["escalation"]["reasons"][0]
     steps = [c["attack"] for c in blind["cascade"]]
-    assert steps[-2:] == ["square", "square-escalated"]
-    escalated = blind["cascade"][-1]
-    assert escalated["attacked"] == int(round(blind["accuracy"]["square"] * len(y)))  # the survivors only
+    assert steps[-3:] == ["square", "apgd-t-escalated", "square-escalated"]
+    assert blind["escalation"]["apgd_t_restarts"] == 5
+    restarted, escalated = blind["cascade"][-2:]
+    assert restarted["attacked"] == int(round(blind["accuracy"]["square"] * len(y)))  # the survivors only
+    assert escalated["attacked"] == int(round(blind["accuracy"]["apgd-t-escalated"] * len(y)))
     assert blind["robust_accuracy"] <= blind["accuracy"]["square"] <= blind["accuracy"]["apgd-t"]
     assert blind["robust_accuracy"] < blind["accuracy"]["apgd-t"] - 0.1  # the black box found what gradients hid
 

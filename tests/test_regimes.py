@@ -637,6 +637,116 @@ def test_ema_is_the_hand_computed_average_and_resume_keeps_it(tmp_path, monkeypa
         assert all(torch.equal(resumed[key][k], saved[key][k]) for k in saved[key]), key
 
 
+def _probe_sequence(monkeypatch, held, start=0):
+    """The guard's held-out PGD probe reads ``held`` from index ``start``; FGSM stays healthy."""
+    values = iter(held[start:])
+    monkeypatch.setattr(utils, "held_out_pgd", lambda run, eps: next(values))
+    monkeypatch.setattr(utils, "held_out_clean_fgsm", lambda run, eps: (0.9, 0.7))
+
+
+def test_recovery_rolls_back_and_goes_on_with_the_attack_step_halved(tmp_path, monkeypatch):
+    """Held-out PGD 0.5, 0.6, 0.1 (collapse in epoch 3), then 0.55, 0.6: with --co-action recover the
+    run restores epoch 2's weights, drops the momentum, halves the FGSM step and trains all 5 epochs;
+    with --init zero the step is visible as max |delta| (1.25 eps clipped to eps, then 0.625 eps)."""
+    _probe_sequence(monkeypatch, [0.5, 0.6, 0.1, 0.55, 0.6])
+    saved, deltas, clean = {}, [], []
+    real_save, real_setup, real_grad = utils.save_checkpoint, utils.setup, train_fast.input_gradient
+
+    def save_checkpoint(run, args, path, **state):
+        saved[state["epoch"]] = ({k: v.clone() for k, v in run.model.state_dict().items()},
+                                 len(run.opt.state_dict()["state"]))
+        real_save(run, args, path, **state)
+
+    def setup(*a, **k):
+        run = real_setup(*a, **k)
+        forward = run.forward
+        run.forward = lambda z: (deltas.append((z - clean[-1]).abs().max().item()) if clean else None, forward(z))[1]
+        return run
+
+    def input_gradient(run, x, y, create_graph=False):
+        clean.append(x.detach().clone())  # --init zero: the clean batch
+        return real_grad(run, x, y, create_graph)
+    monkeypatch.setattr(utils, "save_checkpoint", save_checkpoint)
+    monkeypatch.setattr(utils, "setup", setup)
+    monkeypatch.setattr(train_fast, "input_gradient", input_gradient)
+    eps = 0.1
+    summary = train_fast.main(tiny(tmp_path, "--epochs", 5, "--epsilon", eps, "--init", "zero",
+                                   "--co-action", "recover"))
+    assert summary["catastrophic_overfitting"] is None and summary["epochs_completed"] == 5
+    (event,) = summary["co_recoveries"]
+    assert event == dict(epoch=3, rule="pgd_drop", held_pgd_acc=0.1, held_clean_acc=0.9, held_fgsm_acc=0.7,
+                         best_held_pgd_acc=0.6, restored_epoch=2, attack_step_scale=0.5)
+    assert all(torch.equal(saved[3][0][k], saved[2][0][k]) for k in saved[2][0])  # rolled back to epoch 2
+    assert saved[3][1] == 0 and saved[2][1] > 0  # no momentum carried out of the collapse
+    assert not all(torch.equal(saved[4][0][k], saved[3][0][k]) for k in saved[3][0])  # and trained on
+    steps = len(deltas) // 5
+    assert steps == 4 and deltas[:3 * steps] == pytest.approx([eps] * 3 * steps, abs=1e-6)
+    assert deltas[3 * steps:] == pytest.approx([0.625 * eps] * 2 * steps, abs=1e-6)
+
+
+def test_recovery_stops_after_its_limit_and_resume_keeps_the_record_and_the_average(tmp_path, monkeypatch):
+    held = [0.5, 0.6, 0.1, 0.55, 0.1, 0.6]
+    flags = ["--epochs", 6, "--co-action", "recover", "--co-max-recoveries", 1]
+    _probe_sequence(monkeypatch, held)
+    capped = train_fast.main(tiny(tmp_path / "capped", *flags))
+    assert len(capped["co_recoveries"]) == 1 and capped["catastrophic_overfitting"]["epoch"] == 5
+    assert capped["catastrophic_overfitting"]["restored_epoch"] == 2 and capped["epochs_completed"] == 5
+    # resume: recovering twice with --ema, interrupted at the end of epoch 5, equals the whole run
+    flags = ["--epochs", 6, "--co-action", "recover", "--ema", 0.9]
+    _probe_sequence(monkeypatch, held)
+    whole = train_fast.main(tiny(tmp_path / "whole", *flags))
+    assert [e["epoch"] for e in whole["co_recoveries"]] == [3, 5]
+    assert [e["attack_step_scale"] for e in whole["co_recoveries"]] == [0.5, 0.25]
+    values = iter(held[:4])
+
+    def interrupt_at_epoch_5(run, eps):
+        try:
+            return next(values)
+        except StopIteration:
+            raise KeyboardInterrupt from None
+    monkeypatch.setattr(utils, "held_out_pgd", interrupt_at_epoch_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_fast.main(tiny(tmp_path / "half", *flags))
+    _probe_sequence(monkeypatch, held, start=4)
+    resumed = train_fast.main(tiny(tmp_path / "half", *flags, "--resume"))
+    assert resumed["co_recoveries"] == whole["co_recoveries"]
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "half" / "checkpoint.pt", weights_only=True)
+    for key in ("model_state", "train_model_state"):  # the average and the trained weights
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert a["recoveries"] == b["recoveries"]
+
+
+def test_free_and_pgd_recover_with_their_step_halved(tmp_path, monkeypatch):
+    """Free's step (eps per replay) and PGD's (--attack-step) are what a recovery halves, and Free's
+    persistent perturbation restarts at 0 after it."""
+    steps = []
+    real_replay, real_pgd = train_free.replay_step, train_pgd.pgd_delta
+
+    def replay_step(run, tr, x, y, delta, args):
+        steps.append((run.attack_step_scale, delta.abs().max().item()))
+        return real_replay(run, tr, x, y, delta, args)
+
+    def pgd_delta(run, x, objective, eps, alpha, iters, start):
+        steps.append(alpha)
+        return real_pgd(run, x, objective, eps, alpha, iters, start)
+    monkeypatch.setattr(train_free, "replay_step", replay_step)
+    monkeypatch.setattr(train_pgd, "pgd_delta", pgd_delta)
+    for script, extra in ((train_free, ["--replays", 1]), (train_pgd, ["--attack-iters", 1, "--attack-step", 0.02])):
+        _probe_sequence(monkeypatch, [0.5, 0.6, 0.1, 0.6])
+        steps.clear()
+        summary = script.main(tiny(tmp_path / script.__name__, "--epochs", 4, "--epsilon", 0.1, *extra,
+                                   "--co-action", "recover"))
+        assert [e["attack_step_scale"] for e in summary["co_recoveries"]] == [0.5]
+        assert summary["epochs_completed"] == 4 and summary["co_recoveries"][0]["restored_epoch"] == 2
+        per_epoch = len(steps) // 4
+        if script is train_free:
+            assert [s for s, _ in steps] == [1.0] * 3 * per_epoch + [0.5] * per_epoch
+            assert steps[3 * per_epoch - 1][1] > 0 and steps[3 * per_epoch][1] == 0  # delta back to 0
+        else:
+            assert steps == pytest.approx([0.02] * 3 * per_epoch + [0.01] * per_epoch)
+
+
 def test_elle_penalty_is_zero_on_a_linear_loss_and_the_closed_form_on_a_quadratic_one():
     run = argparse.Namespace()
     x, y, eps = torch.full((6, 1, 4, 4), 0.5), torch.zeros(6, dtype=torch.long), 0.1  # no clipping bites
