@@ -20,13 +20,18 @@
 #               mrelu-insert+H / rbf-insert+H x {none, +R, +M, +R+M} under natural training and the
 #               three under FGSM-RS, evaluated with APGD-CE + APGD-DLR and the three curves
 #               (eval.py --saf-curves -> $OUT/saf_curves.md, .json, .png)
-#               A cell's ACT may end in ,FLAG=VALUE options for that cell alone, e.g.
-#               "free:relu,lr-schedule=onecycle,epochs=2"
+#               A cell's ACT may end in ,FLAG=VALUE (or ,FLAG for a switch) options for that cell
+#               alone, e.g. "free:relu,lr-schedule=onecycle,epochs=2" or "fast:relu,nfgsm"
 #   STUDY=schedules  the fast-schedule thesis: train_free.py (m = 2, weight decay 2e-4) under piecewise,
 #               triangular, triangular-decreasing, sgdr, sgdr-decreasing, linear, exponential, constant,
 #               trapezoid and onecycle (+ momentum cycling) at one budget, onecycle also at half of it,
 #               seeds 0 1, with the --eval-every curves ($OUT/curves.md, .json, .png: accuracy over
 #               iterations, iterations to reach 95% of the best final PGD accuracy)
+#   STUDY=fastat  fast AT as of 2026 (Fashion-MNIST lenet, seeds 0-4, OUT results-fastat): FGSM-RS,
+#               N-FGSM, GradAlign, ELLE and ELLE-A, each stopping or recovering at catastrophic
+#               overfitting (--co-action) and each with and without the FastAT benchmark's weight
+#               averaging + label smoothing (--ema 0.9995 --label-smoothing 0.4), at EPS 0.2 where
+#               FGSM-RS collapses in some seeds; $OUT/fastat.md: collapse incidence per cell
 #   NATURAL_FLAGS, TRICK_R, TRICK_M, TRICK_H   [FAST_FLAGS; --random-training 0.5; --mean-training 8; --hybrid-weight 1]
 #   SEEDS       training seeds (--seed); a cell is the mean +- std over them        [0 / 0 1 2]
 #   BASELINE    the ACT each cell is paired with in its regime (worst-case difference over seeds)
@@ -96,8 +101,23 @@ elif [ "${STUDY:-}" = schedules ]; then
         BASELINE=${BASELINE:-relu,lr-schedule=piecewise}
         CELLS="$CELLS free:relu,lr-schedule=onecycle,momentum-schedule=onecycle free:relu,lr-schedule=onecycle,momentum-schedule=onecycle,epochs=2"
     fi
+elif [ "${STUDY:-}" = fastat ]; then
+    # FGSM-RS and its 2026 fixes, x stop / recover at catastrophic overfitting, x plain / EMA + label
+    # smoothing; the guard's records give the collapse incidence, eval.py the worst case
+    DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
+    MODEL=${MODEL:-lenet}; EPS=${EPS:-0.2}; OUT=${OUT:-results-fastat}; SEEDS=${SEEDS:-0 1 2 3 4}; THREADS=${THREADS:-1}
+    FAST_FLAGS=${FAST_FLAGS:---epochs 4 --n-train 20000 --n-eval 500}
+    EVAL_FLAGS=${EVAL_FLAGS:---preset quick --n-eval 1000 --n-clean 0}
+    if [ -z "${CELLS:-}" ]; then
+        for method in "" ,nfgsm ,grad-align=0.2 ,elle=1 ,elle=1,elle-adaptive; do
+            for action in stop recover; do
+                for avg in "" ,ema=0.9995,label-smoothing=0.4; do CELLS="${CELLS:-} fast:relu$method,co-action=$action$avg"; done
+            done
+        done
+        BASELINE=${BASELINE:-relu,co-action=stop}
+    fi
 elif [ "${STUDY:-}" != "" ]; then
-    echo "run_all.sh: unknown STUDY '$STUDY' (choose from: saf schedules)" >&2; exit 2
+    echo "run_all.sh: unknown STUDY '$STUDY' (choose from: saf schedules fastat)" >&2; exit 2
 elif [ "${QUICK:-0}" = 1 ]; then
     DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
     MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-quick}; SEEDS=${SEEDS:-0 1 2}; THREADS=${THREADS:-1}
@@ -151,7 +171,7 @@ cell_flags() {  # an ACT's trailing ,FLAG=VALUE options: the cell's own flags, g
     local spec=${1%%,*} t flags=""
     if [ "$spec" != "$1" ]; then
         for t in $(echo "${1#"$spec",}" | tr ',' ' '); do
-            case $t in ?*=?*) flags="$flags --${t%%=*} ${t#*=}" ;; *) return 1 ;; esac
+            case $t in ?*=?*) flags="$flags --${t%%=*} ${t#*=}" ;; [a-z]*) flags="$flags --$t" ;; *) return 1 ;; esac
         done
     fi
     echo "$flags"

@@ -111,6 +111,8 @@ def matrix_run(folder, eval_flags=None):
                sanity=(("FAIL: " + ", ".join(e["sanity_failed"])) if e["sanity_failed"] else "pass") if "sanity_checks" in e else None,
                overstated=[w.split()[0] for w in e.get("warnings", [])],
                train_time=s["train_time_s"] if s.get("epochs_completed") else None,
+               co_detected=bool(s.get("catastrophic_overfitting") or s.get("co_recoveries")),
+               recoveries=len(s.get("co_recoveries") or []), collapsed_final=collapsed,
                activation_params=s.get("activation_params"), activation_values=s.get("activation_values"),
                trouble=[t for t in trouble if t], ok=bool(e) and not failed and not interrupted and not stale)
     return run
@@ -315,6 +317,40 @@ def saf_table(out, cells, seeds):
     return text.lstrip()
 
 
+def fastat_table(out, cells, seeds, baseline):
+    """STUDY=fastat's table, when a cell sets --co-action: per cell, the seeds in which training
+    detected catastrophic overfitting (the guard stopped or recovered), the recoveries, the seeds
+    whose final model is still collapsed (FGSM >= clean and far above the worst case), the worst case
+    (mean ± std) and the training time relative to ``baseline``'s (mean over seeds of the per-seed
+    ratio).  Writes fastat.md / .json; returns the markdown or None."""
+    cells = [tuple(c) for c in cells]
+    if not any("co-action=" in a for _, a in cells):
+        return None
+    runs = {(g, a, s): matrix_run(os.path.join(out, "runs", f"{g}_{a}_s{s}")) for g, a in cells for s in seeds}
+    rows = []
+    for g, a in cells:
+        ok = {s: runs[(g, a, s)] for s in seeds if runs[(g, a, s)]["ok"]}
+        base = {s: runs.get((g, baseline, s)) for s in seeds}
+        ratios = [r["train_time"] / base[s]["train_time"] for s, r in ok.items()
+                  if base[s] and base[s]["ok"] and r["train_time"] and base[s]["train_time"]]
+        rows.append({"cell": a, "seeds": len(ok), "collapse detected": sum(r["co_detected"] for r in ok.values()),
+                     "recoveries": sum(r["recoveries"] for r in ok.values()),
+                     "collapsed at the end": sum(bool(r["collapsed_final"]) for r in ok.values()),
+                     "worst case": _pm([r["worst case"] for r in ok.values() if "worst case" in r]),
+                     "clean": _pm([r["clean"] for r in ok.values() if "clean" in r]),
+                     "time / " + baseline: _pm(ratios)})
+    cols = list(rows[0])
+    text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    text += "".join("| " + " | ".join(str(r[k]) for k in cols) + " |\n" for r in rows)
+    text += ("\ncollapse detected: seeds whose training guard fired (stopped or recovered); collapsed at the "
+             "end: seeds whose final model has FGSM accuracy >= clean and > "
+             f"{100 * CO_GAP:.0f} points above its worst case; accuracies in % (mean ± std over seeds).\n")
+    write_json({"seeds": list(seeds), "baseline": baseline, "cells": rows}, os.path.join(out, "fastat.json"))
+    with open(os.path.join(out, "fastat.md"), "w") as f:
+        f.write(text)
+    return text
+
+
 def main(argv=None):
     """Write every table run_all.sh shows and print them (the matrix, then the curves that
     exist)."""
@@ -333,6 +369,10 @@ def main(argv=None):
     if curves:
         print(curves, end="")
         print(f"-> {out}/curves.md, curves.json (+ curves.png with matplotlib)")
+    fastat = fastat_table(out, cells, seeds, baseline)
+    if fastat:
+        print(fastat, end="")
+        print(f"-> {out}/fastat.md, fastat.json")
     saf = saf_table(out, cells, seeds)
     if saf:
         print(saf, end="")

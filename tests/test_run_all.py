@@ -158,9 +158,34 @@ def test_curve_table_counts_the_steps_to_95_percent_of_the_best_final_accuracy(t
     assert [p["pgd_acc"] for p in a["curve"]] == pytest.approx([0.2, 0.54, 0.6])
 
 
+def _fake_fastat_run(folder, worst, clean, fgsm, time_s, guard=None, recoveries=None):
+    os.makedirs(folder)
+    summary = {"epochs_completed": 4, "train_time_s": time_s, "catastrophic_overfitting": guard}
+    if recoveries is not None:
+        summary["co_recoveries"] = recoveries
+    json.dump(summary, open(os.path.join(folder, "summary.json"), "w"))
+    json.dump({"accuracy": {"clean": clean, "fgsm": fgsm}, "robust_accuracy": worst, "eps": 0.2, "n_eval": 100},
+              open(os.path.join(folder, "eval.json"), "w"))
+
+
+def test_fastat_table_counts_collapses_recoveries_and_the_cost(tmp_path):
+    runs = tmp_path / "runs"
+    stop, rec = "relu,co-action=stop", "relu,co-action=recover"
+    _fake_fastat_run(runs / f"fast_{stop}_s0", 0.40, 0.80, 0.60, 10.0)
+    _fake_fastat_run(runs / f"fast_{stop}_s1", 0.05, 0.70, 0.90, 10.0)  # collapsed, the guard missed it
+    _fake_fastat_run(runs / f"fast_{rec}_s0", 0.42, 0.80, 0.60, 15.0, recoveries=[{"epoch": 3}])
+    _fake_fastat_run(runs / f"fast_{rec}_s1", 0.38, 0.78, 0.60, 20.0, recoveries=[])
+    tables.fastat_table(str(tmp_path), [("fast", stop), ("fast", rec)], [0, 1], stop)
+    a, b = json.load(open(tmp_path / "fastat.json"))["cells"]
+    assert (a["collapse detected"], a["collapsed at the end"], a["recoveries"]) == (0, 1, 0)
+    assert (b["collapse detected"], b["collapsed at the end"], b["recoveries"]) == (1, 0, 1)
+    assert b["time / " + stop] == "1.75 ± 0.35" and a["worst case"] == "22.50 ± 24.75"
+    assert tables.fastat_table(str(tmp_path), [("fast", "relu")], [0], "relu") is None  # no --co-action cell
+
+
 def test_the_default_settings_pass_the_checks(tmp_path):
     """QUICK and STUDY=saf with nothing else set reach the EVAL_FLAGS check (their own defaults are valid)."""
-    for mode in (dict(QUICK="1"), dict(STUDY="saf"), dict(STUDY="schedules")):
+    for mode in (dict(QUICK="1"), dict(STUDY="saf"), dict(STUDY="schedules"), dict(STUDY="fastat")):
         env = {k: v for k, v in _env(tmp_path, EVAL_FLAGS="--attacks pgd0", **mode).items()
                if k not in ("DATASET", "DATA_DIR", "MODEL", "EPS", "ACTS", "REGIMES", "SEEDS", "FAST_FLAGS", "FREE_FLAGS")}
         r = _run_all(env)
@@ -175,7 +200,8 @@ def test_run_all_refuses_bad_settings_before_the_first_run(tmp_path):
                              (dict(EVAL_FLAGS="--attacks pgd0"), "EVAL_FLAGS: eval.py: error: unknown attack"),
                              (dict(SEEDS="0 x"), "SEEDS must be non-negative integers"),
                              (dict(CELLS="fast:relu+X"), "bad cell 'fast:relu+X'"),
-                             (dict(CELLS="fast:relu,epochs"), "bad cell 'fast:relu,epochs'"),
+                             (dict(CELLS="fast:relu,=1"), "bad cell 'fast:relu,=1'"),
+                             (dict(CELLS="fast:relu,epochs"), "fast relu,epochs: train_fast.py: error: argument --epochs: expected one argument"),
                              (dict(CELLS="fast:relu,no-such-flag=1"), "fast relu,no-such-flag=1: train_fast.py: error: unrecognized arguments"),
                              (dict(STUDY="nosuch"), "unknown STUDY 'nosuch'"),
                              (dict(JOBS="0"), "JOBS and THREADS must be positive integers"),
