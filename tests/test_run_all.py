@@ -377,3 +377,46 @@ def test_array_mode_lists_the_runs_runs_one_each_in_parallel_then_the_usual_comm
     assert [row["seeds ok"] for row in rows] == ["2/2", "2/2"]
     bad = _run_all(dict(env, CELL="4"))
     assert bad.returncode == 2 and "there are 4 runs" in bad.stderr
+
+
+def test_the_schedules_study_runs_the_thesis_table_1_shapes_at_their_key_points():
+    """STUDY=schedules' cells, as train_free.py reads them: FAT's 3 steps 0.1 -> 0.01 -> 0.001 over
+    twice the others' budget; 1cycle lr_max/10 -> lr_max (45%) -> lr_max/10 (90%) -> lr_max/1000
+    (with momentum 0.95 -> 0.85 -> 0.95 in one cell); linear and its warm restarts down to lr_max/1000;
+    sinusoidal warm restarts to lr_max/10 and lr_max/100 (the thesis's two 'Warm Restarts' rows);
+    m = 8 and weight decay 2e-4 everywhere."""
+    import train_free
+    import utils
+    env = {k: v for k, v in os.environ.items() if k not in ("CELLS", "FREE_FLAGS", "STUDY", "SCHED_LR")}
+    listing = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "--list"], env=dict(env, STUDY="schedules"),
+                             capture_output=True, text=True, timeout=60)
+    acts = sorted({line.split()[2] for line in listing.stdout.splitlines()})
+    free_flags = "--epochs 8 --replays 8 --momentum 0.9 --weight-decay 2e-4 --n-train 20000"
+    seen, lr = {}, 0.047
+    # the last step's LR is one step short of the floor: within 4 steps' worth of the steepest fall
+    near_floor = lambda lrs, floor: min(lrs) >= floor * (1 - 1e-9) and lrs[-1] - floor < 4 * 3 * lr / len(lrs)
+    for act in acts:
+        options = [f"--{o.replace('=', ' ')}".split() for o in act.split(",")[1:]]
+        args = train_free.get_args(["--dataset", "synthetic", *free_flags.split(), *sum(options, [])])
+        assert args.replays == 8 and args.weight_decay == 2e-4
+        steps = -(-args.epochs // args.replays) * 100 * args.replays  # passes x 100 batches x m
+        lrs, momenta = utils.lr_schedule(args, steps)
+        seen[(args.lr_schedule, args.momentum_schedule, args.lr_min)] = (args, lrs, momenta)
+    base, lrs, _ = seen[("piecewise", "constant", None)]
+    assert base.lr_max == 0.1 and base.epochs == 16 and len(lrs) == 1600
+    assert (lrs[799], lrs[800], lrs[1199], lrs[1200], lrs[-1]) == pytest.approx((0.1, 0.01, 0.01, 0.001, 0.001))
+    for mom in ("constant", "onecycle"):
+        _, lrs, momenta = seen[("onecycle", mom, lr / 1000)]
+        assert len(lrs) == 800 and (lrs[0], lrs[360], lrs[720]) == pytest.approx((lr / 10, lr, lr / 10), rel=0.02)
+        assert near_floor(lrs, lr / 1000)
+        assert (momenta[0], momenta[360]) == ((0.95, 0.85) if mom == "onecycle" else (0.9, 0.9))
+    for sched in ("linear", "linear-restarts", "onecycle-truncated", "onecycle-half"):
+        _, lrs, _ = seen[(sched, "constant", lr / 1000)]
+        assert near_floor(lrs, lr / 1000) and max(lrs) == pytest.approx(lr, rel=0.02), sched
+    for div in (10, 100):
+        (lrs,) = [v[1] for k, v in seen.items() if k[0] == "sgdr" and k[2] == pytest.approx(lr / div)]
+        assert min(lrs) == pytest.approx(lr / div, rel=0.05) and lrs.count(max(lrs)) >= 1
+        restarts = sum(1 for a, b in zip(lrs, lrs[1:]) if b > a + lr / 4)
+        assert restarts == 2  # three cycles
+    assert seen[("exponential", "constant", None)][1][-1] == pytest.approx(lr / 1000, rel=0.01)
+    assert set(seen[("constant", "constant", None)][1]) == {lr}
