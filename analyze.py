@@ -13,7 +13,14 @@
              spectral norm of the input-output Jacobian over test points and their PGD neighbours),
              which can never exceed it.                                       -> lipschitz.json / .png
 
-All three run unless some are named.  JSON always; PNGs when matplotlib is installed.  (run_all.sh's
+  features   Zhao & Griffin's Figure 1 claim, that noise ("nonsense") images fall outside the
+             distribution of clean images' features: the penultimate features (the input of the last
+             linear layer) of clean test images, noisy copies (clean + N(0, sigma^2)) and pure-noise
+             images; the Mahalanobis distance of each to a Gaussian fitted to the clean features, the
+             AUROC of that distance separating clean from nonsense and from noisy, and the share of
+             each beyond the clean distances' 99th percentile.            -> features.json
+
+The first three run unless some are named (features only when asked).  JSON always; PNGs when matplotlib is installed.  (run_all.sh's
 tables over seeds are tables.py's.)
 
     python analyze.py runs/train_fast_fashionmnist_lenet_kaf/checkpoint.pt --n-eval 500
@@ -44,7 +51,9 @@ def get_args(argv=None):
     p.add_argument("--shapes", action="store_true", help="learned activation shapes (all three analyses when none is named)")
     p.add_argument("--preacts", action="store_true", help="pre-activation distributions, clean vs PGD")
     p.add_argument("--lipschitz", action="store_true", help="layer-wise Lipschitz bound vs empirical local estimate")
-    p.add_argument("--n-eval", type=int, default=500, help="first N test images for --preacts and --lipschitz")
+    p.add_argument("--features", action="store_true", help="penultimate features: clean vs noisy vs nonsense")
+    p.add_argument("--n-eval", type=int, default=500, help="first N test images for --preacts, --lipschitz, --features")
+    p.add_argument("--noise-sigma", type=float, default=0.1, help="--features: the noisy copies' sigma")
     p.add_argument("--out", default=None, help="output folder (default: analysis/ next to the checkpoint)")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the one used in training)")
     p.add_argument("--eps", type=utils.fraction, default=None, help="L-inf radius of the PGD neighbours (default: the training epsilon)")
@@ -69,7 +78,9 @@ def get_args(argv=None):
         p.error("--range and --eps must be > 0")
     if utils.device_problem(args.device):
         p.error(utils.device_problem(args.device))
-    if not (args.shapes or args.preacts or args.lipschitz):
+    if args.noise_sigma <= 0:
+        p.error("--noise-sigma must be > 0")
+    if not (args.shapes or args.preacts or args.lipschitz or args.features):
         args.shapes = args.preacts = args.lipschitz = True
     return args
 
@@ -596,6 +607,69 @@ def plot_lipschitz(result, path, plt):
 
 
 # ============================================================================================== main
+def penultimate_features(model, x, batch_size=256):
+    """The input of the model's last nn.Linear (the features the classifier reads), in eval mode and
+    float32, for images x."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    seen = []
+    hook = last.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].detach().float().flatten(1).cpu()))
+    try:
+        with attacks.eval_float32(model), torch.no_grad():
+            device = next(model.parameters()).device
+            for i in range(0, len(x), batch_size):
+                model(x[i:i + batch_size].to(device).float())
+    finally:
+        hook.remove()
+    return torch.cat(seen)
+
+
+def auroc(inside, outside):
+    """P(score of an ``outside`` sample > score of an ``inside`` one), ties counted half: the area
+    under the ROC curve of the score as a detector of ``outside`` (0.5 = no separation)."""
+    scores = torch.cat([inside, outside]).double()
+    ranks = torch.empty_like(scores)
+    order = scores.argsort()
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.double)
+    for v in scores.unique():  # average ranks over ties
+        tie = scores == v
+        ranks[tie] = ranks[tie].mean()
+    n_in, n_out = len(inside), len(outside)
+    return ((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out)).item()
+
+
+def feature_outliers(clean, others, ridge=1e-3):
+    """Mahalanobis distances to a Gaussian fitted to the ``clean`` features (n x d; its covariance plus
+    ``ridge`` times its mean variance on the diagonal, so that dead features do not make it singular),
+    for the clean features themselves and each of ``others`` ({name: features}); per name the AUROC
+    of the distance separating it from clean and its share beyond the clean 99th percentile."""
+    mu = clean.double().mean(0)
+    centred = clean.double() - mu
+    cov = centred.T @ centred / max(len(clean) - 1, 1)
+    cov += ridge * cov.diagonal().mean().clamp(min=1e-12) * torch.eye(len(mu), dtype=torch.double)
+    precision = torch.linalg.inv(cov)
+    dist = lambda f: ((f.double() - mu) @ precision * (f.double() - mu)).sum(1).clamp(min=0).sqrt()
+    d_clean = dist(clean)
+    q99 = torch.quantile(d_clean, 0.99).item()
+    out = {"clean": {"mean_distance": d_clean.mean().item(), "share_beyond_clean_q99": (d_clean > q99).float().mean().item()}}
+    for name, f in others.items():
+        d = dist(f)
+        out[name] = {"mean_distance": d.mean().item(), "share_beyond_clean_q99": (d > q99).float().mean().item(),
+                     "auroc_vs_clean": auroc(d_clean, d)}
+    return {"clean_q99": q99, "ridge": ridge, "dims": len(mu), **out}
+
+
+def analyze_features(model, x, sigma=0.1, nonsense_std=0.25, seed=0, batch_size=256):
+    """Zhao & Griffin's Figure 1 test on penultimate features: clean x, noisy clip(x + N(0, sigma^2)),
+    nonsense clip(0.5 + nonsense_std z) (eval.py's nonsense images), scored by feature_outliers."""
+    g = torch.Generator().manual_seed(seed)
+    noisy = (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    nonsense = (0.5 + nonsense_std * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    feats = {k: penultimate_features(model, v, batch_size) for k, v in
+             (("clean", x), ("noisy", noisy), ("nonsense", nonsense))}
+    result = feature_outliers(feats["clean"], {"noisy": feats["noisy"], "nonsense": feats["nonsense"]})
+    return {"n": len(x), "noise_sigma": sigma, "nonsense_std": nonsense_std, **result}
+
+
 def main(argv=None):
     """Run the analyses asked for; returns {name: result} as written to the JSON files."""
     args = get_args(argv)
@@ -622,7 +696,7 @@ def main(argv=None):
                       f"neg_max {p['neg_max']['mean']:+.3f}  max_curvature {p['max_curvature']['mean']:.3g}  "
                       f"Lipschitz {a['lipschitz']:.3f}" + (f"  (means over {a['channels']} channels)" if a["channels"] > 1 else ""))
 
-    if args.preacts or args.lipschitz:
+    if args.preacts or args.lipschitz or args.features:
         _, x, y = utils.checkpoint_test_set(model, args.checkpoint, args.data_dir, args.n_eval)
         utils.check_outputs_finite(model, x, args.checkpoint)
         if args.preacts:
@@ -642,6 +716,14 @@ def main(argv=None):
             print(f"  Lipschitz bound {r['bound_per_layer']:.4g} per layer, {r['bound_merged']:.4g} merged; empirical "
                   f"max ||J||_2 {e['max']:.4g} (clean {e['max_clean']:.4g}, PGD {e['max_adversarial']:.4g}); "
                   f"bound / empirical {r['ratio_per_layer']:.3g} / {r['ratio_merged']:.3g}")
+        if args.features:
+            results["features"] = r = analyze_features(model, x, args.noise_sigma, seed=args.seed,
+                                                       batch_size=args.batch_size)
+            utils.write_json(r, os.path.join(out_dir, "features.json"))
+            print(f"  features ({r['dims']} dims): Mahalanobis distance to the clean features' Gaussian: "
+                  + "  ".join(f"{k} {r[k]['mean_distance']:.2f}" for k in ("clean", "noisy", "nonsense"))
+                  + f"; AUROC vs clean: noisy {r['noisy']['auroc_vs_clean']:.3f}, nonsense "
+                  f"{r['nonsense']['auroc_vs_clean']:.3f}")
     print(f"-> {', '.join(f'{k}.json' for k in results)} in {out_dir}" + (" (+ PNGs)" if plt else ""), flush=True)
     return results
 

@@ -132,9 +132,9 @@ def get_args(argv=None):
                         "nonsense (noise pushed to a class), noisy")
     p.add_argument("--saf-betas", type=utils.fraction, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
                    help="strengths beta of the --saf-curves")
-    p.add_argument("--confidence", default="auto", choices=["auto", "softmax", "output"],
-                   help="--saf-curves' score: softmax, or the raw output the hybrid loss trains "
-                        "(auto: output for --hybrid-weight > 0 models)")
+    p.add_argument("--confidence", default="softmax", choices=["softmax", "output", "auto"],
+                   help="--saf-curves' score, one rule for every model: max softmax, or the raw output "
+                        "(auto: output for hybrid-loss models)")
     p.add_argument("--curve-eps", type=utils.fraction, nargs="*", default=None,
                    help="eps of the accuracy-vs-eps curve (default with extras: eps x 0, 1/4, 1/2, "
                         "1, 2, 4; none = skip)")

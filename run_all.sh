@@ -18,7 +18,8 @@
 #               ($TRICK_M), +H the hybrid loss ($TRICK_H); e.g. "natural:mrelu-insert+H+R+M fast:relu"
 #   STUDY=saf   Zhao & Griffin's grid (Fashion-MNIST lenet, seeds 0 1, OUT results-saf): relu /
 #               mrelu-insert+H / rbf-insert+H x {none, +R, +M, +R+M} under natural training and the
-#               three under FGSM-RS, evaluated with APGD-CE + APGD-DLR and the three curves
+#               three under FGSM-RS, evaluated with APGD-CE + APGD-DLR and the three curves, every model
+#               scored by its max softmax (one confidence rule; mean training lowers that score)
 #               (eval.py --saf-curves -> $OUT/saf_curves.md, .json, .png)
 #               A cell's ACT may end in ,FLAG=VALUE (or ,FLAG for a switch) options for that cell
 #               alone, e.g. "free:relu,lr-schedule=onecycle,epochs=2" or "fast:relu,nfgsm"
@@ -85,7 +86,7 @@ if [ "${STUDY:-}" = saf ]; then
     DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
     MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-saf}; SEEDS=${SEEDS:-0 1}; THREADS=${THREADS:-1}
     FAST_FLAGS=${FAST_FLAGS:---epochs 2 --n-train 20000 --n-eval 500}
-    EVAL_FLAGS=${EVAL_FLAGS:---attacks apgd-ce apgd-dlr --n-eval 1000 --n-clean 0 --saf-curves --confidence auto}
+    EVAL_FLAGS=${EVAL_FLAGS:---attacks apgd-ce apgd-dlr --n-eval 1000 --n-clean 0 --saf-curves --confidence softmax}
     if [ -z "${CELLS:-}" ]; then
         for unit in relu mrelu-insert+H rbf-insert+H; do
             for t in "" +R +M +R+M; do CELLS="${CELLS:-} natural:$unit$t"; done

@@ -38,7 +38,10 @@ def add_flags(p):
     g.add_argument("--mean-noise", type=utils.fraction, default=0.1,
                    help="std of the Gaussian noise on the mean-image copies")
     g.add_argument("--mean-weight", type=float, default=1.0,
-                   help="weight of the mean-training loss KL(uniform || softmax)")
+                   help="weight of the mean-training loss")
+    g.add_argument("--mean-target", default="softmax", choices=["softmax", "output"],
+                   help="what mean training lowers: the softmax (KL to uniform), or the raw outputs "
+                        "(mean z^2: eval --confidence output)")
     g.add_argument("--hybrid-weight", type=float, default=0.0, metavar="LAMBDA",
                    help="Zhao & Griffin's hybrid loss: CE + LAMBDA * mean_k |z_k - onehot_k|^p on "
                         "the logits z (0 = plain CE; see tricks.hybrid_loss)")
@@ -160,6 +163,7 @@ class TrainingTricks:
         self.random_strength = args.random_strength if args.random_strength is not None else args.epsilon
         self.mean_copies, self.mean_noise = args.mean_training, args.mean_noise
         self.mean_weight = args.mean_weight
+        self.mean_target = getattr(args, "mean_target", "softmax")
         self.extra_fraction = args.extra_fraction if args.extra_fraction is not None else 0.5
         self.channels_last, self.rank, self.world = channels_last, rank, world
         self.mean_image = data.dataset_mean_image(x_train) if self.mean_copies else None
@@ -216,8 +220,11 @@ class TrainingTricks:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def mean_loss(self, model, forward, amp):
-        """lambda * mean_j KL(U || softmax(forward(m_j))) on fresh copies under the context ``amp``,
-        ``model`` in eval mode meanwhile."""
+        """On fresh copies m_j under the context ``amp``, ``model`` in eval mode meanwhile:
+        --mean-target softmax: lambda * mean_j KL(U || softmax(z(m_j))), which leaves the logits free
+        to be large and equal; output: lambda * mean_j mean_k z_k(m_j)^2, every raw output towards 0
+        (the hybrid loss's target for no class).  Each lowers the score its namesake --confidence rule
+        of eval.py reads; the other rule can still call the copies confident."""
         was_training = model.training
         model.eval()
         try:
@@ -225,6 +232,8 @@ class TrainingTricks:
                 logits = forward(self.mean_batch())
         finally:
             model.train(was_training)
+        if self.mean_target == "output":
+            return self.mean_weight * logits.float().pow(2).mean()
         logp = F.log_softmax(logits.float(), dim=1)
         return self.mean_weight * (-logp.mean(1) - math.log(logp.shape[1])).mean()
 

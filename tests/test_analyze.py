@@ -242,6 +242,10 @@ def test_analyze_end_to_end_writes_json_and_optional_pngs(tmp_path, capsys):
     assert "Lipschitz bound" in printed and ("matplotlib is not installed" in printed) == (utils.pyplot() is None)
     only = analyze.main([ckpt, "--shapes", "--out", str(tmp_path / "only"), "--no-plot"])
     assert list(only) == ["shapes"] and os.listdir(tmp_path / "only") == ["shapes.json"]
+    feats = analyze.main([ckpt, "--features", "--n-eval", "64", "--out", str(tmp_path / "f"), "--no-plot"])
+    r = feats["features"]
+    assert list(feats) == ["features"] and r["n"] == 64 and json.loads((tmp_path / "f" / "features.json").read_text()) == r
+    assert 0 <= r["nonsense"]["auroc_vs_clean"] <= 1 and 0 <= r["noisy"]["share_beyond_clean_q99"] <= 1
 
 
 def test_without_matplotlib_analyze_and_eval_write_json_only(tmp_path, capsys, monkeypatch):
@@ -260,3 +264,24 @@ def test_analyze_bad_input_gives_one_line_error(tmp_path):
         r = subprocess.run([sys.executable, "analyze.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
         lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_feature_outlier_score_separates_nonsense_only_where_it_is_separable():
+    """A toy: features are the input itself (the last linear layer reads it unchanged).  Clean
+    features ~ N(m, 0.05^2) per dimension; nonsense far from m is found (AUROC ~ 1, nearly all beyond
+    the clean 99th percentile); 'nonsense' drawn from the clean distribution is not (AUROC ~ 0.5)."""
+    torch.manual_seed(0)
+    d, n = 8, 400
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, 3)).eval()
+    m = torch.rand(d)
+    clean = (m + 0.05 * torch.randn(n, d)).view(n, 1, 1, d)
+    far = (m + 0.05 * torch.randn(n, d) + 0.3).view(n, 1, 1, d)
+    same = (m + 0.05 * torch.randn(n, d)).view(n, 1, 1, d)
+    feats = {k: analyze.penultimate_features(model, v) for k, v in (("clean", clean), ("far", far), ("same", same))}
+    assert torch.allclose(feats["clean"], clean.flatten(1))
+    r = analyze.feature_outliers(feats["clean"], {"far": feats["far"], "same": feats["same"]})
+    assert r["far"]["auroc_vs_clean"] > 0.99 and r["far"]["share_beyond_clean_q99"] > 0.95
+    assert 0.4 < r["same"]["auroc_vs_clean"] < 0.6 and r["same"]["share_beyond_clean_q99"] < 0.05
+    assert r["clean"]["share_beyond_clean_q99"] == pytest.approx(0.01, abs=0.005)
+    assert analyze.auroc(torch.tensor([0.0, 1.0]), torch.tensor([2.0, 3.0])) == 1.0
+    assert analyze.auroc(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0])) == 0.5  # ties count half

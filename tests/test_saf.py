@@ -129,7 +129,7 @@ def test_eval_saf_curves_end_to_end(tmp_path):
     png = tmp_path / "e.png"  # the curves' panels, when matplotlib is installed (requirements-dev.txt has it)
     assert result.get("plot") == (str(png) if utils.pyplot() else None)
     assert not utils.pyplot() or png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert saved["confidence"] == "softmax"  # auto: the model was trained on the cross-entropy
+    assert saved["confidence"] == "softmax"  # one rule for every model by default
     assert saved == json.loads(json.dumps(result["saf_curves"]))
     assert set(saved) >= {"adversarial", "nonsense", "noisy"} and saved["threshold"] == 0.6
     for kind in ("adversarial", "nonsense", "noisy"):

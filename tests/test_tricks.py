@@ -121,6 +121,32 @@ def test_mean_training_loss_is_kl_to_uniform_in_eval_mode_and_lowers_confidence(
     assert before > 0.9 and after < 0.5 * before and losses[-1] < 0.5 * losses[0]
 
 
+def test_mean_training_lowers_the_score_its_target_names_and_only_output_lowers_both():
+    """Logits 5 + onehot: the softmax target equalises them (softmax confidence -> 1/10) but leaves
+    the raw outputs near 5, so eval.py's 'output' rule still calls the copies confident; the output
+    target drives every raw output (and so both scores) down."""
+    scores = {}
+    for target in ("softmax", "output"):
+        torch.manual_seed(0)
+        tr = tricks.TrainingTricks(trick_args("--mean-training", 8, "--mean-noise", 0.05, "--mean-target", target),
+                                   real_images())
+        net = TinyNet()
+        with torch.no_grad():
+            net.fc.weight.mul_(0.01)
+            net.fc.bias.copy_(5 + F.one_hot(torch.tensor(0), 10).float())
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        for _ in range(200):
+            loss = tr.mean_loss(net, net, torch.enable_grad())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            z = net.eval()(tr.mean_batch())
+        scores[target] = (F.softmax(z, 1).max(1).values.mean().item(), z.max(1).values.mean().item())
+    assert scores["softmax"][0] < 0.11 and scores["softmax"][1] > 4  # softmax flat, raw outputs still high
+    assert scores["output"][1] < 0.5 and scores["output"][0] < 0.2  # raw outputs near 0: both scores low
+
+
 # ------------------------------------------------------------------------------------ extra data
 def write_extra(path, n=40, layout="nhwc", value=255, label=7):
     x = np.full((n, 8, 8, 1) if layout == "nhwc" else (n, 1, 8, 8), value, dtype=np.uint8)
