@@ -39,6 +39,13 @@
 #               averaging + label smoothing (--ema 0.9995 --label-smoothing 0.4), 4 epochs at EPS 0.3
 #               (FGSM-RS collapsed in epoch 4 of both seeds probed there, in neither at 0.2: RESULTS.md);
 #               $OUT/fastat.md: collapse incidence per cell
+#   STUDY=paf   Dai et al.'s parametric activations under their regime, scaled (Fashion-MNIST lenet,
+#               seeds 0 1 2, OUT results-paf): train_pgd.py with TRADES (beta 6, the attack in eval
+#               mode, 3 steps of 0.04), SGD + Nesterov, cosine LR 0.1 -> 1e-3, batch 256, 3 epochs:
+#               relu prelu psilu psoftplus pssilu (learned); pssilu at --pssilu-reg 0 0.1 1 (10 is
+#               the default cell); the curvature sweep, fixed PSiLU x sigmoid(a x) with a = 1 2 5 10
+#               20 40 (max |f''| = a / 2: 0.5 to 20); the shift sweep, fixed PSSiLU a = 1, beta = 0
+#               0.1 0.3 0.5 0.7
 #   NATURAL_FLAGS, TRICK_R, TRICK_M, TRICK_H   [FAST_FLAGS; --random-training 0.5; --mean-training 8; --hybrid-weight 1]
 #   SEEDS       training seeds (--seed); a cell is the mean +- std over them        [0 / 0 1 2]
 #   BASELINE    the ACT each cell is paired with in its regime (worst-case difference over seeds)
@@ -135,8 +142,21 @@ elif [ "${STUDY:-}" = fastat ]; then
         done
         BASELINE=${BASELINE:-relu,co-action=stop}
     fi
+elif [ "${STUDY:-}" = paf ]; then
+    # Dai et al. (2021): TRADES, eval-mode attack, Nesterov, cosine to 1e-3, batch 256; the learned units,
+    # the --pssilu-reg sweep, and fixed shapes over curvature (PSiLU's a) and negative output (PSSiLU's beta)
+    DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
+    MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-paf}; SEEDS=${SEEDS:-0 1 2}; THREADS=${THREADS:-1}
+    PGD_FLAGS=${PGD_FLAGS:---loss trades --trades-beta 6 --attack-mode eval --attack-iters 3 --attack-step 0.04 --nesterov --lr-schedule cosine --lr-max 0.1 --lr-min 1e-3 --batch-size 256 --epochs 3 --n-train 20000 --n-eval 500}
+    EVAL_FLAGS=${EVAL_FLAGS:---preset quick --n-eval 1000 --n-clean 0}
+    if [ -z "${CELLS:-}" ]; then
+        for act in relu prelu psilu psoftplus pssilu; do CELLS="${CELLS:-} pgd:$act"; done
+        for reg in 0 0.1 1; do CELLS="$CELLS pgd:pssilu,pssilu-reg=$reg"; done
+        for a in 1 2 5 10 20 40; do CELLS="$CELLS pgd:psilu,freeze-act,act-init=a=$a"; done
+        for b in 0 0.1 0.3 0.5 0.7; do CELLS="$CELLS pgd:pssilu,freeze-act,act-init=a=1:b=$b"; done
+    fi
 elif [ "${STUDY:-}" != "" ]; then
-    echo "run_all.sh: unknown STUDY '$STUDY' (choose from: saf schedules fastat)" >&2; exit 2
+    echo "run_all.sh: unknown STUDY '$STUDY' (choose from: saf schedules fastat paf)" >&2; exit 2
 elif [ "${QUICK:-0}" = 1 ]; then
     DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
     MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-quick}; SEEDS=${SEEDS:-0 1 2}; THREADS=${THREADS:-1}

@@ -399,7 +399,7 @@ def add_shared_flags(p, **defaults):
     g = p.add_argument_group("trainable activations (shared)")
     g.add_argument("--act-init", default=None, metavar="a=A,b=B",
                    help="initial parameters: a for prelu / psilu / psoftplus / pssilu, b (the "
-                        "shift beta) for pssilu, e.g. a=1.5,b=0.3")
+                        "shift beta) for pssilu, e.g. a=1.5,b=0.3 (or a=1.5:b=0.3)")
     g.add_argument("--freeze-act", action="store_true",
                    help="keep the activation's parameters at their initial values (e.g. SSiLU with "
                         "a fixed beta)")
@@ -570,7 +570,7 @@ def act_options(args):
         if keys is None:
             raise ValueError(f"--act-init applies to --act {', '.join(ACT_INIT_KEYS)}, not --act "
                              f"{args.act}")
-        for item in args.act_init.split(","):
+        for item in args.act_init.replace(":", ",").split(","):  # a=1:b=0.3 in run_all.sh cells
             key, _, value = item.partition("=")
             try:
                 options[keys[key.strip()]] = float(value)

@@ -420,3 +420,47 @@ def test_the_schedules_study_runs_the_thesis_table_1_shapes_at_their_key_points(
         assert restarts == 2  # three cycles
     assert seen[("exponential", "constant", None)][1][-1] == pytest.approx(lr / 1000, rel=0.01)
     assert set(seen[("constant", "constant", None)][1]) == {lr}
+
+
+def test_the_paf_study_runs_dai_et_al_regime_and_spans_the_curvature_it_claims():
+    """STUDY=paf's cells as train_pgd.py reads them: TRADES beta 6 with the attack in eval mode,
+    Nesterov, cosine to 1e-3, batch 256 in every cell; the fixed PSiLU cells' maximum curvature
+    max |f''| = a / 2 spans 0.5 to 20 (measured on the built unit by finite differences); the fixed
+    PSSiLU cells keep a = 1 and the asked shift; the --pssilu-reg sweep."""
+    import torch
+    import models as M
+    import train_pgd
+    import utils
+    env = {k: v for k, v in os.environ.items() if k not in ("CELLS", "PGD_FLAGS", "STUDY")}
+    listing = subprocess.run(["bash", os.path.join(ROOT, "run_all.sh"), "--list"], env=dict(env, STUDY="paf"),
+                             capture_output=True, text=True, timeout=60)
+    acts = list(dict.fromkeys(line.split()[2] for line in listing.stdout.splitlines()))
+    flags = ("--loss trades --trades-beta 6 --attack-mode eval --attack-iters 3 --attack-step 0.04 --nesterov "
+             "--lr-schedule cosine --lr-max 0.1 --lr-min 1e-3 --batch-size 256 --epochs 3").split()
+    curvature, shifts, regs = {}, {}, set()
+    x = torch.linspace(-3, 3, 60001, dtype=torch.float64)
+    h = x[1] - x[0]
+    for act in acts:
+        options = sum(([f"--{o.split('=', 1)[0]}", *o.split("=", 1)[1:]] for o in act.split(",")[1:]), [])
+        args = train_pgd.get_args(["--dataset", "synthetic", "--act", act.split(",")[0], *flags, *options])
+        assert (args.loss, args.trades_beta, args.attack_mode, args.nesterov) == ("trades", 6, "eval", True)
+        assert (args.lr_schedule, args.lr_min, args.batch_size) == ("cosine", 1e-3, 256)
+        if args.freeze_act:
+            unit = M.build("lenet", act=args.act, in_channels=1, image_size=28, act_options=utils.act_options(args))
+            f = [m for m in unit.modules() if type(m).__name__ in ("PSiLU", "PSSiLU")][0]
+            if args.act == "psilu":  # the built unit is x sigmoid(a x); that curve's curvature, in float64
+                a = f.a.abs().item()
+                with torch.no_grad():
+                    xf = x.float()
+                    assert torch.allclose(f(xf.view(1, -1)).view(-1), xf * torch.sigmoid(a * xf), atol=1e-5)
+                y = x * torch.sigmoid(a * x)
+                second = (y[2:] - 2 * y[1:-1] + y[:-2]) / h ** 2
+                curvature[a] = second.abs().max().item()
+            else:
+                shifts[round(float(utils.act_options(args)["init_b"]), 3)] = f.a.abs().item()
+        elif args.act == "pssilu":
+            regs.add(args.pssilu_reg)
+    assert sorted(curvature) == [1, 2, 5, 10, 20, 40]
+    assert curvature == {a: pytest.approx(a / 2, rel=0.01) for a in curvature}
+    assert sorted(shifts) == [0, 0.1, 0.3, 0.5, 0.7] and set(shifts.values()) == {1.0}
+    assert regs == {0, 0.1, 1, 10}  # 10: the default cell
