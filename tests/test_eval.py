@@ -496,7 +496,8 @@ def test_attack_list_flags():
     assert eval_args().attack_list == ["fgsm", "pgd"]  # no preset, no --attacks: the basic report
     quick = eval_args("--preset", "quick", "--attacks", "+square")
     assert quick.attack_list == ["fgsm", "pgd20", "apgd-ce", "apgd-t", "square"]
-    assert quick.apgd_iters == 100 and quick.apgd_targets == 9  # AutoAttack's APGD-CE + APGD-T budget
+    # AutoAttack's APGD iterations; APGD-T towards the 3 classes MALT ranks nearest
+    assert quick.apgd_iters == 100 and quick.apgd_targets == 3 and quick.apgd_target_order == "malt"
     standard = eval_args("--preset", "standard")
     assert standard.attack_list == ["fgsm", "pgd20", "pgd50x10", "apgd-ce", "apgd-dlr", "apgd-t", "square"]
     assert standard.apgd_iters == 100 and standard.apgd_targets == 9  # AutoAttack's APGD-T budget
@@ -555,7 +556,7 @@ def test_eval_quick_preset_end_to_end(tmp_path):
     assert set(result["sanity_checks"]) == set(eval_script.CHECKS)
     assert all(c["status"] in ("PASS", "FAIL", "SKIP") and c["detail"] for c in result["sanity_checks"].values())
     assert result["sanity_checks"]["black_box_vs_white_box"]["status"] != "SKIP"  # quick runs Square on survivors
-    assert result["config"]["square_queries"] == 1000
+    assert result["config"]["square_queries"] == 500
     assert set(result["noise_accuracy"]) == {"0.1", "0.3"} and 0 <= result["nonsense"]["rate"] <= 1
     assert set(result["accuracy_vs_eps"]["accuracy"]) == {"0.05", "0.5"} and result["large_eps"]["eps"] == 0.5
     header, row = result["markdown_header"], result["markdown_row"]

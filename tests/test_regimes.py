@@ -287,7 +287,8 @@ def linear_problem(seed=0, n=32, d=12, classes=4):
     x, y = torch.rand(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
     run = argparse.Namespace(model=model, forward=model, attack_forward=model, amp=contextlib.nullcontext(), device=torch.device("cpu"),
                              scaler=torch.amp.GradScaler("cpu", enabled=False), opt=torch.optim.SGD(model.parameters(), lr=0.0),
-                             pssilu_reg=0.0, shift_params=[], shift_clip=0.0, label_smoothing=0.0)
+                             pssilu_reg=0.0, shift_params=[], shift_clip=0.0, label_smoothing=0.0,
+                             attack_step_scale=1.0)
     return run, x, y
 
 
