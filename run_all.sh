@@ -66,6 +66,9 @@
 #   TRAIN_FLAGS extra flags for every training run (e.g. "--n-train 20000"; the seed comes from SEEDS)
 #   EVAL_FLAGS  eval.py flags                [--preset standard / --preset quick --n-eval 1000 --n-clean 0]
 #   OUT         results folder                                     [results / results-quick]
+#   FIGURES     a folder (e.g. figures/quick) that receives a copy of the tables' figures (PNG) and
+#               their data (results.md, results.csv, results_seeds.csv, curves / saf_curves / fastat
+#               .md and .json) once the table is written: small files, to commit beside RESULTS.md
 #
 # Each run lives in $OUT/runs/<regime>_<act>_s<seed>/ with its logs and run_config.txt (script and
 # training flags; DATA_DIR and DEVICE may change, as under --resume).  Every run's flags, EVAL_FLAGS,
@@ -403,5 +406,11 @@ fi
 # ---- the tables: one row per cell, mean +- std over the seeds, and the curves where the runs made
 # them (tables.py)
 $PYTHON tables.py "$OUT" "$CELLS" "$SEEDS" "${BASELINE:-relu}" "$EVAL_FLAGS"
+if [ -n "${FIGURES:-}" ]; then
+    mkdir -p "$FIGURES" && for f in results.png results.md results.csv results_seeds.csv curves.png curves.md curves.json \
+        saf_curves.png saf_curves.md saf_curves.json fastat.md fastat.json; do
+        if [ -f "$OUT/$f" ]; then cp "$OUT/$f" "$FIGURES/"; fi
+    done && echo "figures and tables -> $FIGURES"
+fi
 if [ $interrupted = 1 ]; then echo "run_all.sh: interrupted; run it again to continue" >&2; exit 130; fi
 if [ $failed -gt 0 ]; then echo "run_all.sh: $failed run(s) failed" >&2; exit 1; fi

@@ -196,7 +196,36 @@ def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
              "interval excludes 0.\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
+    matrix_figure(per_seed, os.path.join(out, "results.png"))
     return text
+
+
+def matrix_figure(per_seed, path):
+    """results.png (with matplotlib): the worst case of every cell, a panel per regime, a row per
+    activation: each seed's value as a dot, their mean as a bar, so the seed spread is seen next to
+    the differences.  ``per_seed``: matrix_table's rows (regime, activation, seed, 'worst case', ...);
+    runs without a worst case are left out.  Returns the path, or None."""
+    plt = pyplot()
+    runs = [r for r in per_seed if r.get("worst case") is not None and r.get("status") == "ok"]
+    if plt is None or not runs:
+        return None
+    regimes = list(dict.fromkeys(r["regime"] for r in runs))
+    acts = list(dict.fromkeys(r["activation"] for r in runs))
+    fig, axes = plt.subplots(1, len(regimes), figsize=(4.5 * len(regimes), 0.35 * len(acts) + 1.5), sharey=True,
+                             squeeze=False)
+    for ax, g in zip(axes[0], regimes):
+        for i, a in enumerate(acts):
+            values = [r["worst case"] for r in runs if r["regime"] == g and r["activation"] == a]
+            if values:
+                ax.barh(i, mean_std(values)[0], color="0.8")
+                ax.plot(values, [i] * len(values), "k.", markersize=5)
+        ax.set(title=g, xlabel="worst-case accuracy (%)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(acts)), acts, fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 SAF_METRICS = {"adversarial": ("accuracy", "accuracy on targeted-FGS adversarial samples"),

@@ -36,10 +36,16 @@ def _run_all(env, **kwargs):
 
 
 def test_run_all_tiny_matrix_writes_one_row_per_cell_records_failures_and_skips_finished(tmp_path):
-    env, out = _env(tmp_path, SEEDS="0 1"), tmp_path / "results"
+    env, out = _env(tmp_path, SEEDS="0 1", FIGURES=str(tmp_path / "figures" / "tiny")), tmp_path / "results"
     r = _run_all(env)
     assert r.returncode == 1 and "4 run(s) failed" in r.stderr, r.stdout + r.stderr
     assert "[8/8" in r.stdout
+    # the figure and the tables' data, copied where RESULTS.md can show them
+    copied = sorted(os.listdir(tmp_path / "figures" / "tiny"))
+    wanted = ["results.csv", "results.md", "results_seeds.csv"] + (["results.png"] if tables.pyplot() else [])
+    assert copied == sorted(wanted) and all((tmp_path / "figures" / "tiny" / f).read_bytes() == (out / f).read_bytes()
+                                            for f in copied)
+    assert not tables.pyplot() or (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(row["regime"], row["activation"]) for row in rows] == [(g, a) for g in ("fast", "free") for a in ("relu", "rbf-insert")]
     seeds = list(csv.DictReader(open(out / "results_seeds.csv")))
