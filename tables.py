@@ -65,6 +65,36 @@ def mean_std(values):
     return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
 
 
+def t_two_sided_p(t, df):
+    """Two-sided p-value of Student's t with integer ``df`` >= 1, exact (Abramowitz & Stegun 26.7.3 /
+    26.7.4: with theta = atan(|t| / sqrt(df)), P(|T| < |t|) is a finite sum in cos(theta))."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+    if df % 2 == 0:  # sin(theta) (1 + 1/2 c^2 + (1 3)/(2 4) c^4 + ... up to c^(df - 2))
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        inside = math.sin(theta) * total
+    else:  # (2 / pi) (theta + sin(theta) cos(theta) (1 + 2/3 c^2 + (2 4)/(3 5) c^4 + ... up to c^(df - 3)))
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        inside = 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0))
+    return max(0.0, 1.0 - inside)
+
+
+def holm(pvalues, alpha=0.05):
+    """Holm's step-down correction: for {key: p}, the keys whose difference survives at family-wise
+    level ``alpha`` (sorted ascending, the i-th smallest of m is kept while p <= alpha / (m - i))."""
+    kept = set()
+    ordered = sorted(pvalues.items(), key=lambda kv: kv[1])
+    for i, (key, p) in enumerate(ordered):
+        if p > alpha / (len(ordered) - i):
+            break
+        kept.add(key)
+    return kept
+
+
 def paired_difference(a, b):
     """The paired difference a - b over seeds (lists of equal length, one value per seed): its mean,
     the 95% Student-t interval of that mean (None under two pairs) and the sign agreement, so a
@@ -74,9 +104,11 @@ def paired_difference(a, b):
     k = len(d)
     half = None if k < 2 else (T975[k - 2] if k <= 31 else 1.96) * std / math.sqrt(k)
     same_sign = all(v > 0 for v in d) or all(v < 0 for v in d)
+    p = None if k < 2 else (0.0 if mean != 0 else 1.0) if std == 0 else t_two_sided_p(mean / (std / math.sqrt(k)), k - 1)
     return {"n": len(d), "differences": d, "mean": mean, "std": std, "half_width": half,
             "low": None if half is None else mean - half, "high": None if half is None else mean + half,
-            "significant": half is not None and (mean - half > 0 or mean + half < 0), "same_sign": same_sign}
+            "significant": half is not None and (mean - half > 0 or mean + half < 0), "same_sign": same_sign,
+            "p": p}
 
 
 def matrix_run(folder, eval_flags=None):
@@ -128,7 +160,8 @@ def _pm(values, digits=2):
 def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
     """The table of a run_all.sh matrix in ``out``: one row per cell (regime, activation) with every
     accuracy as mean ± std over the seeds that finished, the paired difference of the worst case to
-    ``baseline`` in the same regime (mean, 95% t-interval, significant when the interval excludes 0,
+    ``baseline`` in the same regime (mean, 95% t-interval, significant when the paired t-test survives
+    Holm's correction over the table's comparisons with >= 3 seeds,
     sign agreement), and a flag for any seed that failed, diverged or overfitted catastrophically
     (the training guard fired, or the final model's FGSM accuracy is at least its clean accuracy and
     more than CO_GAP above its worst case).
@@ -158,7 +191,7 @@ def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
             diff = f"{stats['mean']:+.2f}" + (f" [{stats['low']:+.2f}, {stats['high']:+.2f}]" if stats["half_width"] is not None else "")
             sig = ("yes" if stats["significant"] else "no") if stats["half_width"] is not None else "n=1"
             sig += f"; same sign in {stats['n']}/{stats['n']}" if stats["same_sign"] and stats["n"] > 1 else ""
-        cell[f"worst - {baseline} (95% CI)"], cell["significant"] = diff, sig
+        cell[f"worst - {baseline} (95% CI)"], cell["significant"] = diff, sig  # Holm's verdict below
         sanity = [f"s{s}: {r['sanity']}" for s, r in ok.items() if r["sanity"] and r["sanity"] != "pass"]
         sanity += [f"s{s}: overstated by {', '.join(r['overstated'])}" for s, r in ok.items() if r["overstated"]]
         cell["sanity checks"] = "; ".join(sanity) or ("pass" if any(r["sanity"] for r in ok.values()) else "-")
@@ -173,6 +206,22 @@ def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
             per_seed.append({"regime": g, "activation": a, "seed": s, **{k: v for k, v in r.items() if k != "ok"},
                              "status": "ok" if r["ok"] else ", ".join(r["trouble"]) or "not run",
                              "flags": ", ".join(r["trouble"]) if r["ok"] else ""})
+    # the table's comparisons: every cell with >= 3 paired seeds (2 give no usable interval), judged
+    # together with Holm's correction so that many comparisons do not make chance look significant
+    tested = {i: c["paired_difference"]["p"] for i, c in enumerate(rows)
+              if c["paired_difference"] and c["paired_difference"]["n"] >= 3 and c["paired_difference"]["p"] is not None}
+    kept = holm(tested)
+    for i, c in enumerate(rows):
+        stats = c["paired_difference"]
+        if not stats or stats["half_width"] is None:
+            continue
+        if i not in tested:
+            c["significant"] = f"not judged (n={stats['n']})"
+        else:
+            c["significant"] = ("yes" if i in kept else "no" if not stats["significant"] else "no after Holm") + \
+                f" (p {stats['p']:.3g})"
+        if stats["same_sign"]:
+            c["significant"] += f"; same sign in {stats['n']}/{stats['n']}"
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -192,8 +241,10 @@ def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
              "worst case = per-example "
              f"worst over the attacks run, on {'/'.join(map(str, sorted(n))) or '?'} test images; "
              f"'worst - {baseline}' is the paired "
-             f"difference over the seeds both finished, with its 95% t-interval; significant = the "
-             "interval excludes 0.\n")
+             f"difference over the seeds both finished, with its 95% t-interval (seed-to-seed variance on a "
+             f"fixed test subset only); significant = the paired t-test rejects 0 after Holm's correction "
+             f"over the table's {len(tested)} comparisons with at least 3 seeds (p: uncorrected); "
+             "2 seeds are not judged.\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     matrix_figure(per_seed, os.path.join(out, "results.png"))

@@ -259,6 +259,34 @@ def test_mean_std_and_paired_difference_match_hand_computed_values():
     assert tables.paired_difference([1.0], [0.0])["half_width"] is None
 
 
+def test_t_test_p_values_and_holm_match_tables():
+    # the two-sided 5% points of Student's t (tables.T975) have p = 0.05, for odd and even df
+    for df, t in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (30, 2.042)):
+        assert tables.t_two_sided_p(t, df) == pytest.approx(0.05, abs=2e-4), df
+    assert tables.t_two_sided_p(0.0, 5) == pytest.approx(1.0) and tables.t_two_sided_p(1.0, 1) == pytest.approx(0.5)
+    # Holm: sorted 0.005 <= 0.05/4, 0.01 <= 0.05/3, then 0.03 > 0.05/2 stops (0.04 is not reached)
+    assert tables.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005}) == {"a", "d"}
+    assert tables.holm({"a": 0.04}) == {"a"} and tables.holm({}) == set()
+
+
+def test_many_comparisons_and_two_seeds_are_not_called_significant(tmp_path):
+    """Ten cells each nominally significant at p ~ 0.035 (3 seeds): Holm keeps none; two seeds are
+    not judged."""
+    runs = tmp_path / "runs"
+    cells = [("fast", "relu")] + [("fast", f"act{i}") for i in range(10)] + [("fast", "two")]
+    for s, r in enumerate([0.60, 0.61, 0.59]):
+        _fake_run(runs / f"fast_relu_s{s}", r)
+        for i in range(10):
+            _fake_run(runs / f"fast_act{i}_s{s}", r + (0.02, 0.03, 0.04)[s])
+        if s < 2:
+            _fake_run(runs / f"fast_two_s{s}", r + 0.05)
+    text = tables.matrix_table(str(tmp_path), cells, [0, 1, 2])
+    rows = {r["activation"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert all(rows[f"act{i}"]["significant"].startswith("no after Holm (p 0.0351)") for i in range(10))
+    assert rows["two"]["significant"].startswith("not judged (n=2)")
+    assert "Holm's correction over the table's 10 comparisons" in text
+
+
 def _fake_run(folder, worst, clean=0.8, summary_extra=None, failed=None, fgsm=None):
     os.makedirs(folder)
     json.dump({"epochs_completed": 1, "train_time_s": 10.0, "activation_params": 0, **(summary_extra or {})},
@@ -314,7 +342,9 @@ def test_matrix_table_aggregates_seeds_flags_a_failed_seed_and_pairs_with_relu(t
     assert rows["relu"]["worst case"] == "60.00 ± 1.00" and rows["relu"]["seeds ok"] == "3/3"
     assert rows["kaf"]["worst case"] == "63.00 ± 1.00"
     # paired differences 2, 3, 4 -> +3.00 [+0.52, +5.48], significant, same sign
-    assert rows["kaf"]["worst - relu (95% CI)"] == "+3.00 [+0.52, +5.48]" and rows["kaf"]["significant"] == "yes; same sign in 3/3"
+    # t = 3 / (1 / sqrt 3) = 5.196 with 2 degrees of freedom: p = 1 - t / sqrt(2 + t^2) = 0.0351; one comparison
+    assert rows["kaf"]["worst - relu (95% CI)"] == "+3.00 [+0.52, +5.48]"
+    assert rows["kaf"]["significant"] == "yes (p 0.0351); same sign in 3/3"
     assert rows["kaf"]["flags"] == "s1: catastrophic overfitting"
     assert rows["gelu"]["seeds ok"] == "1/3" and rows["gelu"]["worst case"] == "50.00"
     assert rows["gelu"]["flags"] == "s1: failed (train); s2: not run" and rows["gelu"]["significant"] == "n=1"
