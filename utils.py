@@ -923,10 +923,12 @@ def recover_from_overfitting(run, state, event):
     average restarts at the restored weights, Free's perturbation restarts at 0, and the training
     attack's step is halved from here on (``run.attack_step_scale``; the event is appended to
     state['recoveries']).  Why the step: catastrophic overfitting sets in as the single-step
-    attack's step grows relative to eps (Wong et al. 2020, Sec. 5.1: FGSM-RS collapses for alpha
-    above about 1.25 eps at 8/255; de Jorge et al. 2022 and Kim et al. 2021 likewise tie it to the
-    step), while the epoch budget and LR schedule run on unchanged, so the run trains through the
-    collapse instead of ending at it."""
+    attack's step grows relative to eps (Wong et al. 2020, Table 1: FGSM-RS at 8/255 robust with a
+    step of 10/255, collapsed with 16/255; Kim et al. 2021 trace it to training only on the
+    full-step point of the attack direction), while the epoch budget and LR schedule run on
+    unchanged, so the run trains through the collapse instead of ending at it (Li et al. 2020,
+    "Towards understanding fast adversarial training": the ability to recover is what makes fast AT
+    work).  A reading of the literature, not a recipe from one paper."""
     run.opt.state.clear()
     if state.get("ema") is not None:
         for k, v in run.model.state_dict().items():
