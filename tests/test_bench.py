@@ -393,3 +393,29 @@ def test_the_gpu_suite_runs_at_tiny_sizes_on_a_cpu_and_writes_one_report(tmp_pat
     text = (tmp_path / "suite.md").read_text()
     assert "| step_table | ok |" in text and "## end_to_end" in text and "apgd-t" in text
     assert json.loads((tmp_path / "suite.json").read_text())["parts"] == report["parts"]
+
+
+def test_free_replays_and_passes_do_not_recompile_the_compiled_model(tmp_path, monkeypatch):
+    """--compile: the graphs compiled for a Free run are as many with 4 replays over 2 passes as with
+    2 replays over 1 pass (the replays and later passes reuse them: no recompilation per step).
+    Counted with a backend that records each graph and runs it eagerly (no C++ build needed)."""
+    import train_free
+    compiled = []
+
+    def counting_backend(gm, example_inputs):
+        compiled.append(len(gm.graph.nodes))
+        return gm.forward
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **k: real_compile(model, backend=counting_backend))
+    counts = []
+    for replays, epochs in ((2, 2), (4, 8)):  # 1 pass x 2 replays, 2 passes x 4 replays
+        torch._dynamo.reset()
+        compiled.clear()
+        summary = train_free.main(["--dataset", "synthetic", "--model", "lenet", "--n-train", "128", "--n-eval", "32",
+                                   "--batch-size", "64", "--eval-pgd-steps", "1", "--device", "cpu", "--compile",
+                                   "--replays", str(replays), "--epochs", str(epochs),
+                                   "--out-dir", str(tmp_path / f"m{replays}")])
+        assert summary["counts"]["optimizer_steps"] == 2 * replays * (epochs // replays)
+        counts.append(len(compiled))
+    torch._dynamo.reset()
+    assert counts[0] >= 1 and counts[0] == counts[1], counts
