@@ -38,7 +38,8 @@
 #               overfitting (--co-action) and each with and without the FastAT benchmark's weight
 #               averaging + label smoothing (--ema 0.9995 --label-smoothing 0.4), 4 epochs at EPS 0.3
 #               (FGSM-RS collapsed in epoch 4 of both seeds probed there, in neither at 0.2: RESULTS.md);
-#               $OUT/fastat.md: collapse incidence per cell
+#               evaluated by the quick preset on 500 images without its sweeps; $OUT/fastat.md: collapse
+#               incidence, recoveries, worst case and cost per cell
 #   STUDY=paf   Dai et al.'s parametric activations under their regime, scaled (Fashion-MNIST lenet,
 #               seeds 0 1 2, OUT results-paf): train_pgd.py with TRADES (beta 6, the attack in eval
 #               mode, 3 steps of 0.04), SGD + Nesterov, cosine LR 0.1 -> 1e-3, batch 256, 3 epochs:
@@ -136,7 +137,8 @@ elif [ "${STUDY:-}" = fastat ]; then
     DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
     MODEL=${MODEL:-lenet}; EPS=${EPS:-0.3}; OUT=${OUT:-results-fastat}; SEEDS=${SEEDS:-0 1 2 3 4}; THREADS=${THREADS:-1}
     FAST_FLAGS=${FAST_FLAGS:---epochs 4 --n-train 20000 --n-eval 500}
-    EVAL_FLAGS=${EVAL_FLAGS:---preset quick --n-eval 1000 --n-clean 0}
+    # the attacks and checks of the quick preset on 500 images, without its noise / nonsense / eps sweeps
+    EVAL_FLAGS=${EVAL_FLAGS:---preset quick --n-eval 500 --n-clean 0 --noise-sigmas --nonsense-n 0 --curve-eps}
     if [ -z "${CELLS:-}" ]; then
         for method in "" ,nfgsm ,grad-align=0.2 ,elle=1 ,elle=1,elle-adaptive; do
             for action in stop recover; do
@@ -151,7 +153,7 @@ elif [ "${STUDY:-}" = paf ]; then
     DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
     MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-paf}; SEEDS=${SEEDS:-0 1 2}; THREADS=${THREADS:-1}
     PGD_FLAGS=${PGD_FLAGS:---loss trades --trades-beta 6 --attack-mode eval --attack-iters 3 --attack-step 0.04 --nesterov --lr-schedule cosine --lr-max 0.1 --lr-min 1e-3 --batch-size 256 --epochs 3 --n-train 20000 --n-eval 500}
-    EVAL_FLAGS=${EVAL_FLAGS:---preset quick --n-eval 1000 --n-clean 0}
+    EVAL_FLAGS=${EVAL_FLAGS:---preset quick --n-eval 1000 --n-clean 0 --noise-sigmas --nonsense-n 0 --curve-eps}
     if [ -z "${CELLS:-}" ]; then
         for act in relu prelu psilu psoftplus pssilu; do CELLS="${CELLS:-} pgd:$act"; done
         for reg in 0 0.1 1; do CELLS="$CELLS pgd:pssilu,pssilu-reg=$reg"; done
