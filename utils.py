@@ -463,8 +463,8 @@ def add_shared_flags(p, **defaults):
     g.add_argument("--label-smoothing", type=float, default=0.0,
                    help="label smoothing of the training loss and attack (FastAT benchmark: 0.4)")
     g.add_argument("--ema", type=float, default=0.0, metavar="TAU",
-                   help="weight averaging, ema = tau ema + (1 - tau) weights each step (benchmark: "
-                        "0.9995; 0 = off); the average is what is saved and evaluated")
+                   help="weight averaging: ema = tau ema + (1 - tau) w per step (0 = off; the "
+                        "benchmark's 0.9995 is for 40k steps)")
     g = p.add_argument_group("run (shared)")
     g.add_argument("--device", default=DEFAULT_DEVICE, help="cuda, cuda:N or cpu")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
