@@ -21,9 +21,9 @@ Presets (--preset; --attacks replaces the attack list, or adds to it with +NAME)
 When gradients look masked -- more than --zero-grad-max of the images with an all-zero input
 gradient, the white-box attacks after the first iterative one breaking more than --gap-warn of the
 images, or the first Square run breaking more than --square-only-max of them -- the images still
-standing get APGD-T again with --escalate-restarts random starts (5) and then Square with
---square-escalate queries (5000, the standard budget); the JSON's 'escalation' says why.  No table
-cell is a white-box-only upper bound.
+standing get APGD-T again with --escalate-restarts random starts (5) and then, unless Square already
+ran with as many, Square with --square-escalate queries (5000, the standard budget); the JSON's
+'escalation' says why.  No table cell is a white-box-only upper bound.
 APGD-T is in both presets because untargeted attacks can be led to the runner-up class and stop there
 while another class is within reach: without it, the standard worst case sat 2-3 points above
 AutoAttack's on small lenets, and quick's more than twice too high on an rbf-insert lenet.
@@ -113,7 +113,7 @@ def get_args(argv=None):
                         "(default: quick malt, else logit)")
     p.add_argument("--square-escalate", type=int, default=5000,
                    help="queries of a second Square run on the images still standing when gradients look "
-                        "masked (0 = never)")
+                        "masked (when above --square-queries)")
     p.add_argument("--escalate-restarts", type=int, default=5,
                    help="restarts of the APGD-T run that escalation adds before that Square run (0 = none)")
     p.add_argument("--check-n", type=int, default=200,
@@ -395,11 +395,13 @@ def evaluate(model, x, y, args, eps, progress=True):
         if cascade[-1]["broken"] > args.square_only_max * len(y):
             reasons.append(f"Square broke {cascade[-1]['broken']} images every white-box attack missed")
         result["escalation"] = None
-        if reasons and robust.any() and args.square_escalate > args.square_queries:
-            # random starts decide a masked model's APGD result (seeds moved an rbf-insert lenet's by
-            # 4 of 300 images): restarts on the few survivors, then Square's full budget
-            restarts = args.escalate_restarts if "apgd-t" in args.attack_list else 0
-            result["escalation"] = dict(reasons=reasons, queries=args.square_escalate, apgd_t_restarts=restarts)
+        # random starts decide a masked model's APGD result (seeds moved an rbf-insert lenet's by 4 of
+        # 300 images): restarts on the few survivors, then Square's full budget if it has not run yet
+        restarts = args.escalate_restarts if "apgd-t" in args.attack_list else 0
+        more_square = args.square_escalate > args.square_queries
+        if reasons and robust.any() and (restarts or more_square):
+            result["escalation"] = dict(reasons=reasons, queries=args.square_escalate if more_square else None,
+                                        apgd_t_restarts=restarts)
             print(f"  escalating: {'; '.join(reasons)}", flush=True)
             if restarts:
                 run("apgd-t-escalated", f"APGD-T ({args.apgd_iters} it. x {restarts} restarts, "
@@ -407,8 +409,9 @@ def evaluate(model, x, y, args, eps, progress=True):
                     lambda m, xb, yb: attacks.apgd(m, xb, yb, eps, args.apgd_iters, "dlr", restarts, targeted=True,
                                                    n_target_classes=args.apgd_targets,
                                                    target_order=args.apgd_target_order))
-            run("square-escalated", f"Square ({args.square_escalate} queries, escalated)",
-                square_attack(eps, args.square_escalate, args.square_p_init, square_queries))
+            if more_square:
+                run("square-escalated", f"Square ({args.square_escalate} queries, escalated)",
+                    square_attack(eps, args.square_escalate, args.square_p_init, square_queries))
     result["cascade"] = cascade
     result["robust_accuracy"] = robust.float().mean().item()
     result["robust_images"] = robust.nonzero().squeeze(1).tolist()  # per image: for cross-checks

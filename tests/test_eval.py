@@ -691,3 +691,16 @@ def test_square_alone_even_escalated_is_not_judged_by_check_4(trained_lenet):
     result = eval_script.evaluate(Blind(model).eval(), x[:16], y[:16], args, EPS, progress=False)
     assert [c["attack"] for c in result["cascade"]] == ["square", "square-escalated"]
     assert result["sanity_checks"]["black_box_vs_white_box"]["status"] == "SKIP"
+
+
+def test_the_standard_preset_escalates_with_apgd_t_restarts_though_its_square_is_already_full(trained_lenet):
+    """Standard runs Square at the escalation budget already: a masking signal adds the APGD-T
+    restarts alone (no second Square run)."""
+    model, x, y = trained_lenet
+    args = eval_args("--preset", "standard", "--attacks", "apgd-ce", "apgd-t", "square", "--apgd-iters", "5",
+                     "--apgd-targets", "2", "--square-queries", "30", "--square-escalate", "30", "--escalate-restarts", "2",
+                     "--large-eps", "0", "--curve-eps", "--noise-sigmas", "--nonsense-n", "0")
+    torch.manual_seed(0)
+    blind = eval_script.evaluate(Blind(model).eval(), x[:32], y[:32], args, EPS, progress=False)
+    assert [c["attack"] for c in blind["cascade"]][-2:] == ["square", "apgd-t-escalated"]
+    assert blind["escalation"]["queries"] is None and blind["escalation"]["apgd_t_restarts"] == 2
