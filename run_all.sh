@@ -39,7 +39,9 @@
 #               averaging + label smoothing (--label-smoothing 0.4; --ema 0.97: the benchmark's 0.9995
 #               averages over 1/(1 - tau) = 2000 of its 39,100 steps, 5%; 0.97 keeps that share of
 #               these runs' 628), 4 epochs at EPS 0.3
-#               (FGSM-RS collapsed in epoch 4 of both seeds probed there, in neither at 0.2: RESULTS.md);
+#               (FGSM-RS collapsed in epoch 4 of both seeds probed there, in neither at 0.2; but at 0.3
+#               every method ends below 4% and a last-epoch collapse leaves recovery nothing to train:
+#               set EPS and FAST_FLAGS to a radius near 0.2-0.25 and a longer budget; RESULTS.md);
 #               evaluated by the quick preset on 500 images without its sweeps; $OUT/fastat.md: collapse
 #               incidence, recoveries, worst case and cost per cell
 #   STUDY=paf   Dai et al.'s parametric activations under their regime, scaled (Fashion-MNIST lenet,
