@@ -247,6 +247,13 @@ def square_attack(eps, queries, p_init, seen):
     return square
 
 
+def apgd_t_attack(args, eps, restarts):
+    """APGD-T (--apgd-iters, --apgd-targets, --apgd-target-order) with ``restarts`` random starts, as
+    an attack(model, xb, yb) -> x_adv."""
+    return lambda m, xb, yb: attacks.apgd(m, xb, yb, eps, args.apgd_iters, "dlr", restarts, targeted=True,
+                                          n_target_classes=args.apgd_targets, target_order=args.apgd_target_order)
+
+
 def build_attacks(args, eps, device, square_queries_seen):
     """[(accuracy key, description, attack(model, xb, yb) -> x_adv)] for args.attack_list."""
     alpha = args.pgd_alpha if args.pgd_alpha is not None else eps / 4
@@ -265,9 +272,7 @@ def build_attacks(args, eps, device, square_queries_seen):
                         lambda m, xb, yb, l=loss: attacks.apgd(m, xb, yb, eps, args.apgd_iters, l, args.apgd_restarts)))
         elif name == "apgd-t":
             out.append((name, f"APGD-T ({args.apgd_iters} it. x {args.apgd_restarts}, {args.apgd_targets} targets)",
-                        lambda m, xb, yb: attacks.apgd(m, xb, yb, eps, args.apgd_iters, "dlr", args.apgd_restarts,
-                                                       targeted=True, n_target_classes=args.apgd_targets,
-                                                       target_order=args.apgd_target_order)))
+                        apgd_t_attack(args, eps, args.apgd_restarts)))
         elif name == "square":
             out.append(("square", f"Square ({args.square_queries} queries)",
                         square_attack(eps, args.square_queries, args.square_p_init, square_queries_seen)))
@@ -405,10 +410,7 @@ def evaluate(model, x, y, args, eps, progress=True):
             print(f"  escalating: {'; '.join(reasons)}", flush=True)
             if restarts:
                 run("apgd-t-escalated", f"APGD-T ({args.apgd_iters} it. x {restarts} restarts, "
-                    f"{args.apgd_targets} targets, escalated)",
-                    lambda m, xb, yb: attacks.apgd(m, xb, yb, eps, args.apgd_iters, "dlr", restarts, targeted=True,
-                                                   n_target_classes=args.apgd_targets,
-                                                   target_order=args.apgd_target_order))
+                    f"{args.apgd_targets} targets, escalated)", apgd_t_attack(args, eps, restarts))
             if more_square:
                 run("square-escalated", f"Square ({args.square_escalate} queries, escalated)",
                     square_attack(eps, args.square_escalate, args.square_p_init, square_queries))

@@ -189,9 +189,8 @@ def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
         stats = paired_difference(*zip(*pairs)) if pairs else None
         if stats:
             diff = f"{stats['mean']:+.2f}" + (f" [{stats['low']:+.2f}, {stats['high']:+.2f}]" if stats["half_width"] is not None else "")
-            sig = ("yes" if stats["significant"] else "no") if stats["half_width"] is not None else "n=1"
-            sig += f"; same sign in {stats['n']}/{stats['n']}" if stats["same_sign"] and stats["n"] > 1 else ""
-        cell[f"worst - {baseline} (95% CI)"], cell["significant"] = diff, sig  # Holm's verdict below
+            sig = "n=1" if stats["half_width"] is None else sig  # the others: Holm's verdict, below
+        cell[f"worst - {baseline} (95% CI)"], cell["significant"] = diff, sig
         sanity = [f"s{s}: {r['sanity']}" for s, r in ok.items() if r["sanity"] and r["sanity"] != "pass"]
         sanity += [f"s{s}: overstated by {', '.join(r['overstated'])}" for s, r in ok.items() if r["overstated"]]
         cell["sanity checks"] = "; ".join(sanity) or ("pass" if any(r["sanity"] for r in ok.values()) else "-")

@@ -163,7 +163,7 @@ class TrainingTricks:
         self.random_strength = args.random_strength if args.random_strength is not None else args.epsilon
         self.mean_copies, self.mean_noise = args.mean_training, args.mean_noise
         self.mean_weight = args.mean_weight
-        self.mean_target = getattr(args, "mean_target", "softmax")
+        self.mean_target = args.mean_target
         self.extra_fraction = args.extra_fraction if args.extra_fraction is not None else 0.5
         self.channels_last, self.rank, self.world = channels_last, rank, world
         self.mean_image = data.dataset_mean_image(x_train) if self.mean_copies else None

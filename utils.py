@@ -935,8 +935,8 @@ def recover_from_overfitting(run, state, event):
             state["ema"][k].copy_(v)
     if torch.is_tensor(state.get("delta")):
         state["delta"].zero_()
-    state["recoveries"].append(dict(event, attack_step_scale=0.5 ** (len(state["recoveries"]) + 1)))
-    run.attack_step_scale = attack_step_scale(state)
+    state["recoveries"].append(dict(event))
+    run.attack_step_scale = state["recoveries"][-1]["attack_step_scale"] = attack_step_scale(state)
 
 
 def collapsed(held, best, co_guard):
