@@ -636,7 +636,7 @@ def test_gradient_masking_escalates_square_to_its_full_budget_and_a_plain_model_
     assert blind["escalation"]["queries"] == 200 and "all-zero input gradient" in blind["escalation"]["reasons"][0]
     steps = [c["attack"] for c in blind["cascade"]]
     assert steps[-3:] == ["square", "apgd-t-escalated", "square-escalated"]
-    assert blind["escalation"]["apgd_t_restarts"] == 5
+    assert blind["escalation"]["apgd_t_restarts"] == 5 and blind["escalation"]["apgd_t_targets"] == 2
     restarted, escalated = blind["cascade"][-2:]
     assert restarted["attacked"] == int(round(blind["accuracy"]["square"] * len(y)))  # the survivors only
     assert escalated["attacked"] == int(round(blind["accuracy"]["apgd-t-escalated"] * len(y)))
@@ -693,14 +693,21 @@ def test_square_alone_even_escalated_is_not_judged_by_check_4(trained_lenet):
     assert result["sanity_checks"]["black_box_vs_white_box"]["status"] == "SKIP"
 
 
-def test_the_standard_preset_escalates_with_apgd_t_restarts_though_its_square_is_already_full(trained_lenet):
+def test_the_standard_preset_escalates_with_apgd_t_restarts_though_its_square_is_already_full(trained_lenet,
+                                                                                              monkeypatch):
     """Standard runs Square at the escalation budget already: a masking signal adds the APGD-T
-    restarts alone (no second Square run)."""
+    restarts alone (no second Square run), towards MALT's --escalate-targets nearest classes where
+    the first APGD-T took the highest logits."""
     model, x, y = trained_lenet
+    calls, apgd = [], attacks.apgd
+    monkeypatch.setattr(attacks, "apgd", lambda *a, **k: calls.append((a[6], k)) or apgd(*a, **k))
     args = eval_args("--preset", "standard", "--attacks", "apgd-ce", "apgd-t", "square", "--apgd-iters", "5",
-                     "--apgd-targets", "2", "--square-queries", "30", "--square-escalate", "30", "--escalate-restarts", "2",
-                     "--large-eps", "0", "--curve-eps", "--noise-sigmas", "--nonsense-n", "0")
+                     "--apgd-targets", "3", "--square-queries", "30", "--square-escalate", "30", "--escalate-restarts", "2",
+                     "--escalate-targets", "2", "--large-eps", "0", "--curve-eps", "--noise-sigmas", "--nonsense-n", "0")
     torch.manual_seed(0)
     blind = eval_script.evaluate(Blind(model).eval(), x[:32], y[:32], args, EPS, progress=False)
     assert [c["attack"] for c in blind["cascade"]][-2:] == ["square", "apgd-t-escalated"]
     assert blind["escalation"]["queries"] is None and blind["escalation"]["apgd_t_restarts"] == 2
+    assert blind["escalation"]["apgd_t_targets"] == 2
+    targeted = [(restarts, k["n_target_classes"], k["target_order"]) for restarts, k in calls if k.get("targeted")]
+    assert targeted[0] == (1, 3, "logit") and targeted[-1] == (2, 2, "malt")
