@@ -16,7 +16,7 @@
 #   CELLS       instead of REGIMES x ACTS, an explicit list of REGIME:ACT cells, where ACT may carry
 #               Zhao & Griffin's tricks as suffixes: +R random training ($TRICK_R), +M mean training
 #               ($TRICK_M), +H the hybrid loss ($TRICK_H); e.g. "natural:mrelu-insert+H+R+M fast:relu"
-#   STUDY=saf   Zhao & Griffin's grid (Fashion-MNIST lenet, seeds 0 1, OUT results-saf): relu /
+#   STUDY=saf   Zhao & Griffin's grid (Fashion-MNIST lenet, seeds 0 1 2, OUT results-saf): relu /
 #               mrelu-insert+H / rbf-insert+H x {none, +R, +M, +R+M} under natural training and the
 #               three under FGSM-RS, evaluated with APGD-CE + APGD-DLR and the three curves, every model
 #               scored by its max softmax (one confidence rule; mean training lowers that score)
@@ -99,7 +99,7 @@ if [ "${STUDY:-}" = saf ]; then
     # conv and hidden fc, trained on the hybrid loss: +H) under natural training with none / R / M / R-M,
     # and the three units under FGSM-RS; clean, the worst case of APGD-CE + APGD-DLR, the three curves
     DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
-    MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-saf}; SEEDS=${SEEDS:-0 1}; THREADS=${THREADS:-1}
+    MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-saf}; SEEDS=${SEEDS:-0 1 2}; THREADS=${THREADS:-1}
     FAST_FLAGS=${FAST_FLAGS:---epochs 2 --n-train 20000 --n-eval 500}
     EVAL_FLAGS=${EVAL_FLAGS:---attacks apgd-ce apgd-dlr --n-eval 1000 --n-clean 0 --saf-curves --confidence softmax}
     if [ -z "${CELLS:-}" ]; then
@@ -116,7 +116,8 @@ elif [ "${STUDY:-}" = schedules ]; then
     MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-schedules}; SEEDS=${SEEDS:-0 1 2}; THREADS=${THREADS:-1}
     SCHED_LR=${SCHED_LR:-0.047}
     FREE_FLAGS=${FREE_FLAGS:---epochs 8 --replays 8 --momentum 0.9 --weight-decay 2e-4 --n-train 20000 --n-eval 500 --eval-every 50}
-    EVAL_FLAGS=${EVAL_FLAGS:---preset quick --n-eval 1000 --n-clean 0}
+    # the attacks and checks of the quick preset, without its noise / nonsense / eps sweeps
+    EVAL_FLAGS=${EVAL_FLAGS:---preset quick --n-eval 1000 --n-clean 0 --noise-sigmas --nonsense-n 0 --curve-eps}
     if [ -z "${CELLS:-}" ]; then
         floor=$($PYTHON -c "print($SCHED_LR / 1000)")
         CELLS="free:relu,lr-schedule=piecewise,lr-max=0.1,epochs=16"
