@@ -1271,12 +1271,10 @@ def record_stop(run, args, stop, summary, state, label="epoch"):
         write_json(summary, os.path.join(run.out_dir, "summary.json"))
         release_out_dir(run.out_dir)
     if isinstance(stop, KeyboardInterrupt):
-        kept = (f"checkpoint.pt holds {label} {epochs_done} (continue with --resume)"
-                if os.path.exists(os.path.join(run.out_dir, "checkpoint.pt")) else f"no {label} "
-                                                                                   "completed, so "
-                                                                                   "no "
-                                                                                   "checkpoint.pt "
-                                                                                   "yet")
+        if os.path.exists(os.path.join(run.out_dir, "checkpoint.pt")):
+            kept = f"checkpoint.pt holds {label} {epochs_done} (continue with --resume)"
+        else:
+            kept = f"no {label} completed, so no checkpoint.pt yet"
         log(run, f"interrupted: {kept}, the current weights are in interrupted.pt, summary.json in "
                  f"{run.out_dir}", error=True)
         return stop
