@@ -21,9 +21,10 @@ Presets (--preset; --attacks replaces the attack list, or adds to it with +NAME)
 When gradients look masked -- more than --zero-grad-max of the images with an all-zero input
 gradient, the white-box attacks after the first iterative one breaking more than --gap-warn of the
 images, or the first Square run breaking more than --square-only-max of them -- the images still
-standing get APGD-T again with --escalate-restarts random starts (5) towards the --escalate-targets (3)
-classes MALT ranks nearest and then, unless Square already ran with as many, Square with
---square-escalate queries (5000, the standard budget); the JSON's 'escalation' says why.  No table cell is a white-box-only upper bound.
+standing get APGD-T again with --escalate-restarts random starts (5) towards the --escalate-targets
+(3) classes MALT ranks nearest and then, unless Square already ran with as many, Square with
+--square-escalate queries (5000, the standard budget); the JSON's 'escalation' says why.  No table
+cell is a white-box-only upper bound.
 APGD-T is in both presets because untargeted attacks can be led to the runner-up class and stop there
 while another class is within reach: without it, the standard worst case sat 2-3 points above
 AutoAttack's on small lenets, and quick's more than twice too high on an rbf-insert lenet.
