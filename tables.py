@@ -189,7 +189,8 @@ def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
         stats = paired_difference(*zip(*pairs)) if pairs else None
         if stats:
             diff = f"{stats['mean']:+.2f}" + (f" [{stats['low']:+.2f}, {stats['high']:+.2f}]" if stats["half_width"] is not None else "")
-            sig = "n=1" if stats["half_width"] is None else sig  # the others: Holm's verdict, below
+            if stats["half_width"] is None:  # the others get Holm's verdict, below
+                sig = "n=1"
         cell[f"worst - {baseline} (95% CI)"], cell["significant"] = diff, sig
         sanity = [f"s{s}: {r['sanity']}" for s, r in ok.items() if r["sanity"] and r["sanity"] != "pass"]
         sanity += [f"s{s}: overstated by {', '.join(r['overstated'])}" for s, r in ok.items() if r["overstated"]]

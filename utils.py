@@ -936,7 +936,8 @@ def recover_from_overfitting(run, state, event):
     if torch.is_tensor(state.get("delta")):
         state["delta"].zero_()
     state["recoveries"].append(dict(event))
-    run.attack_step_scale = state["recoveries"][-1]["attack_step_scale"] = attack_step_scale(state)
+    run.attack_step_scale = attack_step_scale(state)  # counts the recovery just recorded
+    state["recoveries"][-1]["attack_step_scale"] = run.attack_step_scale
 
 
 def collapsed(held, best, co_guard):
