@@ -143,6 +143,7 @@ def matrix_run(folder, eval_flags=None):
                sanity=(("FAIL: " + ", ".join(e["sanity_failed"])) if e["sanity_failed"] else "pass") if "sanity_checks" in e else None,
                overstated=[w.split()[0] for w in e.get("warnings", [])],
                train_time=s["train_time_s"] if s.get("epochs_completed") else None,
+               steps=s.get("counts", {}).get("optimizer_steps"),
                co_detected=bool(s.get("catastrophic_overfitting") or s.get("co_recoveries")),
                recoveries=len(s.get("co_recoveries") or []), collapsed_final=collapsed,
                activation_params=s.get("activation_params"), activation_values=s.get("activation_values"),
@@ -402,7 +403,9 @@ def fastat_table(out, cells, seeds, baseline):
     detected catastrophic overfitting (the guard stopped or recovered), the recoveries, the seeds
     whose final model is still collapsed (FGSM >= clean and far above the worst case), the worst case
     (mean ± std) and the training time relative to ``baseline``'s (mean over seeds of the per-seed
-    ratio).  Writes fastat.md / .json; returns the markdown or None."""
+    ratio), in all and per optimiser step (a stopped run is short; its method is not cheaper); then
+    the paired effects of recovering and of averaging (``fastat_effects``).  Writes fastat.md / .json;
+    returns the markdown or None."""
     cells = [tuple(c) for c in cells]
     if not any("co-action=" in a for _, a in cells):
         return None
@@ -413,22 +416,62 @@ def fastat_table(out, cells, seeds, baseline):
         base = {s: runs.get((g, baseline, s)) for s in seeds}
         ratios = [r["train_time"] / base[s]["train_time"] for s, r in ok.items()
                   if base[s] and base[s]["ok"] and r["train_time"] and base[s]["train_time"]]
+        per_step = lambda r: r["train_time"] / r["steps"] if r["train_time"] and r["steps"] else None
+        step_ratios = [per_step(r) / per_step(base[s]) for s, r in ok.items()
+                       if base[s] and base[s]["ok"] and per_step(r) and per_step(base[s])]
         rows.append({"cell": a, "seeds": len(ok), "collapse detected": sum(r["co_detected"] for r in ok.values()),
                      "recoveries": sum(r["recoveries"] for r in ok.values()),
                      "collapsed at the end": sum(bool(r["collapsed_final"]) for r in ok.values()),
                      "worst case": _pm([r["worst case"] for r in ok.values() if "worst case" in r]),
                      "clean": _pm([r["clean"] for r in ok.values() if "clean" in r]),
-                     "time / " + baseline: _pm(ratios)})
+                     "time / " + baseline: _pm(ratios), "time per step / " + baseline: _pm(step_ratios)})
     cols = list(rows[0])
     text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     text += "".join("| " + " | ".join(str(r[k]) for k in cols) + " |\n" for r in rows)
     text += ("\ncollapse detected: seeds whose training guard fired (stopped or recovered); collapsed at the "
              "end: seeds whose final model has FGSM accuracy >= clean and > "
              f"{100 * CO_GAP:.0f} points above its worst case; accuracies in % (mean ± std over seeds).\n")
-    write_json({"seeds": list(seeds), "baseline": baseline, "cells": rows}, os.path.join(out, "fastat.json"))
+    effects = fastat_effects(runs, cells, seeds)
+    if effects:
+        text += ("\n| effect | cell | seeds | worst case, difference [95% CI] | p | Holm |\n|---|---|---|---|---|---|\n"
+                 + "".join(f"| {e['effect']} | {e['cell']} | {e['n']} | {e['difference']} | {e['p']} | {e['holm']} |\n"
+                           for e in effects)
+                 + f"\nrecover - stop: the same cell with --co-action stop; averaging: the same cell without --ema and "
+                 f"--label-smoothing; paired over the seeds both finished; Holm over the {len(effects)} comparisons.\n")
+    write_json({"seeds": list(seeds), "baseline": baseline, "cells": rows, "effects": effects},
+               os.path.join(out, "fastat.json"))
     with open(os.path.join(out, "fastat.md"), "w") as f:
         f.write(text)
     return text
+
+
+def fastat_effects(runs, cells, seeds):
+    """The two paired effects STUDY=fastat asks about, per cell that has a partner: recovering against
+    stopping (``co-action=recover`` against the same cell with ``co-action=stop``) and weight averaging +
+    label smoothing against neither (the cell without its ``ema=`` / ``label-smoothing=`` parts): the
+    worst case's paired difference over seeds, its p and whether it survives Holm over all of them."""
+    names = {a for _, a in cells}
+    plain = lambda a: ",".join(p for p in a.split(",") if not p.startswith(("ema=", "label-smoothing=")))
+    pairs = [("recover - stop", g, a, a.replace("co-action=recover", "co-action=stop"))
+             for g, a in cells if "co-action=recover" in a]
+    pairs += [("averaging + smoothing - plain", g, a, plain(a)) for g, a in cells if plain(a) != a]
+    effects = []
+    for effect, g, a, b in pairs:
+        if b not in names:
+            continue
+        both = [s for s in seeds if runs[(g, a, s)]["ok"] and runs[(g, b, s)]["ok"]
+                and "worst case" in runs[(g, a, s)] and "worst case" in runs[(g, b, s)]]
+        if len(both) < 2:
+            continue
+        d = paired_difference([runs[(g, a, s)]["worst case"] for s in both],
+                              [runs[(g, b, s)]["worst case"] for s in both])
+        effects.append({"effect": effect, "cell": a, "n": d["n"], "mean": d["mean"], "p_value": d["p"],
+                        "difference": f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]",
+                        "p": f"{d['p']:.2g}"})
+    kept = holm({i: e["p_value"] for i, e in enumerate(effects)})
+    for i, e in enumerate(effects):
+        e["holm"] = "yes" if i in kept else "no"
+    return effects
 
 
 def main(argv=None):

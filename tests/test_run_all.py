@@ -190,6 +190,23 @@ def test_fastat_table_counts_collapses_recoveries_and_the_cost(tmp_path):
     assert tables.fastat_table(str(tmp_path), [("fast", "relu")], [0], "relu") is None  # no --co-action cell
 
 
+def test_fastat_effects_pair_recovery_with_stopping_and_averaging_with_plain(tmp_path):
+    runs = tmp_path / "runs"
+    stop, rec, avg = "relu,co-action=stop", "relu,co-action=recover", "relu,co-action=stop,ema=0.97,label-smoothing=0.4"
+    for seed, (w_stop, w_rec, w_avg) in enumerate([(0.10, 0.30, 0.12), (0.20, 0.30, 0.20), (0.30, 0.60, 0.31)]):
+        _fake_fastat_run(runs / f"fast_{stop}_s{seed}", w_stop, 0.8, 0.6, 10.0)
+        _fake_fastat_run(runs / f"fast_{rec}_s{seed}", w_rec, 0.8, 0.6, 10.0)
+        _fake_fastat_run(runs / f"fast_{avg}_s{seed}", w_avg, 0.8, 0.6, 10.0)
+    text = tables.fastat_table(str(tmp_path), [("fast", stop), ("fast", rec), ("fast", avg)], [0, 1, 2], stop)
+    effects = json.load(open(tmp_path / "fastat.json"))["effects"]
+    assert [(e["effect"], e["cell"]) for e in effects] == [("recover - stop", rec), ("averaging + smoothing - plain", avg)]
+    # recover - stop: 20, 10, 30 points; mean 20, std 10, t = 20 / (10 / sqrt 3) = 3.46 on 2 df
+    assert effects[0]["mean"] == pytest.approx(20.0) and effects[0]["p_value"] == pytest.approx(0.0742, abs=1e-3)
+    assert effects[0]["difference"] == "+20.00 [-4.84, +44.84]" and effects[0]["holm"] == "no"
+    assert effects[1]["mean"] == pytest.approx(1.0) and effects[1]["n"] == 3
+    assert "| recover - stop | relu,co-action=recover | 3 |" in text
+
+
 def test_the_default_settings_pass_the_checks(tmp_path):
     """QUICK and STUDY=saf with nothing else set reach the EVAL_FLAGS check (their own defaults are valid)."""
     for mode in (dict(QUICK="1"), dict(STUDY="saf"), dict(STUDY="schedules"), dict(STUDY="fastat"), dict(STUDY="paf")):
