@@ -51,6 +51,7 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 # saturated rbf unit gives FGSM no gradient (clean 18.8, worst 0), a gap of 31 points on a relu lenet
 # (clean 100, FGSM 68.8, worst 37.5).
 CO_GAP = 0.30
+RELATIVE_DROP = 0.5  # fastat_table's count of collapses the guard missed: probe below half its best
 
 # eval.py runs its attacks in AutoAttack's order: each column is the accuracy left after that attack
 # and every one before it (an evaluation made before that order: the attack's own accuracy)
@@ -419,7 +420,10 @@ def fastat_table(out, cells, seeds, baseline):
         per_step = lambda r: r["train_time"] / r["steps"] if r["train_time"] and r["steps"] else None
         step_ratios = [per_step(r) / per_step(base[s]) for s, r in ok.items()
                        if base[s] and base[s]["ok"] and per_step(r) and per_step(base[s])]
+        missed = [s for s, r in ok.items() if not r["co_detected"]
+                  and relative_drop_epoch(os.path.join(out, "runs", f"{g}_{a}_s{s}"), RELATIVE_DROP)]
         rows.append({"cell": a, "seeds": len(ok), "collapse detected": sum(r["co_detected"] for r in ok.values()),
+                     f"guard silent, probe below {RELATIVE_DROP:g} x its best": len(missed),
                      "recoveries": sum(r["recoveries"] for r in ok.values()),
                      "collapsed at the end": sum(bool(r["collapsed_final"]) for r in ok.values()),
                      "worst case": _pm([r["worst case"] for r in ok.values() if "worst case" in r]),
@@ -428,9 +432,11 @@ def fastat_table(out, cells, seeds, baseline):
     cols = list(rows[0])
     text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     text += "".join("| " + " | ".join(str(r[k]) for k in cols) + " |\n" for r in rows)
-    text += ("\ncollapse detected: seeds whose training guard fired (stopped or recovered); collapsed at the "
-             "end: seeds whose final model has FGSM accuracy >= clean and > "
-             f"{100 * CO_GAP:.0f} points above its worst case; accuracies in % (mean ± std over seeds).\n")
+    text += ("\ncollapse detected: seeds whose training guard fired (stopped or recovered); missed: seeds "
+             f"whose guard did not fire though the held-out PGD probe fell below {RELATIVE_DROP:g} x its best "
+             "epoch's (what --co-guard-relative would catch); collapsed at the end: seeds whose final model has "
+             f"FGSM accuracy >= clean and > {100 * CO_GAP:.0f} points above its worst case; accuracies in % "
+             "(mean ± std over seeds).\n")
     effects = fastat_effects(runs, cells, seeds)
     if effects:
         text += ("\n| effect | cell | seeds | worst case, difference [95% CI] | p | Holm |\n|---|---|---|---|---|---|\n"
@@ -443,6 +449,22 @@ def fastat_table(out, cells, seeds, baseline):
     with open(os.path.join(out, "fastat.md"), "w") as f:
         f.write(text)
     return text
+
+
+def relative_drop_epoch(folder, fraction):
+    """The first epoch whose held-out PGD probe (summary.json's history) fell below ``fraction`` x the
+    best of the epochs before it, or None: the rule of --co-guard-relative, applied afterwards."""
+    path = os.path.join(folder, "summary.json")
+    history = json.load(open(path)).get("history", []) if os.path.exists(path) else []
+    best = None
+    for row in history:
+        held = row.get("held_pgd_acc")
+        if held is None:
+            continue
+        if best is not None and held < fraction * best:
+            return row["epoch"]
+        best = held if best is None else max(best, held)
+    return None
 
 
 def fastat_effects(runs, cells, seeds):

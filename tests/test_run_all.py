@@ -190,6 +190,15 @@ def test_fastat_table_counts_collapses_recoveries_and_the_cost(tmp_path):
     assert tables.fastat_table(str(tmp_path), [("fast", "relu")], [0], "relu") is None  # no --co-action cell
 
 
+def test_the_relative_drop_is_found_in_a_run_history(tmp_path):
+    history = [dict(epoch=1, held_pgd_acc=0.14), dict(epoch=2, held_pgd_acc=0.21), dict(epoch=3, held_pgd_acc=0.11),
+               dict(epoch=4, held_pgd_acc=0.10), dict(epoch=5, held_pgd_acc=0.02)]
+    json.dump({"history": history}, open(tmp_path / "summary.json", "w"))
+    assert tables.relative_drop_epoch(str(tmp_path), 0.5) == 4  # 0.10 < 0.5 x 0.21; 0.11 is not
+    assert tables.relative_drop_epoch(str(tmp_path), 0.05) is None
+    assert tables.relative_drop_epoch(str(tmp_path / "missing"), 0.5) is None
+
+
 def test_fastat_effects_pair_recovery_with_stopping_and_averaging_with_plain(tmp_path):
     runs = tmp_path / "runs"
     stop, rec, avg = "relu,co-action=stop", "relu,co-action=recover", "relu,co-action=stop,ema=0.97,label-smoothing=0.4"
