@@ -432,7 +432,7 @@ def fastat_table(out, cells, seeds, baseline):
     cols = list(rows[0])
     text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     text += "".join("| " + " | ".join(str(r[k]) for k in cols) + " |\n" for r in rows)
-    text += ("\ncollapse detected: seeds whose training guard fired (stopped or recovered); missed: seeds "
+    text += ("\ncollapse detected: seeds whose training guard fired (stopped or recovered); guard silent: seeds "
              f"whose guard did not fire though the held-out PGD probe fell below {RELATIVE_DROP:g} x its best "
              "epoch's (what --co-guard-relative would catch); collapsed at the end: seeds whose final model has "
              f"FGSM accuracy >= clean and > {100 * CO_GAP:.0f} points above its worst case; accuracies in % "
@@ -442,7 +442,8 @@ def fastat_table(out, cells, seeds, baseline):
         text += ("\n| effect | cell | seeds | worst case, difference [95% CI] | p | Holm |\n|---|---|---|---|---|---|\n"
                  + "".join(f"| {e['effect']} | {e['cell']} | {e['n']} | {e['difference']} | {e['p']} | {e['holm']} |\n"
                            for e in effects)
-                 + f"\nrecover - stop: the same cell with --co-action stop; averaging: the same cell without --ema and "
+                 + f"\nrecover - stop: the same cell with --co-action stop (cells whose guard fired in no seed, which "
+                 f"trained as their stop cell, are left out); averaging: the same cell without --ema and "
                  f"--label-smoothing; paired over the seeds both finished; Holm over the {len(effects)} comparisons.\n")
     write_json({"seeds": list(seeds), "baseline": baseline, "cells": rows, "effects": effects},
                os.path.join(out, "fastat.json"))
@@ -469,13 +470,16 @@ def relative_drop_epoch(folder, fraction):
 
 def fastat_effects(runs, cells, seeds):
     """The two paired effects STUDY=fastat asks about, per cell that has a partner: recovering against
-    stopping (``co-action=recover`` against the same cell with ``co-action=stop``) and weight averaging +
-    label smoothing against neither (the cell without its ``ema=`` / ``label-smoothing=`` parts): the
-    worst case's paired difference over seeds, its p and whether it survives Holm over all of them."""
+    stopping (``co-action=recover`` against the same cell with ``co-action=stop``, where the guard fired
+    in at least one seed) and weight averaging + label smoothing against neither (the cell without its
+    ``ema=`` / ``label-smoothing=`` parts): the worst case's paired difference over seeds, its p and
+    whether it survives Holm over all of them."""
     names = {a for _, a in cells}
     plain = lambda a: ",".join(p for p in a.split(",") if not p.startswith(("ema=", "label-smoothing=")))
+    # a recover cell whose guard fired in no seed trained as its stop cell did: nothing to compare
     pairs = [("recover - stop", g, a, a.replace("co-action=recover", "co-action=stop"))
-             for g, a in cells if "co-action=recover" in a]
+             for g, a in cells if "co-action=recover" in a
+             and any(runs[(g, a, s)]["ok"] and runs[(g, a, s)]["co_detected"] for s in seeds)]
     pairs += [("averaging + smoothing - plain", g, a, plain(a)) for g, a in cells if plain(a) != a]
     effects = []
     for effect, g, a, b in pairs:

@@ -202,11 +202,15 @@ def test_the_relative_drop_is_found_in_a_run_history(tmp_path):
 def test_fastat_effects_pair_recovery_with_stopping_and_averaging_with_plain(tmp_path):
     runs = tmp_path / "runs"
     stop, rec, avg = "relu,co-action=stop", "relu,co-action=recover", "relu,co-action=stop,ema=0.97,label-smoothing=0.4"
+    never, never_stop = "relu,nfgsm,co-action=recover", "relu,nfgsm,co-action=stop"  # no guard event: no pair
     for seed, (w_stop, w_rec, w_avg) in enumerate([(0.10, 0.30, 0.12), (0.20, 0.30, 0.20), (0.30, 0.60, 0.31)]):
         _fake_fastat_run(runs / f"fast_{stop}_s{seed}", w_stop, 0.8, 0.6, 10.0)
-        _fake_fastat_run(runs / f"fast_{rec}_s{seed}", w_rec, 0.8, 0.6, 10.0)
+        _fake_fastat_run(runs / f"fast_{rec}_s{seed}", w_rec, 0.8, 0.6, 10.0, recoveries=[{"epoch": 3}] if seed else [])
         _fake_fastat_run(runs / f"fast_{avg}_s{seed}", w_avg, 0.8, 0.6, 10.0)
-    text = tables.fastat_table(str(tmp_path), [("fast", stop), ("fast", rec), ("fast", avg)], [0, 1, 2], stop)
+        _fake_fastat_run(runs / f"fast_{never}_s{seed}", w_stop, 0.8, 0.6, 10.0, recoveries=[])
+        _fake_fastat_run(runs / f"fast_{never_stop}_s{seed}", w_stop, 0.8, 0.6, 10.0)
+    cells = [("fast", stop), ("fast", rec), ("fast", avg), ("fast", never_stop), ("fast", never)]
+    text = tables.fastat_table(str(tmp_path), cells, [0, 1, 2], stop)
     effects = json.load(open(tmp_path / "fastat.json"))["effects"]
     assert [(e["effect"], e["cell"]) for e in effects] == [("recover - stop", rec), ("averaging + smoothing - plain", avg)]
     # recover - stop: 20, 10, 30 points; mean 20, std 10, t = 20 / (10 / sqrt 3) = 3.46 on 2 df
