@@ -452,6 +452,9 @@ def add_shared_flags(p, **defaults):
     g.add_argument("--co-guard", type=float, default=0.2,
                    help="catastrophic-overfitting guard: stop and restore the best weights when "
                         "held-out PGD accuracy drops by more than this (0 = off)")
+    g.add_argument("--co-guard-relative", type=float, default=0.0, metavar="F",
+                   help="the guard also fires when held-out PGD accuracy falls below F x the best "
+                        "epoch's (0 = off)")
     g.add_argument("--co-fgsm-margin", type=float, default=0.02,
                    help="the guard also fires when held-out FGSM accuracy exceeds clean accuracy by more "
                         "than this (< 0: off)")
@@ -517,6 +520,8 @@ def parse_args(parser, argv=None, checks=()):
         problems.append("--co-max-recoveries must be >= 0")
     if not 0 <= args.label_smoothing < 1 or not 0 <= args.ema < 1:
         problems.append("--label-smoothing and --ema must be in [0, 1)")
+    if not 0 <= args.co_guard_relative < 1:
+        problems.append("--co-guard-relative must be in [0, 1)")
     if min(args.momentum, args.weight_decay, args.grad_clip, args.co_guard) < 0 or args.lr_mult <= 0:
         problems.append("--momentum, --weight-decay, --grad-clip and --co-guard must be >= 0, "
                         "--lr-mult > 0")
@@ -881,13 +886,17 @@ def held_out_clean_fgsm(run, eps):
 
 def overfitting_rule(held, clean, fgsm, best, args):
     """Which sign of catastrophic overfitting the epoch shows, or None: 'pgd_drop' (held-out PGD
-    accuracy more than --co-guard below the best epoch's) or 'fgsm_above_clean' (held-out FGSM
-    accuracy more than --co-fgsm-margin above clean accuracy, which a collapse shows even when the
-    PGD probe was never high).  Both only while the guard is on (--co-guard > 0)."""
+    accuracy more than --co-guard below the best epoch's), 'pgd_relative_drop' (below
+    --co-guard-relative times the best epoch's: at a best probe under --co-guard an absolute drop
+    cannot happen) or 'fgsm_above_clean' (held-out FGSM accuracy more than --co-fgsm-margin above
+    clean accuracy, which a collapse shows even when the PGD probe was never high).  All only while
+    the guard is on (--co-guard > 0)."""
     if args.co_guard <= 0:
         return None
     if collapsed(held, best, args.co_guard):
         return "pgd_drop"
+    if args.co_guard_relative > 0 and best is not None and held < args.co_guard_relative * best["held_pgd_acc"]:
+        return "pgd_relative_drop"
     if fgsm is not None and fgsm > clean + args.co_fgsm_margin:
         return "fgsm_above_clean"
     return None
@@ -994,7 +1003,7 @@ def end_epoch(run, args, state, train_loss, train_acc, lr, seconds, label="epoch
                      held_fgsm_acc=fgsm, best_held_pgd_acc=best and best["held_pgd_acc"],
                      restored_epoch=best and best["epoch"])
         sign = (f"held-out PGD accuracy fell from {best['held_pgd_acc']:.3f} to {held:.3f}"
-                if rule == "pgd_drop" else
+                if rule in ("pgd_drop", "pgd_relative_drop") else
                 f"held-out FGSM accuracy {fgsm:.3f} is above clean accuracy {clean:.3f}")
         recover = args.co_action == "recover" and len(state["recoveries"]) < args.co_max_recoveries
         back = f"restoring the weights of {label} {best['epoch']}" if best else "no earlier weights"

@@ -559,14 +559,14 @@ def test_help_shows_the_scripts_own_flags_first_and_no_help_text_over_two_lines(
 
 # ------------------------------------------------ fast-AT as of 2026: the FGSM sign, EMA, label smoothing
 def test_the_fgsm_above_clean_rule_fires_on_a_collapse_and_not_on_a_healthy_epoch(tmp_path, monkeypatch):
-    args = argparse.Namespace(co_guard=0.2, co_fgsm_margin=0.02)
+    args = argparse.Namespace(co_guard=0.2, co_guard_relative=0.0, co_fgsm_margin=0.02)
     best = dict(epoch=1, held_pgd_acc=0.3)
     assert utils.overfitting_rule(0.3, 0.80, 0.60, best, args) is None  # FGSM lowers accuracy: healthy
     assert utils.overfitting_rule(0.3, 0.80, 0.81, best, args) is None  # within the margin
     assert utils.overfitting_rule(0.3, 0.70, 0.90, best, args) == "fgsm_above_clean"
     assert utils.overfitting_rule(0.05, 0.70, 0.90, None, args) == "fgsm_above_clean"  # PGD never high
     assert utils.overfitting_rule(0.05, 0.8, 0.6, best, args) == "pgd_drop"
-    assert utils.overfitting_rule(0.05, 0.7, 0.9, best, argparse.Namespace(co_guard=0.0, co_fgsm_margin=0.02)) is None
+    assert utils.overfitting_rule(0.05, 0.7, 0.9, best, argparse.Namespace(co_guard=0.0, co_guard_relative=0.5, co_fgsm_margin=0.02)) is None
     # in a run: epoch 2 resists FGSM more than it classifies clean images -> back to epoch 1, stop
     probes = iter([(0.9, 0.6), (0.7, 0.95)])
     monkeypatch.setattr(utils, "held_out_clean_fgsm", lambda run, eps: next(probes))
@@ -576,6 +576,26 @@ def test_the_fgsm_above_clean_rule_fires_on_a_collapse_and_not_on_a_healthy_epoc
     assert record["rule"] == "fgsm_above_clean" and record["epoch"] == 2 and record["restored_epoch"] == 1
     assert (record["held_clean_acc"], record["held_fgsm_acc"]) == (0.7, 0.95)
     assert summary["epochs_completed"] == 2 and summary["history"][1]["held_fgsm_acc"] == 0.95
+
+
+def test_the_relative_drop_rule_catches_a_collapse_from_a_low_probe(tmp_path, monkeypatch, capsys):
+    args = argparse.Namespace(co_guard=0.2, co_guard_relative=0.5, co_fgsm_margin=0.02)
+    best = dict(epoch=4, held_pgd_acc=0.207)  # an ELLE run at eps 0.3: 20.7 -> 6.8 in two epochs
+    assert utils.overfitting_rule(0.11, 0.80, 0.70, best, args) is None  # above half the best
+    assert utils.overfitting_rule(0.068, 0.80, 0.70, best, args) == "pgd_relative_drop"
+    args.co_guard_relative = 0.0  # off (the default): the absolute 20-point rule cannot fire here
+    assert utils.overfitting_rule(0.068, 0.80, 0.70, best, args) is None
+    # in a run: the probe falls from 0.2 to 0.08, under the 20-point drop -> back to epoch 1, stop
+    probes = iter([0.2, 0.08])
+    monkeypatch.setattr(utils, "held_out_pgd", lambda run, eps: next(probes))
+    monkeypatch.setattr(utils, "held_out_clean_fgsm", lambda run, eps: (0.9, 0.6))
+    summary = train_fast.main(tiny(tmp_path, "--epochs", 4, "--co-guard-relative", 0.5))
+    record = summary["catastrophic_overfitting"]
+    assert record["rule"] == "pgd_relative_drop" and (record["epoch"], record["restored_epoch"]) == (2, 1)
+    assert summary["epochs_completed"] == 2
+    with pytest.raises(SystemExit):
+        train_fast.get_args(tiny(tmp_path, "--co-guard-relative", 1.5))
+    assert "--co-guard-relative must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_label_smoothing_is_the_closed_form(tmp_path):
