@@ -144,7 +144,7 @@ def matrix_run(folder, eval_flags=None):
                sanity=(("FAIL: " + ", ".join(e["sanity_failed"])) if e["sanity_failed"] else "pass") if "sanity_checks" in e else None,
                overstated=[w.split()[0] for w in e.get("warnings", [])],
                train_time=s["train_time_s"] if s.get("epochs_completed") else None,
-               steps=s.get("counts", {}).get("optimizer_steps"),
+               steps=s.get("counts", {}).get("optimizer_steps"), history=s.get("history", []),
                co_detected=bool(s.get("catastrophic_overfitting") or s.get("co_recoveries")),
                recoveries=len(s.get("co_recoveries") or []), collapsed_final=collapsed,
                activation_params=s.get("activation_params"), activation_values=s.get("activation_values"),
@@ -415,20 +415,17 @@ def fastat_table(out, cells, seeds, baseline):
     for g, a in cells:
         ok = {s: runs[(g, a, s)] for s in seeds if runs[(g, a, s)]["ok"]}
         base = {s: runs.get((g, baseline, s)) for s in seeds}
-        ratios = [r["train_time"] / base[s]["train_time"] for s, r in ok.items()
-                  if base[s] and base[s]["ok"] and r["train_time"] and base[s]["train_time"]]
-        per_step = lambda r: r["train_time"] / r["steps"] if r["train_time"] and r["steps"] else None
-        step_ratios = [per_step(r) / per_step(base[s]) for s, r in ok.items()
-                       if base[s] and base[s]["ok"] and per_step(r) and per_step(base[s])]
-        missed = [s for s, r in ok.items() if not r["co_detected"]
-                  and relative_drop_epoch(os.path.join(out, "runs", f"{g}_{a}_s{s}"), RELATIVE_DROP)]
+        ratios = lambda measure: [measure(r) / measure(base[s]) for s, r in ok.items()
+                                  if base[s] and base[s]["ok"] and measure(r) and measure(base[s])]
+        missed = [s for s, r in ok.items() if not r["co_detected"] and relative_drop_epoch(r["history"], RELATIVE_DROP)]
         rows.append({"cell": a, "seeds": len(ok), "collapse detected": sum(r["co_detected"] for r in ok.values()),
                      f"guard silent, probe below {RELATIVE_DROP:g} x its best": len(missed),
                      "recoveries": sum(r["recoveries"] for r in ok.values()),
                      "collapsed at the end": sum(bool(r["collapsed_final"]) for r in ok.values()),
                      "worst case": _pm([r["worst case"] for r in ok.values() if "worst case" in r]),
                      "clean": _pm([r["clean"] for r in ok.values() if "clean" in r]),
-                     "time / " + baseline: _pm(ratios), "time per step / " + baseline: _pm(step_ratios)})
+                     "time / " + baseline: _pm(ratios(total_time)),
+                     "time per step / " + baseline: _pm(ratios(step_time))})
     cols = list(rows[0])
     text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     text += "".join("| " + " | ".join(str(r[k]) for k in cols) + " |\n" for r in rows)
@@ -452,11 +449,18 @@ def fastat_table(out, cells, seeds, baseline):
     return text
 
 
-def relative_drop_epoch(folder, fraction):
-    """The first epoch whose held-out PGD probe (summary.json's history) fell below ``fraction`` x the
-    best of the epochs before it, or None: the rule of --co-guard-relative, applied afterwards."""
-    path = os.path.join(folder, "summary.json")
-    history = json.load(open(path)).get("history", []) if os.path.exists(path) else []
+def total_time(run):
+    return run["train_time"]
+
+
+def step_time(run):
+    return run["train_time"] / run["steps"] if run["train_time"] and run["steps"] else None
+
+
+def relative_drop_epoch(history, fraction):
+    """The first epoch whose held-out PGD probe (a run's summary.json history) fell below ``fraction``
+    x the best of the epochs before it, or None: the rule of utils.overfitting_rule's
+    --co-guard-relative, applied afterwards (here, so that tables.py needs no torch)."""
     best = None
     for row in history:
         held = row.get("held_pgd_acc")

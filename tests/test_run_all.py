@@ -193,10 +193,11 @@ def test_fastat_table_counts_collapses_recoveries_and_the_cost(tmp_path):
 def test_the_relative_drop_is_found_in_a_run_history(tmp_path):
     history = [dict(epoch=1, held_pgd_acc=0.14), dict(epoch=2, held_pgd_acc=0.21), dict(epoch=3, held_pgd_acc=0.11),
                dict(epoch=4, held_pgd_acc=0.10), dict(epoch=5, held_pgd_acc=0.02)]
-    json.dump({"history": history}, open(tmp_path / "summary.json", "w"))
-    assert tables.relative_drop_epoch(str(tmp_path), 0.5) == 4  # 0.10 < 0.5 x 0.21; 0.11 is not
-    assert tables.relative_drop_epoch(str(tmp_path), 0.05) is None
-    assert tables.relative_drop_epoch(str(tmp_path / "missing"), 0.5) is None
+    assert tables.relative_drop_epoch(history, 0.5) == 4  # 0.10 < 0.5 x 0.21; 0.11 is not
+    assert tables.relative_drop_epoch(history, 0.05) is None
+    assert tables.relative_drop_epoch([], 0.5) is None  # no summary.json (matrix_run: history [])
+    json.dump({"epochs_completed": 5, "train_time_s": 1.0, "history": history}, open(tmp_path / "summary.json", "w"))
+    assert tables.matrix_run(str(tmp_path))["history"] == history  # what fastat_table passes
 
 
 def test_fastat_effects_pair_recovery_with_stopping_and_averaging_with_plain(tmp_path):
