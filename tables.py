@@ -228,12 +228,16 @@ def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    # the learned activation parameters (PReLU's a, PSSiLU's a and shift, ...) as JSON, so that a table
+    # of learned shapes can be read from the committed CSV alone
     seed_cols = ["regime", "activation", "seed", *present, "eps", "n_eval", "n_clean", "sanity", "train_time",
-                 "activation_params", "status", "flags"]
+                 "activation_params", "activation_values", "status", "flags"]
+    shown = lambda k, v: (f"{v:.2f}" if isinstance(v, float) and k in present else
+                          json.dumps(v, separators=(",", ":")) if k == "activation_values" and v is not None else v)
     with open(os.path.join(out, "results_seeds.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=seed_cols, extrasaction="ignore")
         w.writeheader()
-        w.writerows({k: (f"{v:.2f}" if isinstance(v, float) and k in present else v) for k, v in r.items()} for r in per_seed)
+        w.writerows({k: shown(k, v) for k, v in r.items()} for r in per_seed)
     write_json({"seeds": list(seeds), "baseline": baseline, "cells": rows, "runs": per_seed},
                      os.path.join(out, "results.json"))
     text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"

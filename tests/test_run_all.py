@@ -365,7 +365,8 @@ def test_matrix_table_aggregates_seeds_flags_a_failed_seed_and_pairs_with_relu(t
     runs = tmp_path / "runs"
     for s, (r, k) in enumerate([(0.60, 0.62), (0.61, 0.64), (0.59, 0.63)]):
         _fake_run(runs / f"fast_relu_s{s}", r)
-        _fake_run(runs / f"fast_kaf_s{s}", k, summary_extra={"catastrophic_overfitting": {"epoch": 3}} if s == 1 else None)
+        _fake_run(runs / f"fast_kaf_s{s}", k, summary_extra={"catastrophic_overfitting": {"epoch": 3}} if s == 1 else
+                  {"activation_values": {"0:PSSiLU.a": [1.5 + s], "0:PSSiLU.beta": [0.25]}})
     _fake_run(runs / "fast_gelu_s0", 0.5)
     _fake_run(runs / "fast_gelu_s1", 0.5, failed="train")  # seed 2 never ran
     text = tables.matrix_table(str(tmp_path), [("fast", "relu"), ("fast", "kaf"), ("fast", "gelu")], [0, 1, 2])
@@ -382,6 +383,9 @@ def test_matrix_table_aggregates_seeds_flags_a_failed_seed_and_pairs_with_relu(t
     assert "| fast | gelu |" in text and "mean ± std over seeds 0 1 2" in text
     per = list(csv.DictReader(open(tmp_path / "results_seeds.csv")))
     assert len(per) == 9 and [p["status"] for p in per if p["activation"] == "gelu"] == ["ok", "failed (train)", "not run"]
+    # the learned parameters travel with the per-seed CSV, as JSON; a run without them leaves the cell empty
+    learned = [p["activation_values"] for p in per if p["activation"] == "kaf"]
+    assert json.loads(learned[2]) == {"0:PSSiLU.a": [3.5], "0:PSSiLU.beta": [0.25]} and learned[1] == ""
 
 
 def test_one_matrix_per_out_at_a_time_and_eps_compared_by_value(tmp_path):
