@@ -13,7 +13,10 @@ Standard library only (matplotlib optional, for the PNGs).  run_all.sh calls
 
     python tables.py OUT "CELLS" "SEEDS" [BASELINE] [EVAL_FLAGS]
 
-with CELLS as 'regime:act ...' and SEEDS as '0 1 2'.
+with CELLS as 'regime:act ...' and SEEDS as '0 1 2'.  A family of comparisons inside a published
+table is read back from its committed per-seed CSV (paired over seeds, Holm over the cells named):
+
+    python tables.py --compare figures/paf/results_seeds.csv pgd:relu pgd:prelu pgd:psilu ...
 """
 import csv
 import json
@@ -508,10 +511,50 @@ def fastat_effects(runs, cells, seeds):
     return effects
 
 
+def compare_table(per_seed_csv, base, cells, column="worst case"):
+    """A family of paired comparisons read from a results_seeds.csv: each of ``cells`` ('regime:act')
+    against ``base`` in ``column`` over the seeds both finished (status ok), with its 95% t-interval,
+    the uncorrected p and whether it survives Holm's correction over these cells (5% family-wise).
+    Returns the markdown table."""
+    value = {}
+    for r in csv.DictReader(open(per_seed_csv)):
+        if r.get("status") == "ok" and r.get(column) not in (None, ""):
+            value[(f"{r['regime']}:{r['activation']}", r["seed"])] = float(r[column])
+    seeds = lambda cell: {s for c, s in value if c == cell}
+    missing = [c for c in [base, *cells] if not seeds(c)]
+    if missing:
+        raise ValueError(f"no finished run of {', '.join(missing)} in {per_seed_csv}")
+    rows = []
+    for cell in cells:
+        both = sorted(seeds(cell) & seeds(base), key=int)
+        d = paired_difference([value[(cell, s)] for s in both], [value[(base, s)] for s in both])
+        rows.append({"cell": cell, "values": [value[(cell, s)] for s in sorted(seeds(cell), key=int)], **d})
+    kept = holm({i: r["p"] for i, r in enumerate(rows) if r["p"] is not None})
+    text = f"| cell | {column} | - {base} [95% CI] | p | Holm ({len(rows)}) | same sign |\n|---|---|---|---|---|---|\n"
+    text += f"| {base} | {_pm([value[(base, s)] for s in sorted(seeds(base), key=int)])} | - | - | - | - |\n"
+    for i, r in enumerate(rows):
+        ci = f" [{r['low']:+.2f}, {r['high']:+.2f}]" if r["half_width"] is not None else ""
+        p = "-" if r["p"] is None else f"{r['p']:.2g}"
+        same = f"{r['n']}/{r['n']}" if r["same_sign"] else "no"
+        text += (f"| {r['cell']} | {_pm(r['values'])} | {r['mean']:+.2f}{ci} (n={r['n']}) | {p} | "
+                 f"{'yes' if i in kept else 'no'} | {same} |\n")
+    return text
+
+
 def main(argv=None):
     """Write every table run_all.sh shows and print them (the matrix, then the curves that
-    exist)."""
+    exist); or, with --compare, print one family of paired comparisons from a per-seed CSV."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--compare":
+        if len(argv) < 4:
+            print("usage: python tables.py --compare results_seeds.csv BASE CELL [CELL ...]", file=sys.stderr)
+            return 2
+        try:
+            print(compare_table(argv[1], argv[2], argv[3:]), end="")
+        except (OSError, ValueError, KeyError) as err:
+            print(f"tables.py: {err}", file=sys.stderr)
+            return 2
+        return 0
     if not 3 <= len(argv) <= 5:
         print("usage: python tables.py OUT 'regime:act ...' 'seed ...' [BASELINE] [EVAL_FLAGS]", file=sys.stderr)
         return 2

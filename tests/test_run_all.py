@@ -388,6 +388,28 @@ def test_matrix_table_aggregates_seeds_flags_a_failed_seed_and_pairs_with_relu(t
     assert json.loads(learned[2]) == {"0:PSSiLU.a": [3.5], "0:PSSiLU.beta": [0.25]} and learned[1] == ""
 
 
+def test_compare_reads_a_family_from_the_per_seed_csv_pairs_by_seed_and_applies_holm(tmp_path, capsys):
+    path = tmp_path / "results_seeds.csv"
+    rows = [("relu", s, w) for s, w in enumerate([60.0, 61.0, 59.0])]
+    rows += [("psilu", s, w) for s, w in enumerate([62.0, 64.0, 63.0])]  # +2, +3, +4: p 0.0351 alone
+    rows += [("pssilu", s, w) for s, w in enumerate([60.0, 60.0, 61.0])]  # 0, -1, +2
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["regime", "activation", "seed", "worst case", "status"])
+        w.writerows([("pgd", a, s, v, "ok") for a, s, v in rows] + [("pgd", "pssilu", 3, 99.0, "failed (train)")])
+    assert tables.main(["--compare", str(path), "pgd:relu", "pgd:psilu"]) == 0
+    one = capsys.readouterr().out
+    assert "| pgd:psilu | 63.00 ± 1.00 | +3.00 [+0.52, +5.48] (n=3) | 0.035 | yes | 3/3 |" in one
+    # two comparisons: 0.035 > 0.05 / 2, so Holm keeps neither; the failed seed 3 is left out
+    assert tables.main(["--compare", str(path), "pgd:relu", "pgd:psilu", "pgd:pssilu"]) == 0
+    two = capsys.readouterr().out
+    assert "| pgd:psilu | 63.00 ± 1.00 | +3.00 [+0.52, +5.48] (n=3) | 0.035 | no | 3/3 |" in two
+    assert "| pgd:pssilu | 60.33 ± 0.58 | +0.33 " in two and "(n=3)" in two.splitlines()[-1]
+    assert tables.main(["--compare", str(path), "pgd:relu", "pgd:kaf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no finished run of pgd:kaf" in err[0]
+
+
 def test_one_matrix_per_out_at_a_time_and_eps_compared_by_value(tmp_path):
     env = _env(tmp_path, ACTS="relu", REGIMES="fast", FAST_FLAGS=TINY.replace("--epochs 1", "--epochs 200"))
     out = tmp_path / "results"
