@@ -6,7 +6,8 @@
                 results_seeds.csv
   curve_table   accuracy over optimiser steps (--eval-every) and steps to reach a share of the
                 final PGD accuracy;                       -> curves.md / .json / .png
-  saf_table     Zhao & Griffin's three curves (adversarial, noisy, nonsense) averaged over seeds;
+  saf_table     Zhao & Griffin's three curves (adversarial, noisy, nonsense) averaged over seeds,
+                and their feature test where the runs were analysed (analyze.py --features);
                                                           -> saf_curves.md / .json / .png
 
 Standard library only (matplotlib optional, for the PNGs).  run_all.sh calls
@@ -357,6 +358,23 @@ def curve_table(out, cells, seeds, share=0.95):
     return text
 
 
+def saf_feature_rows(out, cells, seeds):
+    """Zhao & Griffin's Figure 1 test per cell from the runs' analysis/features.json (analyze.py
+    --features), in %: the AUROC of the feature distance for noisy and for nonsense images against
+    clean ones, and the nonsense images' share beyond the clean 99th percentile, one value per seed
+    that has it.  [] when no run has been analysed."""
+    rows = []
+    for g, a in cells:
+        found = [json.load(open(p)) for s in seeds
+                 if os.path.exists(p := os.path.join(out, "runs", f"{g}_{a}_s{s}", "analysis", "features.json"))]
+        if found:
+            rows.append({"regime": g, "activation": a, "seeds": len(found),
+                         "auroc noisy": [100 * f["noisy"]["auroc_vs_clean"] for f in found],
+                         "auroc nonsense": [100 * f["nonsense"]["auroc_vs_clean"] for f in found],
+                         "nonsense beyond q99": [100 * f["nonsense"]["share_beyond_clean_q99"] for f in found]})
+    return rows
+
+
 def saf_table(out, cells, seeds):
     """Zhao & Griffin's three curves (eval.py --saf-curves) of every cell, mean ± std over the seeds
     that have them: saf_curves.md (a table per kind, a column per beta), saf_curves.json and, with
@@ -388,6 +406,17 @@ def saf_table(out, cells, seeds):
             summary["cells"].append({"regime": g, "activation": a, "kind": kind, "metric": key, "seeds": len(found),
                                      "mean": {b: mean_std(v)[0] for b, v in values.items() if v},
                                      "std": {b: mean_std(v)[1] for b, v in values.items() if v}})
+    features = saf_feature_rows(out, cells, seeds)
+    if features:
+        text += ("\n**Penultimate features** (`analyze.py CKPT --features`: Mahalanobis distance to the clean "
+                 "features' Gaussian; AUROC of that distance separating noisy / nonsense images from clean "
+                 "ones, 0.5 = none; share beyond the clean 99th percentile; mean ± std over seeds, %)\n\n"
+                 "| regime | activation | seeds | AUROC noisy | AUROC nonsense | nonsense beyond clean q99 |\n"
+                 "|---|---|---|---|---|---|\n")
+        for row in features:
+            text += (f"| {row['regime']} | {row['activation']} | {row['seeds']} | " +
+                     " | ".join(_pm(row[k], 1) for k in ("auroc noisy", "auroc nonsense", "nonsense beyond q99")) + " |\n")
+        summary["features"] = features
     with open(os.path.join(out, "saf_curves.md"), "w") as f:
         f.write(text.lstrip())
     write_json(summary, os.path.join(out, "saf_curves.json"))

@@ -119,6 +119,20 @@ def test_the_saf_study_runs_natural_training_the_tricks_and_writes_the_curves(tm
     assert md.count("| natural | mrelu-insert+H+R+M | softmax | 1 |") == 3 and md.count("| natural | relu | softmax | 1 |") == 3
     assert "beta 0.2" in md
     assert (out / "saf_curves.png").exists() == (tables.pyplot() is not None)
+    assert "Penultimate features" not in md  # no run analysed yet
+    # Figure 1's feature test on one run (analyze.py --features): the table adds its row, from that JSON
+    import analyze
+    analyze.main([str(out / "runs" / "natural_relu_s0" / "checkpoint.pt"), "--features", "--n-eval", "64",
+                  "--no-plot", "--device", "cpu"])
+    found = json.load(open(out / "runs" / "natural_relu_s0" / "analysis" / "features.json"))
+    tables.saf_table(str(out), [tuple(c.split(":")) for c in cells.split()], [0])
+    md = (out / "saf_curves.md").read_text()
+    row = next(l for l in md.splitlines() if l.startswith("| natural | relu | 1 | "))
+    shown = [float(v) for v in row.strip("| ").split(" | ")[3:]]
+    assert shown == pytest.approx([100 * found["noisy"]["auroc_vs_clean"], 100 * found["nonsense"]["auroc_vs_clean"],
+                                   100 * found["nonsense"]["share_beyond_clean_q99"]], abs=0.051)
+    assert len([l for l in md.splitlines() if l.startswith("| natural | mrelu")]) == 3  # the curves only
+    assert json.load(open(out / "saf_curves.json"))["features"][0]["activation"] == "relu"
 
 
 def test_cell_options_and_the_schedule_study_write_accuracy_over_iterations(tmp_path):
