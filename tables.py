@@ -18,6 +18,11 @@ with CELLS as 'regime:act ...' and SEEDS as '0 1 2'.  A family of comparisons in
 table is read back from its committed per-seed CSV (paired over seeds, Holm over the cells named):
 
     python tables.py --compare figures/paf/results_seeds.csv pgd:relu pgd:prelu pgd:psilu ...
+
+and a matrix as one row per activation and a column pair per regime (--against: how far each cell
+moved from an earlier table of the same cells):
+
+    python tables.py --grid figures/quick-fast/results.csv ... --against figures/quick-white-box/results.csv
 """
 import csv
 import json
@@ -570,10 +575,58 @@ def compare_table(per_seed_csv, base, cells, column="worst case"):
     return text
 
 
+REGIME_NAMES = {"fast": "FGSM-RS", "free": "Free", "pgd": "PGD", "natural": "natural"}
+
+
+def grid_table(paths, against=None):
+    """The matrix as one row per activation and a column pair per regime, from one or more
+    results.csv files of matrix_table: the worst case (mean ± std, clean accuracy in brackets) and
+    its paired difference to the baseline, in bold when it survives Holm's correction of its own
+    table.  ``against``: an earlier results.csv of the same cells; each cell then also gives how far
+    its mean worst case moved from that one's.  Returns the markdown."""
+    rows = [r for path in paths for r in csv.DictReader(open(path))]
+    before = {(r["regime"], r["activation"]): r for r in csv.DictReader(open(against))} if against else {}
+    mean = lambda text: float(text.split(" ± ")[0])
+    regimes = list(dict.fromkeys(r["regime"] for r in rows))
+    acts = list(dict.fromkeys(r["activation"] for r in rows))
+    cell = {(r["regime"], r["activation"]): r for r in rows}
+    diff_col = next(k for k in rows[0] if k.startswith("worst - "))
+    text = "| activation | " + " | ".join(f"{REGIME_NAMES.get(g, g)}: worst case (clean) | {diff_col.replace(' (95% CI)', '')} [95% CI]"
+                                          for g in regimes) + " |\n|---|" + "---|---|" * len(regimes) + "\n"
+    for a in acts:
+        parts = []
+        for g in regimes:
+            r = cell.get((g, a))
+            if r is None or r["worst case"] in ("", "-"):
+                parts += ["-", "-"]
+                continue
+            moved = ""
+            if (g, a) in before and before[(g, a)]["worst case"] not in ("", "-"):
+                moved = f"; {mean(r['worst case']) - mean(before[(g, a)]['worst case']):+.1f}"
+            d = r[diff_col]
+            parts += [f"{r['worst case']} ({mean(r['clean']):.1f}{moved})",
+                      f"**{d}**" if r["significant"].startswith("yes") else d]
+        text += f"| {a} | " + " | ".join(parts) + " |\n"
+    return text
+
+
 def main(argv=None):
     """Write every table run_all.sh shows and print them (the matrix, then the curves that
     exist); or, with --compare, print one family of paired comparisons from a per-seed CSV."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--grid":
+        files = argv[1:]
+        against = files[files.index("--against") + 1] if "--against" in files[:-1] else None
+        files = [f for f in files if f not in ("--against", against)]
+        if not files:
+            print("usage: python tables.py --grid results.csv [results.csv ...] [--against earlier/results.csv]", file=sys.stderr)
+            return 2
+        try:
+            print(grid_table(files, against), end="")
+        except (OSError, ValueError, KeyError, StopIteration) as err:
+            print(f"tables.py: cannot read {' '.join(files)}: {err!r}", file=sys.stderr)
+            return 2
+        return 0
     if argv and argv[0] == "--compare":
         if len(argv) < 4:
             print("usage: python tables.py --compare results_seeds.csv BASE CELL [CELL ...]", file=sys.stderr)

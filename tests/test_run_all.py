@@ -424,6 +424,31 @@ def test_compare_reads_a_family_from_the_per_seed_csv_pairs_by_seed_and_applies_
     assert len(err) == 1 and "no finished run of pgd:kaf" in err[0]
 
 
+def test_grid_puts_regimes_side_by_side_bolds_what_survives_holm_and_says_how_far_cells_moved(tmp_path, capsys):
+    cols = ["regime", "activation", "clean", "worst case", "worst - relu (95% CI)", "significant"]
+    def write(path, rows):
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            w.writerows(rows)
+    write(tmp_path / "fast.csv", [("fast", "relu", "83.16 ± 0.10", "66.17 ± 0.81", "-", "-"),
+                                  ("fast", "kaf", "83.78 ± 0.33", "60.00 ± 1.00", "-6.17 [-8.00, -4.34]", "yes (p 0.003)")])
+    write(tmp_path / "free.csv", [("free", "relu", "85.71 ± 0.14", "53.77 ± 0.35", "-", "-"),
+                                  ("free", "kaf", "85.14 ± 0.08", "62.17 ± 0.87", "+8.40 [+6.77, +10.03]", "no after Holm (p 0.002)"),
+                                  ("free", "kwta", "86.14 ± 0.18", "28.80 ± 1.51", "-24.97 [-28.95, -20.98]", "yes (p 0.0014)")])
+    write(tmp_path / "before.csv", [("fast", "kaf", "83.78 ± 0.33", "67.10 ± 1.35", "+0.93 [-0.86, +2.73]", "no (p 0.16)")])
+    assert tables.main(["--grid", str(tmp_path / "fast.csv"), str(tmp_path / "free.csv"),
+                        "--against", str(tmp_path / "before.csv")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| activation | FGSM-RS: worst case (clean) | worst - relu [95% CI] | Free: worst case")
+    assert lines[2:] == ["| relu | 66.17 ± 0.81 (83.2) | - | 53.77 ± 0.35 (85.7) | - |",
+                         "| kaf | 60.00 ± 1.00 (83.8; -7.1) | **-6.17 [-8.00, -4.34]** | 62.17 ± 0.87 (85.1) | +8.40 [+6.77, +10.03] |",
+                         "| kwta | - | - | 28.80 ± 1.51 (86.1) | **-24.97 [-28.95, -20.98]** |"]
+    assert tables.main(["--grid", str(tmp_path / "missing.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.csv" in err[0]
+
+
 def test_one_matrix_per_out_at_a_time_and_eps_compared_by_value(tmp_path):
     env = _env(tmp_path, ACTS="relu", REGIMES="fast", FAST_FLAGS=TINY.replace("--epochs 1", "--epochs 200"))
     out = tmp_path / "results"
