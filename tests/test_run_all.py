@@ -419,6 +419,13 @@ def test_compare_reads_a_family_from_the_per_seed_csv_pairs_by_seed_and_applies_
     two = capsys.readouterr().out
     assert "| pgd:psilu | 63.00 ± 1.00 | +3.00 [+0.52, +5.48] (n=3) | 0.035 | no | 3/3 |" in two
     assert "| pgd:pssilu | 60.33 ± 0.58 | +0.33 " in two and "(n=3)" in two.splitlines()[-1]
+    # two paired seeds: shown, not judged, and left out of Holm's family
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerows([("pgd", "gelu", 0, 70.0, "ok"), ("pgd", "gelu", 1, 71.0, "ok")])
+    assert tables.main(["--compare", str(path), "pgd:relu", "pgd:gelu", "pgd:psilu"]) == 0
+    out = capsys.readouterr().out
+    assert "| pgd:gelu | 70.50 ± 0.71 | +10.00 [" in out and "(n=2) | " in out and "| not judged | 2/2 |" in out
+    assert "| pgd:psilu | 63.00 ± 1.00 | +3.00 [+0.52, +5.48] (n=3) | 0.035 | yes | 3/3 |" in out
     assert tables.main(["--compare", str(path), "pgd:relu", "pgd:kaf"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no finished run of pgd:kaf" in err[0]
