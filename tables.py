@@ -593,7 +593,7 @@ def compare_table(per_seed_csv, base, cells, column="worst case"):
     """A family of paired comparisons read from a results_seeds.csv: each of ``cells`` ('regime:act')
     against ``base`` in ``column`` over the seeds both finished (status ok), with its 95% t-interval,
     the uncorrected p and whether it survives Holm's correction over these cells (5% family-wise;
-    a cell with fewer than 3 paired seeds is not judged).
+    a cell with fewer than 3 paired seeds, or the same difference in every seed, is not judged).
     Returns the markdown table."""
     value = {}
     for r in csv.DictReader(open(per_seed_csv)):
@@ -608,16 +608,20 @@ def compare_table(per_seed_csv, base, cells, column="worst case"):
         both = sorted(seeds(cell) & seeds(base), key=int)
         d = paired_difference([value[(cell, s)] for s in both], [value[(base, s)] for s in both])
         rows.append({"cell": cell, "values": [value[(cell, s)] for s in sorted(seeds(cell), key=int)], **d})
-    # as in matrix_table: 2 seeds give no usable interval, so only >= 3 paired seeds are judged
-    kept = holm({i: r["p"] for i, r in enumerate(rows) if r["p"] is not None and r["n"] >= 3})
+    # as in matrix_table: 2 seeds give no usable interval, so only >= 3 paired seeds are judged; nor is
+    # a difference equal in every seed (t infinite: on a few hundred images, often 1-3 images)
+    judged = lambda r: r["p"] is not None and r["n"] >= 3 and r["std"] > 1e-9  # not float noise
+    kept = holm({i: r["p"] for i, r in enumerate(rows) if judged(r)})
     text = f"| cell | {column} | - {base} [95% CI] | p | Holm ({len(rows)}) | same sign |\n|---|---|---|---|---|---|\n"
     text += f"| {base} | {_pm([value[(base, s)] for s in sorted(seeds(base), key=int)])} | - | - | - | - |\n"
     for i, r in enumerate(rows):
         ci = f" [{r['low']:+.2f}, {r['high']:+.2f}]" if r["half_width"] is not None else ""
         p = "-" if r["p"] is None else f"{r['p']:.2g}"
         same = f"{r['n']}/{r['n']}" if r["same_sign"] else "no"
-        judged = "not judged" if r["n"] < 3 else "yes" if i in kept else "no"
-        text += f"| {r['cell']} | {_pm(r['values'])} | {r['mean']:+.2f}{ci} (n={r['n']}) | {p} | {judged} | {same} |\n"
+        if r["n"] >= 3 and r["std"] <= 1e-9:
+            p = "- (equal in every seed)"
+        verdict = "yes" if i in kept else "no" if judged(r) else "not judged"
+        text += f"| {r['cell']} | {_pm(r['values'])} | {r['mean']:+.2f}{ci} (n={r['n']}) | {p} | {verdict} | {same} |\n"
     return text
 
 

@@ -426,6 +426,13 @@ def test_compare_reads_a_family_from_the_per_seed_csv_pairs_by_seed_and_applies_
     out = capsys.readouterr().out
     assert "| pgd:gelu | 70.50 ± 0.71 | +10.00 [" in out and "(n=2) | " in out and "| not judged | 2/2 |" in out
     assert "| pgd:psilu | 63.00 ± 1.00 | +3.00 [+0.52, +5.48] (n=3) | 0.035 | yes | 3/3 |" in out
+    # the same difference in every seed: t is infinite, the test says nothing; not judged
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerows([("pgd", "elu", s, w + 0.4, "ok") for s, w in enumerate([60.0, 61.0, 59.0])])
+    assert tables.main(["--compare", str(path), "pgd:relu", "pgd:elu", "pgd:psilu"]) == 0
+    out = capsys.readouterr().out
+    assert "| pgd:elu | 60.40 ± 1.00 | +0.40 [+0.40, +0.40] (n=3) | - (equal in every seed) | not judged | 3/3 |" in out
+    assert "| pgd:psilu | 63.00 ± 1.00 | +3.00 [+0.52, +5.48] (n=3) | 0.035 | yes | 3/3 |" in out
     assert tables.main(["--compare", str(path), "pgd:relu", "pgd:kaf"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no finished run of pgd:kaf" in err[0]
