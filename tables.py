@@ -612,7 +612,8 @@ def compare_table(per_seed_csv, base, cells, column="worst case"):
     # a difference equal in every seed (t infinite: on a few hundred images, often 1-3 images)
     judged = lambda r: r["p"] is not None and r["n"] >= 3 and r["std"] > 1e-9  # not float noise
     kept = holm({i: r["p"] for i, r in enumerate(rows) if judged(r)})
-    text = f"| cell | {column} | - {base} [95% CI] | p | Holm ({len(rows)}) | same sign |\n|---|---|---|---|---|---|\n"
+    family = sum(judged(r) for r in rows)
+    text = f"| cell | {column} | - {base} [95% CI] | p | Holm (over {family}) | same sign |\n|---|---|---|---|---|---|\n"
     text += f"| {base} | {_pm([value[(base, s)] for s in sorted(seeds(base), key=int)])} | - | - | - | - |\n"
     for i, r in enumerate(rows):
         ci = f" [{r['low']:+.2f}, {r['high']:+.2f}]" if r["half_width"] is not None else ""
