@@ -222,15 +222,18 @@ def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
                              "flags": ", ".join(r["trouble"]) if r["ok"] else ""})
     # the table's comparisons: every cell with >= 3 paired seeds (2 give no usable interval), judged
     # together with Holm's correction so that many comparisons do not make chance look significant
+    # nor is a difference equal in every seed: its t is infinite, a degenerate test (1-3 images apart)
     tested = {i: c["paired_difference"]["p"] for i, c in enumerate(rows)
-              if c["paired_difference"] and c["paired_difference"]["n"] >= 3 and c["paired_difference"]["p"] is not None}
+              if c["paired_difference"] and c["paired_difference"]["n"] >= 3 and c["paired_difference"]["p"] is not None
+              and c["paired_difference"]["std"] > 1e-9}
     kept = holm(tested)
     for i, c in enumerate(rows):
         stats = c["paired_difference"]
         if not stats or stats["half_width"] is None:
             continue
         if i not in tested:
-            c["significant"] = f"not judged (n={stats['n']})"
+            c["significant"] = (f"not judged (n={stats['n']})" if stats["n"] < 3 else
+                                "not judged (equal in every seed)")
         else:
             c["significant"] = ("yes" if i in kept else "no" if not stats["significant"] else "no after Holm") + \
                 f" (p {stats['p']:.3g})"

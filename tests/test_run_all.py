@@ -383,6 +383,12 @@ def test_matrix_table_aggregates_seeds_flags_a_failed_seed_and_pairs_with_relu(t
                   {"activation_values": {"0:PSSiLU.a": [1.5 + s], "0:PSSiLU.beta": [0.25]}})
     _fake_run(runs / "fast_gelu_s0", 0.5)
     _fake_run(runs / "fast_gelu_s1", 0.5, failed="train")  # seed 2 never ran
+    for s, r in enumerate([0.60, 0.61, 0.59]):  # 1 point above relu in every seed: a degenerate t-test
+        _fake_run(runs / f"fast_elu_s{s}", r + 0.01)
+    tables.matrix_table(str(tmp_path), [("fast", "relu"), ("fast", "elu")], [0, 1, 2])
+    elu = list(csv.DictReader(open(tmp_path / "results.csv")))[1]
+    assert elu["worst - relu (95% CI)"] == "+1.00 [+1.00, +1.00]"
+    assert elu["significant"] == "not judged (equal in every seed); same sign in 3/3"
     text = tables.matrix_table(str(tmp_path), [("fast", "relu"), ("fast", "kaf"), ("fast", "gelu")], [0, 1, 2])
     rows = {r["activation"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
     assert rows["relu"]["worst case"] == "60.00 ± 1.00" and rows["relu"]["seeds ok"] == "3/3"
