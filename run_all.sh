@@ -76,7 +76,8 @@
 #   OUT         results folder                                     [results / results-quick]
 #   FIGURES     a folder (e.g. figures/quick) that receives a copy of the tables' figures (PNG) and
 #               their data (results.md, results.csv, results_seeds.csv, curves / saf_curves / fastat
-#               .md and .json) once the table is written: small files, to commit beside RESULTS.md
+#               .md and .json, shape_sweeps.png) once the table is written: small files, to commit
+#               beside RESULTS.md
 #
 # Each run lives in $OUT/runs/<regime>_<act>_s<seed>/ with its logs and run_config.txt (script and
 # training flags; DATA_DIR and DEVICE may change, as under --resume).  Every run's flags, EVAL_FLAGS,
@@ -439,7 +440,7 @@ fi
 $PYTHON tables.py "$OUT" "$CELLS" "$SEEDS" "${BASELINE:-relu}" "$EVAL_FLAGS"
 if [ -n "${FIGURES:-}" ]; then
     mkdir -p "$FIGURES" && for f in results.png results.md results.csv results_seeds.csv curves.png curves.md curves.json \
-        saf_curves.png saf_curves.md saf_curves.json fastat.md fastat.json; do
+        saf_curves.png saf_curves.md saf_curves.json fastat.md fastat.json shape_sweeps.png; do
         if [ -f "$OUT/$f" ]; then cp "$OUT/$f" "$FIGURES/"; fi
     done && echo "figures and tables -> $FIGURES"
 fi
