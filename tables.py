@@ -6,6 +6,8 @@
                 results_seeds.csv
   curve_table   accuracy over optimiser steps (--eval-every) and steps to reach a share of the
                 final PGD accuracy;                       -> curves.md / .json / .png
+  shape_sweep_figure  STUDY=paf's fixed shapes: worst case against curvature and shift;
+                                                          -> shape_sweeps.png
   saf_table     Zhao & Griffin's three curves (adversarial, noisy, nonsense) averaged over seeds,
                 and their feature test where the runs were analysed (analyze.py --features);
                                                           -> saf_curves.md / .json / .png
@@ -28,6 +30,7 @@ import csv
 import json
 import math
 import os
+import re
 import sys
 
 
@@ -263,7 +266,48 @@ def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     matrix_figure(per_seed, os.path.join(out, "results.png"))
+    shape_sweep_figure(per_seed, os.path.join(out, "shape_sweeps.png"))
     return text
+
+
+FIXED_SHAPE = re.compile(r"^(psilu|pssilu),.*freeze-act.*act-init=a=([0-9.]+)(?::b=([0-9.]+))?")
+
+
+def shape_sweep_figure(per_seed, path):
+    """shape_sweeps.png (with matplotlib), for STUDY=paf's fixed-shape cells ('psilu,freeze-act,
+    act-init=a=A', 'pssilu,freeze-act,act-init=a=1:b=B'): the worst case against the curvature
+    max f'' = A / 2 of x sigmoid(A x) (log axis) and against PSSiLU's shift B, each seed a dot and the
+    means joined; the same regime's ReLU mean as a dashed line.  Returns the path, or None when
+    there is no such cell (or no matplotlib)."""
+    plt = pyplot()
+    runs = [r for r in per_seed if r.get("worst case") is not None and r.get("status") == "ok"]
+    sweeps = {"curvature": {}, "shift": {}}
+    for r in runs:
+        m = FIXED_SHAPE.match(r["activation"])
+        if m and m.group(1) == "psilu":
+            sweeps["curvature"].setdefault(float(m.group(2)) / 2, []).append(r["worst case"])
+        elif m and m.group(1) == "pssilu" and m.group(3) is not None:
+            sweeps["shift"].setdefault(float(m.group(3)), []).append(r["worst case"])
+    if plt is None or not any(sweeps.values()):
+        return None
+    relu = [r["worst case"] for r in runs if r["activation"] == "relu"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    titles = {"curvature": ("fixed x sigmoid(a x)", "max f'' = a / 2", "log"),
+              "shift": ("fixed PSSiLU, a = 1", "shift beta (output on negative inputs)", "linear")}
+    for ax, (kind, points) in zip(axes, sweeps.items()):
+        title, xlabel, scale = titles[kind]
+        xs = sorted(points)
+        for x in xs:
+            ax.plot([x] * len(points[x]), points[x], "k.", markersize=5)
+        ax.plot(xs, [mean_std(points[x])[0] for x in xs], "-o", color="tab:blue", markersize=3, label="mean over seeds")
+        if relu:
+            ax.axhline(mean_std(relu)[0], color="0.4", linestyle="--", linewidth=1, label="relu (mean)")
+        ax.set(title=title, xlabel=xlabel, xscale=scale, ylabel="worst-case accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def matrix_figure(per_seed, path):
@@ -548,7 +592,8 @@ def fastat_effects(runs, cells, seeds):
 def compare_table(per_seed_csv, base, cells, column="worst case"):
     """A family of paired comparisons read from a results_seeds.csv: each of ``cells`` ('regime:act')
     against ``base`` in ``column`` over the seeds both finished (status ok), with its 95% t-interval,
-    the uncorrected p and whether it survives Holm's correction over these cells (5% family-wise).
+    the uncorrected p and whether it survives Holm's correction over these cells (5% family-wise;
+    a cell with fewer than 3 paired seeds is not judged).
     Returns the markdown table."""
     value = {}
     for r in csv.DictReader(open(per_seed_csv)):
@@ -563,15 +608,16 @@ def compare_table(per_seed_csv, base, cells, column="worst case"):
         both = sorted(seeds(cell) & seeds(base), key=int)
         d = paired_difference([value[(cell, s)] for s in both], [value[(base, s)] for s in both])
         rows.append({"cell": cell, "values": [value[(cell, s)] for s in sorted(seeds(cell), key=int)], **d})
-    kept = holm({i: r["p"] for i, r in enumerate(rows) if r["p"] is not None})
+    # as in matrix_table: 2 seeds give no usable interval, so only >= 3 paired seeds are judged
+    kept = holm({i: r["p"] for i, r in enumerate(rows) if r["p"] is not None and r["n"] >= 3})
     text = f"| cell | {column} | - {base} [95% CI] | p | Holm ({len(rows)}) | same sign |\n|---|---|---|---|---|---|\n"
     text += f"| {base} | {_pm([value[(base, s)] for s in sorted(seeds(base), key=int)])} | - | - | - | - |\n"
     for i, r in enumerate(rows):
         ci = f" [{r['low']:+.2f}, {r['high']:+.2f}]" if r["half_width"] is not None else ""
         p = "-" if r["p"] is None else f"{r['p']:.2g}"
         same = f"{r['n']}/{r['n']}" if r["same_sign"] else "no"
-        text += (f"| {r['cell']} | {_pm(r['values'])} | {r['mean']:+.2f}{ci} (n={r['n']}) | {p} | "
-                 f"{'yes' if i in kept else 'no'} | {same} |\n")
+        judged = "not judged" if r["n"] < 3 else "yes" if i in kept else "no"
+        text += f"| {r['cell']} | {_pm(r['values'])} | {r['mean']:+.2f}{ci} (n={r['n']}) | {p} | {judged} | {same} |\n"
     return text
 
 

@@ -426,6 +426,13 @@ def test_compare_reads_a_family_from_the_per_seed_csv_pairs_by_seed_and_applies_
     two = capsys.readouterr().out
     assert "| pgd:psilu | 63.00 ± 1.00 | +3.00 [+0.52, +5.48] (n=3) | 0.035 | no | 3/3 |" in two
     assert "| pgd:pssilu | 60.33 ± 0.58 | +0.33 " in two and "(n=3)" in two.splitlines()[-1]
+    # two paired seeds: shown, not judged, and left out of Holm's family
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerows([("pgd", "gelu", 0, 70.0, "ok"), ("pgd", "gelu", 1, 71.0, "ok")])
+    assert tables.main(["--compare", str(path), "pgd:relu", "pgd:gelu", "pgd:psilu"]) == 0
+    out = capsys.readouterr().out
+    assert "| pgd:gelu | 70.50 ± 0.71 | +10.00 [" in out and "(n=2) | " in out and "| not judged | 2/2 |" in out
+    assert "| pgd:psilu | 63.00 ± 1.00 | +3.00 [+0.52, +5.48] (n=3) | 0.035 | yes | 3/3 |" in out
     assert tables.main(["--compare", str(path), "pgd:relu", "pgd:kaf"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no finished run of pgd:kaf" in err[0]
@@ -454,6 +461,39 @@ def test_grid_puts_regimes_side_by_side_bolds_what_survives_holm_and_says_how_fa
     assert tables.main(["--grid", str(tmp_path / "missing.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.csv" in err[0]
+
+
+def test_shape_sweep_figure_reads_curvature_and_shift_from_the_cell_names(tmp_path, monkeypatch):
+    run = lambda act, seed, worst: {"regime": "pgd", "activation": act, "seed": seed, "worst case": worst, "status": "ok"}
+    per_seed = [run("relu", 0, 61.0), run("psilu,freeze-act,act-init=a=1", 0, 58.0), run("psilu,freeze-act,act-init=a=1", 1, 58.4),
+                run("psilu,freeze-act,act-init=a=40", 0, 62.0), run("pssilu,freeze-act,act-init=a=1:b=0.5", 0, 54.0),
+                run("pssilu,pssilu-reg=0", 0, 60.0), dict(run("psilu,freeze-act,act-init=a=2", 0, 99.0), status="failed (train)")]
+    seen = []
+    real = tables.pyplot()
+    if real is None:
+        pytest.skip("matplotlib is not installed")
+
+    class Recorder:  # what the figure plots, panel by panel, as (x values, y values)
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def subplots(self, *args, **kwargs):
+            fig, axes = real.subplots(*args, **kwargs)
+            for ax in axes:
+                plot = ax.plot
+                ax.plot = lambda x, y, *a, _plot=plot, _ax=ax, **k: (seen.append((id(_ax), list(x), list(y))), _plot(x, y, *a, **k))[1]
+            return fig, axes
+    monkeypatch.setattr(tables, "pyplot", lambda: Recorder())
+    path = tables.shape_sweep_figure(per_seed, str(tmp_path / "shape_sweeps.png"))
+    assert path and open(path, "rb").read()[:8] == b"\x89PNG\r\n\x1a\n"
+    panels = list(dict.fromkeys(p for p, _, _ in seen))
+    curvature = [(x, y) for p, x, y in seen if p == panels[0]]
+    shift = [(x, y) for p, x, y in seen if p == panels[1]]
+    # max f'' = a / 2; the failed run is left out; the means are joined
+    assert ([0.5, 0.5], [58.0, 58.4]) in curvature and ([20.0], [62.0]) in curvature
+    assert curvature[-1][0] == [0.5, 20.0] and curvature[-1][1] == pytest.approx([58.2, 62.0])
+    assert shift == [([0.5], [54.0]), ([0.5], [54.0])]
+    assert tables.shape_sweep_figure([run("relu", 0, 61.0)], str(tmp_path / "none.png")) is None
 
 
 def test_one_matrix_per_out_at_a_time_and_eps_compared_by_value(tmp_path):
