@@ -19,7 +19,8 @@
 #   STUDY=saf   Zhao & Griffin's grid (Fashion-MNIST lenet, seeds 0 1 2, OUT results-saf): relu /
 #               mrelu-insert+H / rbf-insert+H x {none, +R, +M, +R+M} under natural training and the
 #               three under FGSM-RS, evaluated with APGD-CE + APGD-DLR and the three curves, every model
-#               scored by its max softmax (one confidence rule; mean training lowers that score)
+#               scored by its max softmax (one confidence rule; mean training lowers that score), and
+#               the penultimate-feature test of their Figure 1 (ANALYZE_FLAGS: analyze.py --features)
 #               (eval.py --saf-curves -> $OUT/saf_curves.md, .json, .png)
 #               A cell's ACT may end in ,FLAG=VALUE (or ,FLAG for a switch) options for that cell
 #               alone, e.g. "free:relu,lr-schedule=onecycle,epochs=2" or "fast:relu,nfgsm"
@@ -69,10 +70,14 @@
 #               table; once every K has finished, the usual command skips them all and writes the table
 #   TRAIN_FLAGS extra flags for every training run (e.g. "--n-train 20000"; the seed comes from SEEDS)
 #   EVAL_FLAGS  eval.py flags                [--preset standard / --preset quick --n-eval 1000 --n-clean 0]
+#   ANALYZE_FLAGS  analyze.py flags run on every checkpoint after its evaluation (its JSON goes to the
+#               run's analysis/; done once per ANALYZE_FLAGS, analyze_config.txt)
+#                                        [none / STUDY=saf: --features --n-eval 1000 --no-plot]
 #   OUT         results folder                                     [results / results-quick]
 #   FIGURES     a folder (e.g. figures/quick) that receives a copy of the tables' figures (PNG) and
 #               their data (results.md, results.csv, results_seeds.csv, curves / saf_curves / fastat
-#               .md and .json) once the table is written: small files, to commit beside RESULTS.md
+#               .md and .json, shape_sweeps.png) once the table is written: small files, to commit
+#               beside RESULTS.md
 #
 # Each run lives in $OUT/runs/<regime>_<act>_s<seed>/ with its logs and run_config.txt (script and
 # training flags; DATA_DIR and DEVICE may change, as under --resume).  Every run's flags, EVAL_FLAGS,
@@ -101,6 +106,7 @@ if [ "${STUDY:-}" = saf ]; then
     MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-saf}; SEEDS=${SEEDS:-0 1 2}; THREADS=${THREADS:-1}
     FAST_FLAGS=${FAST_FLAGS:---epochs 2 --n-train 20000 --n-eval 500}
     EVAL_FLAGS=${EVAL_FLAGS:---attacks apgd-ce apgd-dlr --n-eval 1000 --n-clean 0 --saf-curves --confidence softmax}
+    ANALYZE_FLAGS=${ANALYZE_FLAGS---features --n-eval 1000 --no-plot}  # set and empty: no analysis
     if [ -z "${CELLS:-}" ]; then
         for unit in relu mrelu-insert+H rbf-insert+H; do
             for t in "" +R +M +R+M; do CELLS="${CELLS:-} natural:$unit$t"; done
@@ -192,6 +198,7 @@ if [ -z "${CELLS:-}" ]; then
 fi
 CELLS=$(echo ${CELLS:-})
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
+ANALYZE_FLAGS=$(echo ${ANALYZE_FLAGS:-})
 DEVICES=$(echo ${DEVICES:-})
 if [ -n "$DEVICES" ] && [ -n "${DEVICE:-}" ]; then echo "run_all.sh: give DEVICE or DEVICES, not both" >&2; exit 2; fi
 DEVICE_FLAGS=${DEVICE:+--device $DEVICE}
@@ -307,7 +314,7 @@ for cell in $CELLS; do
 "
 done
 # shellcheck disable=SC2086
-if ! printf '%s' "$checks" | $PYTHON -c '
+if ! printf '%s' "$checks" | ANALYZE_FLAGS=$ANALYZE_FLAGS $PYTHON -c '
 import importlib, os, sys
 import eval as evaluation
 import utils
@@ -317,6 +324,10 @@ for line in sys.stdin.read().splitlines():
     importlib.import_module(script).get_args(flags.split())
 sys.argv[0] = "run_all.sh: EVAL_FLAGS: eval.py"
 evaluation.get_args(["checkpoint.pt", *sys.argv[1:]])
+if os.environ["ANALYZE_FLAGS"]:
+    import analyze
+    sys.argv[0] = "run_all.sh: ANALYZE_FLAGS: analyze.py"
+    analyze.get_args(["checkpoint.pt", *os.environ["ANALYZE_FLAGS"].split()])
 for device in os.environ.get("DEVICES", "").split():
     if utils.device_problem(device):
         sys.exit(f"run_all.sh: DEVICES: {utils.device_problem(device)}")
@@ -342,6 +353,8 @@ fi
 
 # ---- one run: train (or resume) and evaluate.  Its outcome is one line and, unless it succeeded, a
 # FAILED or INTERRUPTED file in its folder (it runs in the background: it cannot set our variables).
+evaluated() { [ -f "$1/eval.json" ] && [ "$(cat "$1/eval_config.txt" 2>/dev/null)" = "$EVAL_FLAGS" ]; }
+analysed() { [ -z "$ANALYZE_FLAGS" ] || [ "$(cat "$1/analyze_config.txt" 2>/dev/null)" = "$ANALYZE_FLAGS" ]; }
 run_one() {
     local regime=$1 act=$2 seed=$3 line=$4 device_flags=$5 dir rc
     dir=$(run_dir "$regime" "$act" "$seed")
@@ -360,13 +373,24 @@ run_one() {
         if [ $rc = 130 ] || [ $rc = 143 ]; then echo "train" > "$dir/INTERRUPTED"; echo "$line interrupted in training (resumes on the next run)"; return; fi
         if [ $rc != 0 ]; then echo "train" > "$dir/FAILED"; echo "$line FAILED in training (see $dir/train.log)"; return; fi
     fi
-    rm -f "$dir/eval_config.txt"
-    # shellcheck disable=SC2086
-    $PYTHON eval.py "$dir/checkpoint.pt" $EVAL_FLAGS $device_flags --out "$dir/eval.json" > "$dir/eval.log" 2>&1
-    rc=$?
-    if [ $rc = 130 ] || [ $rc = 143 ]; then echo "eval" > "$dir/INTERRUPTED"; echo "$line interrupted in evaluation (resumes on the next run)"; return; fi
-    if [ $rc != 0 ]; then echo "eval" > "$dir/FAILED"; echo "$line FAILED in evaluation (see $dir/eval.log)"; return; fi
-    echo "$EVAL_FLAGS" > "$dir/eval_config.txt"
+    if ! evaluated "$dir"; then
+        rm -f "$dir/eval_config.txt"
+        # shellcheck disable=SC2086
+        $PYTHON eval.py "$dir/checkpoint.pt" $EVAL_FLAGS $device_flags --out "$dir/eval.json" > "$dir/eval.log" 2>&1
+        rc=$?
+        if [ $rc = 130 ] || [ $rc = 143 ]; then echo "eval" > "$dir/INTERRUPTED"; echo "$line interrupted in evaluation (resumes on the next run)"; return; fi
+        if [ $rc != 0 ]; then echo "eval" > "$dir/FAILED"; echo "$line FAILED in evaluation (see $dir/eval.log)"; return; fi
+        echo "$EVAL_FLAGS" > "$dir/eval_config.txt"
+    fi
+    if ! analysed "$dir"; then
+        rm -f "$dir/analyze_config.txt"
+        # shellcheck disable=SC2086
+        $PYTHON analyze.py "$dir/checkpoint.pt" $ANALYZE_FLAGS $device_flags > "$dir/analyze.log" 2>&1
+        rc=$?
+        if [ $rc = 130 ] || [ $rc = 143 ]; then echo "analyze" > "$dir/INTERRUPTED"; echo "$line interrupted in analyze.py (resumes on the next run)"; return; fi
+        if [ $rc != 0 ]; then echo "analyze" > "$dir/FAILED"; echo "$line FAILED in analyze.py (see $dir/analyze.log)"; return; fi
+        echo "$ANALYZE_FLAGS" > "$dir/analyze_config.txt"
+    fi
     echo "$line $(tail -n 1 "$dir/eval.log")"
 }
 
@@ -382,7 +406,7 @@ for seed in $SEEDS; do
         i=$((i + 1))
         if [ -n "${CELL:-}" ] && [ $((i - 1)) != "$CELL" ]; then continue; fi
         dir=$(run_dir "$regime" "$act" "$seed")
-        if [ -f "$dir/eval.json" ] && [ "$(cat "$dir/eval_config.txt" 2>/dev/null)" = "$EVAL_FLAGS" ]; then
+        if evaluated "$dir" && analysed "$dir"; then
             printf '[%d/%d] %-7s %-16s s%-3s done before, skipped\n' "$i" "$total" "$regime" "$act" "$seed"; continue
         fi
         while [ $interrupted = 0 ] && [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
@@ -416,7 +440,7 @@ fi
 $PYTHON tables.py "$OUT" "$CELLS" "$SEEDS" "${BASELINE:-relu}" "$EVAL_FLAGS"
 if [ -n "${FIGURES:-}" ]; then
     mkdir -p "$FIGURES" && for f in results.png results.md results.csv results_seeds.csv curves.png curves.md curves.json \
-        saf_curves.png saf_curves.md saf_curves.json fastat.md fastat.json; do
+        saf_curves.png saf_curves.md saf_curves.json fastat.md fastat.json shape_sweeps.png; do
         if [ -f "$OUT/$f" ]; then cp "$OUT/$f" "$FIGURES/"; fi
     done && echo "figures and tables -> $FIGURES"
 fi

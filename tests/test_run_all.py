@@ -100,8 +100,12 @@ def test_two_jobs_give_the_table_of_one_job(tmp_path):
 def test_the_saf_study_runs_natural_training_the_tricks_and_writes_the_curves(tmp_path):
     cells = "natural:relu natural:mrelu-insert+H+R+M fast:rbf-insert+H"
     env = _env(tmp_path, STUDY="saf", CELLS=cells, NATURAL_FLAGS=TINY,
-               EVAL_FLAGS="--attacks fgsm apgd-ce --apgd-iters 5 --n-eval 64 --saf-curves --saf-betas 0 0.2 --no-plot")
+               EVAL_FLAGS="--attacks fgsm apgd-ce --apgd-iters 5 --n-eval 64 --saf-curves --saf-betas 0 0.2 --no-plot",
+               ANALYZE_FLAGS="--features --n-eval 64 --no-plot --noise-sigma 0.2")
     out = tmp_path / "results"
+    bad = _run_all(dict(env, ANALYZE_FLAGS="--features --n-eval 0"))  # refused before any run
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "ANALYZE_FLAGS" in bad.stderr, bad.stderr
+    assert not (out / "runs" / "natural_relu_s0").exists()
     r = _run_all(env)
     assert r.returncode == 0, r.stdout + r.stderr
     config = (out / "runs" / "natural_mrelu-insert+H+R+M_s0" / "run_config.txt").read_text()
@@ -119,20 +123,23 @@ def test_the_saf_study_runs_natural_training_the_tricks_and_writes_the_curves(tm
     assert md.count("| natural | mrelu-insert+H+R+M | softmax | 1 |") == 3 and md.count("| natural | relu | softmax | 1 |") == 3
     assert "beta 0.2" in md
     assert (out / "saf_curves.png").exists() == (tables.pyplot() is not None)
-    assert "Penultimate features" not in md  # no run analysed yet
-    # Figure 1's feature test on one run (analyze.py --features): the table adds its row, from that JSON
-    import analyze
-    analyze.main([str(out / "runs" / "natural_relu_s0" / "checkpoint.pt"), "--features", "--n-eval", "64",
-                  "--no-plot", "--device", "cpu"])
+    # Figure 1's feature test (ANALYZE_FLAGS: analyze.py --features after each evaluation): a row per cell,
+    # read from the runs' JSON
     found = json.load(open(out / "runs" / "natural_relu_s0" / "analysis" / "features.json"))
-    tables.saf_table(str(out), [tuple(c.split(":")) for c in cells.split()], [0])
-    md = (out / "saf_curves.md").read_text()
+    assert found["n"] == 64 and found["noise_sigma"] == 0.2
     row = next(l for l in md.splitlines() if l.startswith("| natural | relu | 1 | "))
     shown = [float(v) for v in row.strip("| ").split(" | ")[3:]]
     assert shown == pytest.approx([100 * found["noisy"]["auroc_vs_clean"], 100 * found["nonsense"]["auroc_vs_clean"],
                                    100 * found["nonsense"]["share_beyond_clean_q99"]], abs=0.051)
-    assert len([l for l in md.splitlines() if l.startswith("| natural | mrelu")]) == 3  # the curves only
-    assert json.load(open(out / "saf_curves.json"))["features"][0]["activation"] == "relu"
+    assert [f["activation"] for f in json.load(open(out / "saf_curves.json"))["features"]] == \
+        ["relu", "mrelu-insert+H+R+M", "rbf-insert+H"]
+    # a re-run skips every finished run; other ANALYZE_FLAGS redo the analysis only, not the evaluation
+    assert _run_all(env).stdout.count("done before, skipped") == 3
+    evaluated = (out / "runs" / "natural_relu_s0" / "eval.json").stat().st_mtime_ns
+    r3 = _run_all(dict(env, ANALYZE_FLAGS="--features --n-eval 32 --no-plot"))
+    assert r3.returncode == 0 and "done before" not in r3.stdout, r3.stdout + r3.stderr
+    assert json.load(open(out / "runs" / "natural_relu_s0" / "analysis" / "features.json"))["n"] == 32
+    assert (out / "runs" / "natural_relu_s0" / "eval.json").stat().st_mtime_ns == evaluated
 
 
 def test_cell_options_and_the_schedule_study_write_accuracy_over_iterations(tmp_path):
