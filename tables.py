@@ -124,6 +124,13 @@ def paired_difference(a, b):
             "p": p}
 
 
+def judged(stats):
+    """Whether a paired_difference can be tested: at least 3 pairs (2 give no usable interval) and some
+    spread (a difference equal in every seed makes t infinite, a degenerate test: on a few hundred
+    images such a difference is often 1-3 images; 1e-9 absorbs float noise)."""
+    return stats["p"] is not None and stats["n"] >= 3 and stats["std"] > 1e-9
+
+
 def matrix_run(folder, eval_flags=None):
     """One run of the matrix, read from its folder (summary.json, eval.json, FAILED / INTERRUPTED
     markers): accuracies in %, the worst case, checks, time, and what went wrong, if anything.  With
@@ -220,12 +227,10 @@ def matrix_table(out, cells, seeds, baseline="relu", eval_flags=None):
             per_seed.append({"regime": g, "activation": a, "seed": s, **{k: v for k, v in r.items() if k != "ok"},
                              "status": "ok" if r["ok"] else ", ".join(r["trouble"]) or "not run",
                              "flags": ", ".join(r["trouble"]) if r["ok"] else ""})
-    # the table's comparisons: every cell with >= 3 paired seeds (2 give no usable interval), judged
-    # together with Holm's correction so that many comparisons do not make chance look significant
-    # nor is a difference equal in every seed: its t is infinite, a degenerate test (1-3 images apart)
+    # the table's comparisons that can be tested (judged), together under Holm's correction so that
+    # many comparisons do not make chance look significant
     tested = {i: c["paired_difference"]["p"] for i, c in enumerate(rows)
-              if c["paired_difference"] and c["paired_difference"]["n"] >= 3 and c["paired_difference"]["p"] is not None
-              and c["paired_difference"]["std"] > 1e-9}
+              if c["paired_difference"] and judged(c["paired_difference"])}
     kept = holm(tested)
     for i, c in enumerate(rows):
         stats = c["paired_difference"]
@@ -284,16 +289,17 @@ def shape_sweep_figure(per_seed, path):
     there is no such cell (or no matplotlib)."""
     plt = pyplot()
     runs = [r for r in per_seed if r.get("worst case") is not None and r.get("status") == "ok"]
-    sweeps = {"curvature": {}, "shift": {}}
+    sweeps, regimes = {"curvature": {}, "shift": {}}, set()
     for r in runs:
         m = FIXED_SHAPE.match(r["activation"])
+        regimes |= {r["regime"]} if m else set()
         if m and m.group(1) == "psilu":
             sweeps["curvature"].setdefault(float(m.group(2)) / 2, []).append(r["worst case"])
         elif m and m.group(1) == "pssilu" and m.group(3) is not None:
             sweeps["shift"].setdefault(float(m.group(3)), []).append(r["worst case"])
     if plt is None or not any(sweeps.values()):
         return None
-    relu = [r["worst case"] for r in runs if r["activation"] == "relu"]
+    relu = [r["worst case"] for r in runs if r["activation"] == "relu" and r["regime"] in regimes]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     titles = {"curvature": ("fixed x sigmoid(a x)", "max f'' = a / 2", "log"),
               "shift": ("fixed PSSiLU, a = 1", "shift beta (output on negative inputs)", "linear")}
@@ -565,7 +571,7 @@ def fastat_effects(runs, cells, seeds):
     stopping (``co-action=recover`` against the same cell with ``co-action=stop``, where the guard fired
     in at least one seed) and weight averaging + label smoothing against neither (the cell without its
     ``ema=`` / ``label-smoothing=`` parts): the worst case's paired difference over seeds, its p and
-    whether it survives Holm over all of them."""
+    whether it survives Holm over all of them that can be tested (judged)."""
     names = {a for _, a in cells}
     plain = lambda a: ",".join(p for p in a.split(",") if not p.startswith(("ema=", "label-smoothing=")))
     # a recover cell whose guard fired in no seed trained as its stop cell did: nothing to compare
@@ -583,12 +589,12 @@ def fastat_effects(runs, cells, seeds):
             continue
         d = paired_difference([runs[(g, a, s)]["worst case"] for s in both],
                               [runs[(g, b, s)]["worst case"] for s in both])
-        effects.append({"effect": effect, "cell": a, "n": d["n"], "mean": d["mean"], "p_value": d["p"],
+        effects.append({"effect": effect, "cell": a, "n": d["n"], "mean": d["mean"], "p_value": d["p"], "judged": judged(d),
                         "difference": f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]",
                         "p": f"{d['p']:.2g}"})
-    kept = holm({i: e["p_value"] for i, e in enumerate(effects)})
+    kept = holm({i: e["p_value"] for i, e in enumerate(effects) if e["judged"]})
     for i, e in enumerate(effects):
-        e["holm"] = "yes" if i in kept else "no"
+        e["holm"] = "yes" if i in kept else "no" if e["judged"] else "not judged"
     return effects
 
 
@@ -611,9 +617,6 @@ def compare_table(per_seed_csv, base, cells, column="worst case"):
         both = sorted(seeds(cell) & seeds(base), key=int)
         d = paired_difference([value[(cell, s)] for s in both], [value[(base, s)] for s in both])
         rows.append({"cell": cell, "values": [value[(cell, s)] for s in sorted(seeds(cell), key=int)], **d})
-    # as in matrix_table: 2 seeds give no usable interval, so only >= 3 paired seeds are judged; nor is
-    # a difference equal in every seed (t infinite: on a few hundred images, often 1-3 images)
-    judged = lambda r: r["p"] is not None and r["n"] >= 3 and r["std"] > 1e-9  # not float noise
     kept = holm({i: r["p"] for i, r in enumerate(rows) if judged(r)})
     family = sum(judged(r) for r in rows)
     text = f"| cell | {column} | - {base} [95% CI] | p | Holm (over {family}) | same sign |\n|---|---|---|---|---|---|\n"
@@ -622,7 +625,7 @@ def compare_table(per_seed_csv, base, cells, column="worst case"):
         ci = f" [{r['low']:+.2f}, {r['high']:+.2f}]" if r["half_width"] is not None else ""
         p = "-" if r["p"] is None else f"{r['p']:.2g}"
         same = f"{r['n']}/{r['n']}" if r["same_sign"] else "no"
-        if r["n"] >= 3 and r["std"] <= 1e-9:
+        if r["n"] >= 3 and not judged(r):
             p = "- (equal in every seed)"
         verdict = "yes" if i in kept else "no" if judged(r) else "not judged"
         text += f"| {r['cell']} | {_pm(r['values'])} | {r['mean']:+.2f}{ci} (n={r['n']}) | {p} | {verdict} | {same} |\n"

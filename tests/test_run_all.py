@@ -319,6 +319,10 @@ def test_t_test_p_values_and_holm_match_tables():
     # Holm: sorted 0.005 <= 0.05/4, 0.01 <= 0.05/3, then 0.03 > 0.05/2 stops (0.04 is not reached)
     assert tables.holm({"a": 0.01, "b": 0.04, "c": 0.03, "d": 0.005}) == {"a", "d"}
     assert tables.holm({"a": 0.04}) == {"a"} and tables.holm({}) == set()
+    # what can be tested: >= 3 pairs with some spread (equal differences make t infinite)
+    assert tables.judged(tables.paired_difference([2, 4, 3], [0, 1, 0]))
+    assert not tables.judged(tables.paired_difference([2, 4], [0, 1]))
+    assert not tables.judged(tables.paired_difference([61.4, 58.4, 60.6], [61.0, 58.0, 60.2]))
 
 
 def test_many_comparisons_and_two_seeds_are_not_called_significant(tmp_path):
@@ -480,8 +484,9 @@ def test_shape_sweep_figure_reads_curvature_and_shift_from_the_cell_names(tmp_pa
     run = lambda act, seed, worst: {"regime": "pgd", "activation": act, "seed": seed, "worst case": worst, "status": "ok"}
     per_seed = [run("relu", 0, 61.0), run("psilu,freeze-act,act-init=a=1", 0, 58.0), run("psilu,freeze-act,act-init=a=1", 1, 58.4),
                 run("psilu,freeze-act,act-init=a=40", 0, 62.0), run("pssilu,freeze-act,act-init=a=1:b=0.5", 0, 54.0),
-                run("pssilu,pssilu-reg=0", 0, 60.0), dict(run("psilu,freeze-act,act-init=a=2", 0, 99.0), status="failed (train)")]
-    seen = []
+                run("pssilu,pssilu-reg=0", 0, 60.0), dict(run("psilu,freeze-act,act-init=a=2", 0, 99.0), status="failed (train)"),
+                dict(run("relu", 0, 10.0), regime="fast")]  # another regime's relu: not the reference line
+    seen, lines = [], []
     real = tables.pyplot()
     if real is None:
         pytest.skip("matplotlib is not installed")
@@ -493,8 +498,9 @@ def test_shape_sweep_figure_reads_curvature_and_shift_from_the_cell_names(tmp_pa
         def subplots(self, *args, **kwargs):
             fig, axes = real.subplots(*args, **kwargs)
             for ax in axes:
-                plot = ax.plot
+                plot, axhline = ax.plot, ax.axhline
                 ax.plot = lambda x, y, *a, _plot=plot, _ax=ax, **k: (seen.append((id(_ax), list(x), list(y))), _plot(x, y, *a, **k))[1]
+                ax.axhline = lambda y, *a, _line=axhline, **k: (lines.append(y), _line(y, *a, **k))[1]
             return fig, axes
     monkeypatch.setattr(tables, "pyplot", lambda: Recorder())
     path = tables.shape_sweep_figure(per_seed, str(tmp_path / "shape_sweeps.png"))
@@ -506,6 +512,7 @@ def test_shape_sweep_figure_reads_curvature_and_shift_from_the_cell_names(tmp_pa
     assert ([0.5, 0.5], [58.0, 58.4]) in curvature and ([20.0], [62.0]) in curvature
     assert curvature[-1][0] == [0.5, 20.0] and curvature[-1][1] == pytest.approx([58.2, 62.0])
     assert shift == [([0.5], [54.0]), ([0.5], [54.0])]
+    assert lines == [61.0, 61.0]  # the same regime's relu mean, in both panels
     assert tables.shape_sweep_figure([run("relu", 0, 61.0)], str(tmp_path / "none.png")) is None
 
 
