@@ -355,8 +355,13 @@ fi
 # FAILED or INTERRUPTED file in its folder (it runs in the background: it cannot set our variables).
 evaluated() { [ -f "$1/eval.json" ] && [ "$(cat "$1/eval_config.txt" 2>/dev/null)" = "$EVAL_FLAGS" ]; }
 analysed() { [ -z "$ANALYZE_FLAGS" ] || [ "$(cat "$1/analyze_config.txt" 2>/dev/null)" = "$ANALYZE_FLAGS" ]; }
+stopped() {  # DIR STEP WORDS LOG RC LINE: true (and recorded, and reported) when a step did not succeed
+    if [ "$5" = 130 ] || [ "$5" = 143 ]; then echo "$2" > "$1/INTERRUPTED"; echo "$6 interrupted in $3 (resumes on the next run)"; return 0; fi
+    if [ "$5" != 0 ]; then echo "$2" > "$1/FAILED"; echo "$6 FAILED in $3 (see $4)"; return 0; fi
+    return 1
+}
 run_one() {
-    local regime=$1 act=$2 seed=$3 line=$4 device_flags=$5 dir rc
+    local regime=$1 act=$2 seed=$3 line=$4 device_flags=$5 dir
     dir=$(run_dir "$regime" "$act" "$seed")
     mkdir -p "$dir"
     rm -f "$dir/FAILED" "$dir/INTERRUPTED"
@@ -369,26 +374,20 @@ run_one() {
         $PYTHON "train_$(script_of "$regime").py" --dataset "$DATASET" --data-dir "$DATA_DIR" --model "$MODEL" --epsilon "$EPS" \
             $(cell_train_flags "$regime" "$act") --seed "$seed" $device_flags --out-dir "$dir" \
             --resume >> "$dir/train.log" 2>&1
-        rc=$?
-        if [ $rc = 130 ] || [ $rc = 143 ]; then echo "train" > "$dir/INTERRUPTED"; echo "$line interrupted in training (resumes on the next run)"; return; fi
-        if [ $rc != 0 ]; then echo "train" > "$dir/FAILED"; echo "$line FAILED in training (see $dir/train.log)"; return; fi
+        stopped "$dir" train training "$dir/train.log" $? "$line" && return
     fi
     if ! evaluated "$dir"; then
         rm -f "$dir/eval_config.txt"
         # shellcheck disable=SC2086
         $PYTHON eval.py "$dir/checkpoint.pt" $EVAL_FLAGS $device_flags --out "$dir/eval.json" > "$dir/eval.log" 2>&1
-        rc=$?
-        if [ $rc = 130 ] || [ $rc = 143 ]; then echo "eval" > "$dir/INTERRUPTED"; echo "$line interrupted in evaluation (resumes on the next run)"; return; fi
-        if [ $rc != 0 ]; then echo "eval" > "$dir/FAILED"; echo "$line FAILED in evaluation (see $dir/eval.log)"; return; fi
+        stopped "$dir" eval evaluation "$dir/eval.log" $? "$line" && return
         echo "$EVAL_FLAGS" > "$dir/eval_config.txt"
     fi
     if ! analysed "$dir"; then
         rm -f "$dir/analyze_config.txt"
         # shellcheck disable=SC2086
         $PYTHON analyze.py "$dir/checkpoint.pt" $ANALYZE_FLAGS $device_flags > "$dir/analyze.log" 2>&1
-        rc=$?
-        if [ $rc = 130 ] || [ $rc = 143 ]; then echo "analyze" > "$dir/INTERRUPTED"; echo "$line interrupted in analyze.py (resumes on the next run)"; return; fi
-        if [ $rc != 0 ]; then echo "analyze" > "$dir/FAILED"; echo "$line FAILED in analyze.py (see $dir/analyze.log)"; return; fi
+        stopped "$dir" analyze analyze.py "$dir/analyze.log" $? "$line" && return
         echo "$ANALYZE_FLAGS" > "$dir/analyze_config.txt"
     fi
     echo "$line $(tail -n 1 "$dir/eval.log")"
