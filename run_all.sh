@@ -21,7 +21,7 @@
 #               three under FGSM-RS, evaluated with APGD-CE + APGD-DLR and the three curves, every model
 #               scored by its max softmax (one confidence rule; mean training lowers that score), and
 #               the penultimate-feature test of their Figure 1 (ANALYZE_FLAGS: analyze.py --features)
-#               (eval.py --saf-curves -> $OUT/saf_curves.md, .json, .png)
+#               (eval.py --saf-curves -> $OUT/saf_curves.md, .json, .png; per run: saf_seeds.csv)
 #               A cell's ACT may end in ,FLAG=VALUE (or ,FLAG for a switch) options for that cell
 #               alone, e.g. "free:relu,lr-schedule=onecycle,epochs=2" or "fast:relu,nfgsm"
 #   STUDY=schedules  the fast-schedule thesis's protocol (its Table 1), scaled to Fashion-MNIST lenet:
@@ -76,7 +76,7 @@
 #   OUT         results folder                                     [results / results-quick]
 #   FIGURES     a folder (e.g. figures/quick) that receives a copy of the tables' figures (PNG) and
 #               their data (results.md, results.csv, results_seeds.csv, curves / saf_curves / fastat
-#               .md and .json, shape_sweeps.png) once the table is written: small files, to commit
+#               .md and .json, saf_seeds.csv, shape_sweeps.png) once the table is written: small files, to commit
 #               beside RESULTS.md
 #
 # Each run lives in $OUT/runs/<regime>_<act>_s<seed>/ with its logs and run_config.txt (script and
@@ -439,7 +439,7 @@ fi
 $PYTHON tables.py "$OUT" "$CELLS" "$SEEDS" "${BASELINE:-relu}" "$EVAL_FLAGS"
 if [ -n "${FIGURES:-}" ]; then
     mkdir -p "$FIGURES" && for f in results.png results.md results.csv results_seeds.csv curves.png curves.md curves.json \
-        saf_curves.png saf_curves.md saf_curves.json fastat.md fastat.json shape_sweeps.png; do
+        saf_curves.png saf_curves.md saf_curves.json saf_seeds.csv fastat.md fastat.json shape_sweeps.png; do
         if [ -f "$OUT/$f" ]; then cp "$OUT/$f" "$FIGURES/"; fi
     done && echo "figures and tables -> $FIGURES"
 fi

@@ -10,7 +10,8 @@
                                                           -> shape_sweeps.png
   saf_table     Zhao & Griffin's three curves (adversarial, noisy, nonsense) averaged over seeds,
                 and their feature test where the runs were analysed (analyze.py --features);
-                                                          -> saf_curves.md / .json / .png
+                                                          -> saf_curves.md / .json / .png,
+                saf_seeds.csv (the same per run)
 
 Standard library only (matplotlib optional, for the PNGs).  run_all.sh calls
 
@@ -21,6 +22,8 @@ table is read back from its committed per-seed CSV (paired over seeds, Holm over
 
     python tables.py --compare figures/paf/results_seeds.csv pgd:relu pgd:prelu pgd:psilu ...
 
+(another column than the worst case with --column, e.g. --column clean, or --column "nonsense beta
+0.1" in a saf_seeds.csv)
 and a matrix as one row per activation and a column pair per regime (--against: how far each cell
 moved from an earlier table of the same cells):
 
@@ -433,11 +436,43 @@ def saf_feature_rows(out, cells, seeds):
     return rows
 
 
+def write_saf_seeds(out, cells, seeds, betas):
+    """saf_seeds.csv: one row per run that has the curves, in %: each curve at each beta ('nonsense
+    beta 0.1') and, where the run was analysed, the feature test's three numbers, so that a family of
+    paired comparisons over seeds can be read back from the committed file (--compare ... --column)."""
+    cols = ["regime", "activation", "seed", "status", "score"]
+    cols += [f"{kind} beta {b}" for kind in SAF_METRICS for b in betas]
+    cols += ["auroc noisy", "auroc nonsense", "nonsense beyond q99"]
+    rows = []
+    for g, a in cells:
+        for s in seeds:
+            run = os.path.join(out, "runs", f"{g}_{a}_s{s}")
+            if not os.path.exists(os.path.join(run, "eval.json")):
+                continue
+            curves = json.load(open(os.path.join(run, "eval.json"))).get("saf_curves")
+            if curves is None:
+                continue
+            row = {"regime": g, "activation": a, "seed": s, "status": "ok", "score": curves.get("confidence", "softmax")}
+            for kind, (key, _) in SAF_METRICS.items():
+                row.update({f"{kind} beta {b}": f"{100 * curves[kind][b][key]:.2f}" for b in betas if b in curves[kind]})
+            path = os.path.join(run, "analysis", "features.json")
+            if os.path.exists(path):
+                f = json.load(open(path))
+                row.update({"auroc noisy": f"{100 * f['noisy']['auroc_vs_clean']:.2f}",
+                            "auroc nonsense": f"{100 * f['nonsense']['auroc_vs_clean']:.2f}",
+                            "nonsense beyond q99": f"{100 * f['nonsense']['share_beyond_clean_q99']:.2f}"})
+            rows.append(row)
+    with open(os.path.join(out, "saf_seeds.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
 def saf_table(out, cells, seeds):
     """Zhao & Griffin's three curves (eval.py --saf-curves) of every cell, mean ± std over the seeds
     that have them: saf_curves.md (a table per kind, a column per beta), saf_curves.json and, with
-    matplotlib, saf_curves.png (a panel per kind, a line per cell).  Returns the markdown, or None
-    when no run has the curves."""
+    matplotlib, saf_curves.png (a panel per kind, a line per cell); saf_seeds.csv (write_saf_seeds).
+    Returns the markdown, or None when no run has the curves."""
     curves = {}
     for g, a in cells:
         found = []
@@ -465,6 +500,7 @@ def saf_table(out, cells, seeds):
                                      "mean": {b: mean_std(v)[0] for b, v in values.items() if v},
                                      "std": {b: mean_std(v)[1] for b, v in values.items() if v}})
     features = saf_feature_rows(out, cells, seeds)
+    write_saf_seeds(out, cells, seeds, betas)
     if features:
         text += ("\n**Penultimate features** (`analyze.py CKPT --features`: Mahalanobis distance to the clean "
                  "features' Gaussian; AUROC of that distance separating noisy / nonsense images from clean "
@@ -604,8 +640,10 @@ def compare_table(per_seed_csv, base, cells, column="worst case"):
     the uncorrected p and whether it survives Holm's correction over these cells (5% family-wise;
     a cell with fewer than 3 paired seeds, or the same difference in every seed, is not judged).
     Returns the markdown table."""
-    value = {}
-    for r in csv.DictReader(open(per_seed_csv)):
+    value, reader = {}, csv.DictReader(open(per_seed_csv))
+    if column not in (reader.fieldnames or []):
+        raise ValueError(f"no column '{column}' in {per_seed_csv} (it has: {', '.join(reader.fieldnames or [])})")
+    for r in reader:
         if r.get("status") == "ok" and r.get(column) not in (None, ""):
             value[(f"{r['regime']}:{r['activation']}", r["seed"])] = float(r[column])
     seeds = lambda cell: {s for c, s in value if c == cell}
@@ -685,11 +723,15 @@ def main(argv=None):
             return 2
         return 0
     if argv and argv[0] == "--compare":
-        if len(argv) < 4:
-            print("usage: python tables.py --compare results_seeds.csv BASE CELL [CELL ...]", file=sys.stderr)
+        column = "worst case"
+        if "--column" in argv:
+            i = argv.index("--column")
+            column, argv = (argv[i + 1] if i + 1 < len(argv) else ""), argv[:i] + argv[i + 2:]
+        if len(argv) < 4 or not column:
+            print("usage: python tables.py --compare results_seeds.csv BASE CELL [CELL ...] [--column NAME]", file=sys.stderr)
             return 2
         try:
-            print(compare_table(argv[1], argv[2], argv[3:]), end="")
+            print(compare_table(argv[1], argv[2], argv[3:], column), end="")
         except (OSError, ValueError, KeyError) as err:
             print(f"tables.py: {err}", file=sys.stderr)
             return 2

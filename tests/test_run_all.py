@@ -133,6 +133,13 @@ def test_the_saf_study_runs_natural_training_the_tricks_and_writes_the_curves(tm
                                    100 * found["nonsense"]["share_beyond_clean_q99"]], abs=0.051)
     assert [f["activation"] for f in json.load(open(out / "saf_curves.json"))["features"]] == \
         ["relu", "mrelu-insert+H+R+M", "rbf-insert+H"]
+    # the same per run in saf_seeds.csv, from which --compare --column reads a family
+    per = list(csv.DictReader(open(out / "saf_seeds.csv")))
+    assert [(p["regime"], p["activation"], p["seed"]) for p in per] == [(*c.split(":"), "0") for c in cells.split()]
+    relu_eval = json.load(open(out / "runs" / "natural_relu_s0" / "eval.json"))["saf_curves"]
+    assert float(per[0]["nonsense beta 0.2"]) == pytest.approx(100 * relu_eval["nonsense"]["0.2"]["nonsense"], abs=0.006)
+    assert float(per[0]["adversarial beta 0"]) == pytest.approx(100 * relu_eval["adversarial"]["0"]["accuracy"], abs=0.006)
+    assert float(per[0]["auroc nonsense"]) == pytest.approx(100 * found["nonsense"]["auroc_vs_clean"], abs=0.006)
     # a re-run skips every finished run; other ANALYZE_FLAGS redo the analysis only, not the evaluation
     assert _run_all(env).stdout.count("done before, skipped") == 3
     evaluated = (out / "runs" / "natural_relu_s0" / "eval.json").stat().st_mtime_ns
@@ -453,6 +460,19 @@ def test_compare_reads_a_family_from_the_per_seed_csv_pairs_by_seed_and_applies_
     assert tables.main(["--compare", str(path), "pgd:relu", "pgd:kaf"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no finished run of pgd:kaf" in err[0]
+    # --column (anywhere after the CSV): the same pairing on another column; one the file lacks is one line
+    other = tmp_path / "saf_seeds.csv"
+    with open(other, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["regime", "activation", "seed", "status", "nonsense beta 0.1"])
+        w.writerows([("natural", a, s, "ok", v) for a, vs in (("relu", [70, 72, 74]), ("rbf", [40, 41, 45]))
+                     for s, v in enumerate(vs)])
+    assert tables.main(["--compare", str(other), "--column", "nonsense beta 0.1", "natural:relu", "natural:rbf"]) == 0
+    out = capsys.readouterr().out
+    assert "| cell | nonsense beta 0.1 |" in out and "| natural:rbf | 42.00 ± 2.65 | -30.00 [" in out and "| yes | 3/3 |" in out
+    assert tables.main(["--compare", str(path), "pgd:relu", "pgd:psilu", "--column", "clean"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no column 'clean'" in err[0]
 
 
 def test_grid_puts_regimes_side_by_side_bolds_what_survives_holm_and_says_how_far_cells_moved(tmp_path, capsys):
