@@ -532,12 +532,15 @@ def targeted_fgs(model, x, target, beta):
 
 
 def saf_curves(model, x, y, betas, threshold=0.9, seed=0, noise_mean=0.5, noise_std=0.25, batch_size=256,
-               device=None, progress=None, confidence="softmax"):
+               device=None, progress=None, confidence="softmax", accept_clean=None):
     """Zhao & Griffin's three curves over a strength beta, on (x, y) ([0,1] images, may live on the
     CPU), each with the "nonsense" decision: a prediction whose best confidence score is below
     ``threshold`` is read as "this is nonsense" rather than a category.  The score is the softmax
     probability, or with ``confidence="output"`` the raw output itself (the scale a model trained on
-    the hybrid loss learns: 1 for its category, 0 for the others).
+    the hybrid loss learns: 1 for its category, 0 for the others).  With ``accept_clean`` (a share
+    in (0, 1]) the threshold is not ``threshold`` but the score that this share of the clean images
+    (x) reach: every model then works at the same clean acceptance, whatever the scale of its score
+    (a hybrid-loss model's softmax stays far below 0.9 even when it is right).
 
     - adversarial: x' = targeted_fgs(x, t, beta) towards a random incorrect category t; accuracy =
       share still predicted correctly (above the threshold), fooled = share predicted as t;
@@ -549,6 +552,15 @@ def saf_curves(model, x, y, betas, threshold=0.9, seed=0, noise_mean=0.5, noise_
     Targets and noise come from torch.Generator().manual_seed(seed) on the CPU, one draw per image
     shared by all betas (the curves are not jagged by resampling).  Returns {kind: {beta: {...}}}."""
     device = device or next(model.parameters()).device
+    score = lambda logits: (F.softmax(logits, 1) if confidence == "softmax" else logits).max(1)
+    if accept_clean is not None:
+        if not 0 < accept_clean <= 1:
+            raise ValueError(f"accept_clean must be a share in (0, 1], got {accept_clean}")
+        with torch.no_grad(), eval_float32(model):
+            clean = torch.cat([score(model(x[i:i + batch_size].float().to(device)).float()).values.cpu()
+                               for i in range(0, len(x), batch_size)])
+        # the largest threshold that keeps at least accept_clean of the clean scores (>= threshold)
+        threshold = clean.sort(descending=True).values[math.ceil(accept_clean * len(clean)) - 1].item()
     g = torch.Generator().manual_seed(seed)
     out = {k: {b: {"correct": 0, "fooled": 0, "nonsense": 0} for b in betas} for k in ("adversarial", "nonsense", "noisy")}
     starts = range(0, len(x), batch_size)
@@ -568,8 +580,7 @@ def saf_curves(model, x, y, betas, threshold=0.9, seed=0, noise_mean=0.5, noise_
                                  ("nonsense", targeted_fgs(model, noise, target, b), target),
                                  ("noisy", (xb + b * z).clamp(0, 1), None)):
                 with torch.no_grad(), eval_float32(model):
-                    out_b = model(xin).float()
-                    p = (F.softmax(out_b, 1) if confidence == "softmax" else out_b).max(1)
+                    p = score(model(xin).float())
                 sure = p.values >= threshold
                 r = out[kind][b]
                 r["nonsense"] += (~sure).sum().item()
@@ -588,4 +599,5 @@ def saf_curves(model, x, y, betas, threshold=0.9, seed=0, noise_mean=0.5, noise_
             if kind != "noisy":
                 row["fooled"] = r["fooled"] / n
             result[kind][f"{b:.6g}"] = row
-    return {"threshold": threshold, "confidence": confidence, "n": n, "betas": list(betas), **result}
+    return {"threshold": threshold, "confidence": confidence, "accept_clean": accept_clean, "n": n,
+            "betas": list(betas), **result}

@@ -135,6 +135,10 @@ def get_args(argv=None):
                         "nonsense (noise pushed to a class), noisy")
     p.add_argument("--saf-betas", type=utils.fraction, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
                    help="strengths beta of the --saf-curves")
+    p.add_argument("--accept-clean", type=float, default=None, metavar="SHARE",
+                   help="--saf-curves: instead of --nonsense-threshold, each model's threshold is the "
+                        "score that SHARE of the clean images reach (one operating point for scores "
+                        "of any scale, e.g. 0.95)")
     p.add_argument("--confidence", default="softmax", choices=["softmax", "output", "auto"],
                    help="--saf-curves' score, one rule for every model: max softmax, or the raw output "
                         "(auto: output for hybrid-loss models)")
@@ -172,6 +176,8 @@ def get_args(argv=None):
         p.error(f"--pgd-alpha must be > 0, got {args.pgd_alpha}")
     if not 0 < args.square_p_init <= 1 or not 0 <= args.nonsense_threshold <= 1:
         p.error("--square-p-init must be in (0, 1] and --nonsense-threshold in [0, 1]")
+    if args.accept_clean is not None and not 0 < args.accept_clean <= 1:
+        p.error(f"--accept-clean must be a share in (0, 1], got {args.accept_clean:g}")
     if min(args.nonsense_std, args.check_tol, args.gap_warn, args.square_only_max, args.zero_grad_max) < 0:
         p.error("--nonsense-std, --check-tol, --gap-warn, --square-only-max and --zero-grad-max must be >= 0")
     if min(args.pgd_steps, args.pgd_restarts, args.batch_size, args.apgd_restarts) < 1 or (args.n_eval is not None and args.n_eval < 1) \
@@ -482,12 +488,14 @@ def evaluate(model, x, y, args, eps, progress=True):
     if args.saf_curves:
         t0 = time.time()
         saf = attacks.saf_curves(model, x, y, args.saf_betas, args.nonsense_threshold, args.seed, noise_std=args.nonsense_std,
-                                 batch_size=args.batch_size, progress=bar("saf curves"), confidence=args.confidence)
+                                 batch_size=args.batch_size, progress=bar("saf curves"), confidence=args.confidence,
+                                 accept_clean=args.accept_clean)
         result["saf_curves"] = saf
         for kind, key in (("adversarial", "accuracy"), ("nonsense", "nonsense"), ("noisy", "accuracy")):
             print(f"  {kind:<11s} {'rejected as nonsense' if kind == 'nonsense' else 'accuracy'} over beta: " +
                   "  ".join(f"{b}: {r[key]:.3f}" for b, r in saf[kind].items()), flush=True)
-        print(f"  (saf curves, {args.confidence} confidence, threshold {args.nonsense_threshold:g}: {time.time() - t0:.1f}s)", flush=True)
+        at = f" (the score {args.accept_clean:g} of the clean images reach)" if args.accept_clean else ""
+        print(f"  (saf curves, {args.confidence} confidence, threshold {saf['threshold']:.4g}{at}: {time.time() - t0:.1f}s)", flush=True)
     # ---- sanity checks
     pgd_configs = {}
     for name in args.attack_list:

@@ -19,7 +19,8 @@
 #   STUDY=saf   Zhao & Griffin's grid (Fashion-MNIST lenet, seeds 0 1 2, OUT results-saf): relu /
 #               mrelu-insert+H / rbf-insert+H x {none, +R, +M, +R+M} under natural training and the
 #               three under FGSM-RS, evaluated with APGD-CE + APGD-DLR and the three curves, every model
-#               scored by its max softmax (one confidence rule; mean training lowers that score), and
+#               scored by its max softmax (one confidence rule; mean training lowers that score) against
+#               the threshold that 95% of its clean test images reach (one operating point), and
 #               the penultimate-feature test of their Figure 1 (ANALYZE_FLAGS: analyze.py --features)
 #               (eval.py --saf-curves -> $OUT/saf_curves.md, .json, .png; per run: saf_seeds.csv)
 #               A cell's ACT may end in ,FLAG=VALUE (or ,FLAG for a switch) options for that cell
@@ -105,7 +106,7 @@ if [ "${STUDY:-}" = saf ]; then
     DATASET=${DATASET:-fashionmnist}; DATA_DIR=${DATA_DIR:-/usr/share/datasets/fashion-mnist}
     MODEL=${MODEL:-lenet}; EPS=${EPS:-0.1}; OUT=${OUT:-results-saf}; SEEDS=${SEEDS:-0 1 2}; THREADS=${THREADS:-1}
     FAST_FLAGS=${FAST_FLAGS:---epochs 2 --n-train 20000 --n-eval 500}
-    EVAL_FLAGS=${EVAL_FLAGS:---attacks apgd-ce apgd-dlr --n-eval 1000 --n-clean 0 --saf-curves --confidence softmax}
+    EVAL_FLAGS=${EVAL_FLAGS:---attacks apgd-ce apgd-dlr --n-eval 1000 --n-clean 0 --saf-curves --confidence softmax --accept-clean 0.95}
     ANALYZE_FLAGS=${ANALYZE_FLAGS---features --n-eval 1000 --no-plot}  # set and empty: no analysis
     if [ -z "${CELLS:-}" ]; then
         for unit in relu mrelu-insert+H rbf-insert+H; do

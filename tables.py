@@ -440,7 +440,7 @@ def write_saf_seeds(out, cells, seeds, betas):
     """saf_seeds.csv: one row per run that has the curves, in %: each curve at each beta ('nonsense
     beta 0.1') and, where the run was analysed, the feature test's three numbers, so that a family of
     paired comparisons over seeds can be read back from the committed file (--compare ... --column)."""
-    cols = ["regime", "activation", "seed", "status", "score"]
+    cols = ["regime", "activation", "seed", "status", "score", "threshold"]
     cols += [f"{kind} beta {b}" for kind in SAF_METRICS for b in betas]
     cols += ["auroc noisy", "auroc nonsense", "nonsense beyond q99"]
     rows = []
@@ -452,7 +452,8 @@ def write_saf_seeds(out, cells, seeds, betas):
             curves = json.load(open(os.path.join(run, "eval.json"))).get("saf_curves")
             if curves is None:
                 continue
-            row = {"regime": g, "activation": a, "seed": s, "status": "ok", "score": curves.get("confidence", "softmax")}
+            row = {"regime": g, "activation": a, "seed": s, "status": "ok", "score": curves.get("confidence", "softmax"),
+                   "threshold": f"{curves['threshold']:.4g}"}
             for kind, (key, _) in SAF_METRICS.items():
                 row.update({f"{kind} beta {b}": f"{100 * curves[kind][b][key]:.2f}" for b in betas if b in curves[kind]})
             path = os.path.join(run, "analysis", "features.json")
@@ -486,11 +487,13 @@ def saf_table(out, cells, seeds):
         return None
     first = next(iter(curves.values()))[0]
     betas = list(first["adversarial"])
-    summary, text = {"threshold": first["threshold"], "betas": betas, "cells": []}, ""
+    summary, text = {"threshold": first["threshold"], "accept_clean": first.get("accept_clean"), "betas": betas,
+                     "cells": []}, ""
     for kind, (key, title) in SAF_METRICS.items():
+        rule = (f"the threshold that {100 * first['accept_clean']:g}% of its clean images reach, per model"
+                if first.get("accept_clean") else f"{first['threshold']:g}")
         text += (f"\n**{title}** (a prediction is nonsense when its best confidence score is below "
-                 f"{first['threshold']:g}; "
-                 f"mean ± std over seeds, %)\n\n"
+                 f"{rule}; mean ± std over seeds, %)\n\n"
                  f"| regime | activation | score | seeds | " + " | ".join(f"beta {b}" for b in betas) + " |\n|" + "---|" * (4 + len(betas)) + "\n")
         for (g, a), found in curves.items():
             values = {b: [100 * c[kind][b][key] for c in found if b in c[kind]] for b in betas}

@@ -100,7 +100,7 @@ def test_two_jobs_give_the_table_of_one_job(tmp_path):
 def test_the_saf_study_runs_natural_training_the_tricks_and_writes_the_curves(tmp_path):
     cells = "natural:relu natural:mrelu-insert+H+R+M fast:rbf-insert+H"
     env = _env(tmp_path, STUDY="saf", CELLS=cells, NATURAL_FLAGS=TINY,
-               EVAL_FLAGS="--attacks fgsm apgd-ce --apgd-iters 5 --n-eval 64 --saf-curves --saf-betas 0 0.2 --no-plot",
+               EVAL_FLAGS="--attacks fgsm apgd-ce --apgd-iters 5 --n-eval 64 --saf-curves --saf-betas 0 0.2 --accept-clean 0.9 --no-plot",
                ANALYZE_FLAGS="--features --n-eval 64 --no-plot --noise-sigma 0.2")
     out = tmp_path / "results"
     bad = _run_all(dict(env, ANALYZE_FLAGS="--features --n-eval 0"))  # refused before any run
@@ -121,7 +121,7 @@ def test_the_saf_study_runs_natural_training_the_tricks_and_writes_the_curves(tm
     md = (out / "saf_curves.md").read_text()
     # one confidence rule for every model (the max softmax)
     assert md.count("| natural | mrelu-insert+H+R+M | softmax | 1 |") == 3 and md.count("| natural | relu | softmax | 1 |") == 3
-    assert "beta 0.2" in md
+    assert "beta 0.2" in md and md.count("below the threshold that 90% of its clean images reach, per model") == 3
     assert (out / "saf_curves.png").exists() == (tables.pyplot() is not None)
     # Figure 1's feature test (ANALYZE_FLAGS: analyze.py --features after each evaluation): a row per cell,
     # read from the runs' JSON
@@ -138,6 +138,7 @@ def test_the_saf_study_runs_natural_training_the_tricks_and_writes_the_curves(tm
     assert [(p["regime"], p["activation"], p["seed"]) for p in per] == [(*c.split(":"), "0") for c in cells.split()]
     relu_eval = json.load(open(out / "runs" / "natural_relu_s0" / "eval.json"))["saf_curves"]
     assert float(per[0]["nonsense beta 0.2"]) == pytest.approx(100 * relu_eval["nonsense"]["0.2"]["nonsense"], abs=0.006)
+    assert float(per[0]["threshold"]) == pytest.approx(relu_eval["threshold"], rel=1e-3) and relu_eval["accept_clean"] == 0.9
     assert float(per[0]["adversarial beta 0"]) == pytest.approx(100 * relu_eval["adversarial"]["0"]["accuracy"], abs=0.006)
     assert float(per[0]["auroc nonsense"]) == pytest.approx(100 * found["nonsense"]["auroc_vs_clean"], abs=0.006)
     # a re-run skips every finished run; other ANALYZE_FLAGS redo the analysis only, not the evaluation

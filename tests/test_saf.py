@@ -107,6 +107,36 @@ def test_the_output_confidence_reads_the_raw_scores():
     assert result["noisy"]["0"]["accuracy"] == 1.0 and result["confidence"] == "output"
 
 
+class Scaled(nn.Module):
+    """Logits s * (x_0, -x_0, ...): the score grows with the first pixel, its scale set by s."""
+
+    def __init__(self, scale, classes=3):
+        super().__init__()
+        self.scale, self.classes = nn.Parameter(torch.tensor(scale)), classes
+
+    def forward(self, x):
+        v = x.flatten(1)[:, :1]
+        return self.scale * torch.cat([v, -v.expand(-1, self.classes - 1)], 1)
+
+
+def test_accept_clean_sets_each_models_threshold_where_that_share_of_clean_images_passes():
+    x, y = torch.rand(200, 1, 2, 2), torch.zeros(200, dtype=torch.long)
+    x[:, 0, 0, 0] = torch.linspace(0.01, 1, 200)
+    # a fixed 0.9 accepts almost everything of the sharp model and nothing of the flat one (softmax <= 0.58)
+    sharp, flat = Scaled(20.0), Scaled(0.5)
+    assert attacks.saf_curves(sharp, x, y, [0.0], threshold=0.9)["noisy"]["0"]["accuracy"] > 0.8
+    assert attacks.saf_curves(flat, x, y, [0.0], threshold=0.9)["noisy"]["0"]["accuracy"] == 0.0
+    for model in (sharp, flat):
+        for confidence in ("softmax", "output"):
+            r = attacks.saf_curves(model, x, y, [0.0], threshold=0.9, confidence=confidence, accept_clean=0.95)
+            # the 10 images with the smallest first pixel (the lowest scores) are rejected, the rest pass
+            assert r["noisy"]["0"] == {"nonsense": 0.05, "accuracy": 0.95} and r["accept_clean"] == 0.95
+            if model is flat:  # its best softmax (0.58) and output (0.5) stay below 0.9: the threshold follows
+                assert r["threshold"] < 0.58
+    with pytest.raises(ValueError):
+        attacks.saf_curves(flat, x, y, [0.0], accept_clean=0.0)
+
+
 def test_saf_curves_on_a_trained_toy_have_the_expected_shapes():
     model, x, y = _trained_toy()
     r = attacks.saf_curves(model, x, y, [0.0, 0.2, 0.8], threshold=0.5)
@@ -136,3 +166,10 @@ def test_eval_saf_curves_end_to_end(tmp_path):
         assert list(saved[kind]) == ["0", "0.1", "0.3"]
         for row in saved[kind].values():
             assert all(0 <= v <= 1 for v in row.values())
+    # --accept-clean: the threshold read from the clean images (32: at least 29 of them pass at beta 0)
+    again = eval_script.main([str(ckpt_dir / "checkpoint.pt"), "--attacks", "fgsm", "--n-eval", "32", "--saf-curves",
+                              "--saf-betas", "0", "--accept-clean", "0.9", "--no-plot"])["saf_curves"]
+    assert again["accept_clean"] == 0.9 and again["noisy"]["0"]["nonsense"] <= 3 / 32
+    with pytest.raises(SystemExit) as bad:
+        eval_script.main([str(ckpt_dir / "checkpoint.pt"), "--saf-curves", "--accept-clean", "1.5"])
+    assert bad.value.code == 2
