@@ -678,11 +678,13 @@ REGIME_NAMES = {"fast": "FGSM-RS", "free": "Free", "pgd": "PGD", "natural": "nat
 
 def grid_table(paths, against=None):
     """The matrix as one row per activation and a column pair per regime, from one or more
-    results.csv files of matrix_table: the worst case (mean ± std, clean accuracy in brackets) and
-    its paired difference to the baseline, in bold when it survives Holm's correction of its own
-    table.  ``against``: an earlier results.csv of the same cells; each cell then also gives how far
-    its mean worst case moved from that one's.  Returns the markdown."""
-    rows = [r for path in paths for r in csv.DictReader(open(path))]
+    results.csv files of matrix_table (a cell in several: the last file's): the worst case (mean ±
+    std, clean accuracy in brackets) and its paired difference to the baseline, in bold when it
+    survives Holm's correction of its own table.  ``against``: an earlier results.csv of the same
+    cells; each cell read from another file then also gives how far its mean worst case moved from
+    that one's (so a matrix re-run in parts can be shown whole, the parts not yet re-run as they
+    were).  Returns the markdown."""
+    rows = [dict(r, source=path) for path in paths for r in csv.DictReader(open(path))]
     before = {(r["regime"], r["activation"]): r for r in csv.DictReader(open(against))} if against else {}
     mean = lambda text: float(text.split(" ± ")[0])
     regimes = list(dict.fromkeys(r["regime"] for r in rows))
@@ -699,7 +701,8 @@ def grid_table(paths, against=None):
                 parts += ["-", "-"]
                 continue
             moved = ""
-            if (g, a) in before and before[(g, a)]["worst case"] not in ("", "-"):
+            if (g, a) in before and before[(g, a)]["worst case"] not in ("", "-") and \
+                    os.path.abspath(r["source"]) != os.path.abspath(against):
                 moved = f"; {mean(r['worst case']) - mean(before[(g, a)]['worst case']):+.1f}"
             d = r[diff_col]
             parts += [f"{r['worst case']} ({mean(r['clean']):.1f}{moved})",
@@ -714,8 +717,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--grid":
         files = argv[1:]
-        against = files[files.index("--against") + 1] if "--against" in files[:-1] else None
-        files = [f for f in files if f not in ("--against", against)]
+        against = None
+        if "--against" in files[:-1]:
+            i = files.index("--against")
+            against, files = files[i + 1], files[:i] + files[i + 2:]
         if not files:
             print("usage: python tables.py --grid results.csv [results.csv ...] [--against earlier/results.csv]", file=sys.stderr)
             return 2

@@ -496,6 +496,17 @@ def test_grid_puts_regimes_side_by_side_bolds_what_survives_holm_and_says_how_fa
     assert lines[2:] == ["| relu | 66.17 ± 0.81 (83.2) | - | 53.77 ± 0.35 (85.7) | - |",
                          "| kaf | 60.00 ± 1.00 (83.8; -7.1) | **-6.17 [-8.00, -4.34]** | 62.17 ± 0.87 (85.1) | +8.40 [+6.77, +10.03] |",
                          "| kwta | - | - | 28.80 ± 1.51 (86.1) | **-24.97 [-28.95, -20.98]** |"]
+    # a matrix re-run in parts: the earlier table first, the re-run part after it; only re-run cells say how
+    # far they moved
+    assert tables.main(["--grid", str(tmp_path / "before.csv"), str(tmp_path / "fast.csv"), str(tmp_path / "free.csv"),
+                        "--against", str(tmp_path / "before.csv")]) == 0
+    assert "| kaf | 60.00 ± 1.00 (83.8; -7.1) |" in capsys.readouterr().out
+    write(tmp_path / "before.csv", [("fast", "kaf", "83.78 ± 0.33", "67.10 ± 1.35", "+0.93 [-0.86, +2.73]", "no (p 0.16)"),
+                                    ("free", "kaf", "85.14 ± 0.08", "62.17 ± 0.87", "+8.40 [+6.77, +10.03]", "no")])
+    assert tables.main(["--grid", str(tmp_path / "before.csv"), str(tmp_path / "fast.csv"),
+                        "--against", str(tmp_path / "before.csv")]) == 0
+    kaf = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("| kaf "))
+    assert kaf == "| kaf | 60.00 ± 1.00 (83.8; -7.1) | **-6.17 [-8.00, -4.34]** | 62.17 ± 0.87 (85.1) | +8.40 [+6.77, +10.03] |"
     assert tables.main(["--grid", str(tmp_path / "missing.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.csv" in err[0]
