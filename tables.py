@@ -526,7 +526,7 @@ def saf_table(out, cells, seeds):
                         linestyle=("-", "--", ":")[i // 10 % 3])
             ax.set(xlabel="beta", ylabel="%", title=title, ylim=(0, 100))
             ax.grid(alpha=0.3)
-        axes[-1].legend(fontsize=7)
+        axes[-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the curves, not on them
         fig.savefig(os.path.join(out, "saf_curves.png"), dpi=110, bbox_inches="tight")
         plt.close(fig)
     return text.lstrip()
