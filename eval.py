@@ -136,9 +136,8 @@ def get_args(argv=None):
     p.add_argument("--saf-betas", type=utils.fraction, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
                    help="strengths beta of the --saf-curves")
     p.add_argument("--accept-clean", type=float, default=None, metavar="SHARE",
-                   help="--saf-curves: instead of --nonsense-threshold, each model's threshold is the "
-                        "score that SHARE of the clean images reach (one operating point for scores "
-                        "of any scale, e.g. 0.95)")
+                   help="--saf-curves' threshold per model: the score SHARE of its clean images "
+                        "reach (e.g. 0.95; in place of --nonsense-threshold)")
     p.add_argument("--confidence", default="softmax", choices=["softmax", "output", "auto"],
                    help="--saf-curves' score, one rule for every model: max softmax, or the raw output "
                         "(auto: output for hybrid-loss models)")
