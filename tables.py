@@ -436,33 +436,27 @@ def saf_feature_rows(out, cells, seeds):
     return rows
 
 
-def write_saf_seeds(out, cells, seeds, betas):
-    """saf_seeds.csv: one row per run that has the curves, in %: each curve at each beta ('nonsense
-    beta 0.1') and, where the run was analysed, the feature test's three numbers, so that a family of
+def write_saf_seeds(out, runs, betas):
+    """saf_seeds.csv: one row per run that has the curves (``runs``: {(regime, act, seed): the
+    eval.json's saf_curves}, as saf_table read them), in %: each curve at each beta ('nonsense beta
+    0.1') and, where the run was analysed, the feature test's three numbers, so that a family of
     paired comparisons over seeds can be read back from the committed file (--compare ... --column)."""
     cols = ["regime", "activation", "seed", "status", "score", "threshold"]
     cols += [f"{kind} beta {b}" for kind in SAF_METRICS for b in betas]
     cols += ["auroc noisy", "auroc nonsense", "nonsense beyond q99"]
     rows = []
-    for g, a in cells:
-        for s in seeds:
-            run = os.path.join(out, "runs", f"{g}_{a}_s{s}")
-            if not os.path.exists(os.path.join(run, "eval.json")):
-                continue
-            curves = json.load(open(os.path.join(run, "eval.json"))).get("saf_curves")
-            if curves is None:
-                continue
-            row = {"regime": g, "activation": a, "seed": s, "status": "ok", "score": curves.get("confidence", "softmax"),
-                   "threshold": f"{curves['threshold']:.4g}"}
-            for kind, (key, _) in SAF_METRICS.items():
-                row.update({f"{kind} beta {b}": f"{100 * curves[kind][b][key]:.2f}" for b in betas if b in curves[kind]})
-            path = os.path.join(run, "analysis", "features.json")
-            if os.path.exists(path):
-                f = json.load(open(path))
-                row.update({"auroc noisy": f"{100 * f['noisy']['auroc_vs_clean']:.2f}",
-                            "auroc nonsense": f"{100 * f['nonsense']['auroc_vs_clean']:.2f}",
-                            "nonsense beyond q99": f"{100 * f['nonsense']['share_beyond_clean_q99']:.2f}"})
-            rows.append(row)
+    for (g, a, s), curves in runs.items():
+        row = {"regime": g, "activation": a, "seed": s, "status": "ok", "score": curves.get("confidence", "softmax"),
+               "threshold": f"{curves['threshold']:.4g}"}
+        for kind, (key, _) in SAF_METRICS.items():
+            row.update({f"{kind} beta {b}": f"{100 * curves[kind][b][key]:.2f}" for b in betas if b in curves[kind]})
+        path = os.path.join(out, "runs", f"{g}_{a}_s{s}", "analysis", "features.json")
+        if os.path.exists(path):
+            f = json.load(open(path))
+            row.update({"auroc noisy": f"{100 * f['noisy']['auroc_vs_clean']:.2f}",
+                        "auroc nonsense": f"{100 * f['nonsense']['auroc_vs_clean']:.2f}",
+                        "nonsense beyond q99": f"{100 * f['nonsense']['share_beyond_clean_q99']:.2f}"})
+        rows.append(row)
     with open(os.path.join(out, "saf_seeds.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
@@ -474,13 +468,14 @@ def saf_table(out, cells, seeds):
     that have them: saf_curves.md (a table per kind, a column per beta), saf_curves.json and, with
     matplotlib, saf_curves.png (a panel per kind, a line per cell); saf_seeds.csv (write_saf_seeds).
     Returns the markdown, or None when no run has the curves."""
-    curves = {}
+    curves, per_run = {}, {}  # per cell: the seeds' curves; per (regime, act, seed): its curves
     for g, a in cells:
         found = []
         for s in seeds:
             path = os.path.join(out, "runs", f"{g}_{a}_s{s}", "eval.json")
             if os.path.exists(path) and "saf_curves" in (e := json.load(open(path))):
                 found.append(e["saf_curves"])
+                per_run[(g, a, s)] = e["saf_curves"]
         if found:
             curves[(g, a)] = found
     if not curves:
@@ -503,7 +498,7 @@ def saf_table(out, cells, seeds):
                                      "mean": {b: mean_std(v)[0] for b, v in values.items() if v},
                                      "std": {b: mean_std(v)[1] for b, v in values.items() if v}})
     features = saf_feature_rows(out, cells, seeds)
-    write_saf_seeds(out, cells, seeds, betas)
+    write_saf_seeds(out, per_run, betas)
     if features:
         text += ("\n**Penultimate features** (`analyze.py CKPT --features`: Mahalanobis distance to the clean "
                  "features' Gaussian; AUROC of that distance separating noisy / nonsense images from clean "
