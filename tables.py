@@ -25,9 +25,10 @@ table is read back from its committed per-seed CSV (paired over seeds, Holm over
 (another column than the worst case with --column, e.g. --column clean, or --column "nonsense beta
 0.1" in a saf_seeds.csv)
 and a matrix as one row per activation and a column pair per regime (--against: how far each cell
-moved from an earlier table of the same cells):
+moved from an earlier table of the same cells; per-seed CSVs are pooled, one Holm family per regime):
 
-    python tables.py --grid figures/quick-fast/results.csv ... --against figures/quick-white-box/results.csv
+    python tables.py --grid figures/quick-white-box/results.csv figures/quick-fast/results_seeds.csv \
+        --against figures/quick-white-box/results.csv
 """
 import csv
 import json
@@ -668,6 +669,40 @@ def compare_table(per_seed_csv, base, cells, column="worst case"):
     return text
 
 
+def pooled_cells(per_seed, baseline="relu"):
+    """Cells computed from per-seed rows (results_seeds.csv rows with ``source`` and ``order``; a run
+    given twice counts once, the later row): worst case and clean as mean ± std over the finished
+    seeds, the paired difference to ``baseline`` of the same regime over the seeds both finished,
+    Holm's correction over each regime's judged comparisons.  Rows shaped like results.csv's."""
+    runs = {}
+    for r in per_seed:
+        if r.get("status") == "ok" and r.get("worst case") not in (None, "", "-"):
+            runs[(r["regime"], r["activation"], r["seed"])] = r
+    cells = list(dict.fromkeys((g, a) for g, a, _ in runs))
+    value = lambda g, a, col: {s: float(r[col]) for (g2, a2, s), r in runs.items() if (g2, a2) == (g, a)}
+    diff_col, out, tests = f"worst - {baseline} (95% CI)", [], {}
+    for g, a in cells:
+        worst, clean = value(g, a, "worst case"), value(g, a, "clean")
+        last = max((r for (g2, a2, _), r in runs.items() if (g2, a2) == (g, a)), key=lambda r: r["order"])
+        row = {"regime": g, "activation": a, "worst case": _pm(list(worst.values())),
+               "clean": _pm(list(clean.values())), diff_col: "-", "significant": "-",
+               "source": last["source"], "order": last["order"]}
+        base = value(g, baseline, "worst case") if (g, baseline) in cells else {}
+        both = sorted(set(worst) & set(base), key=int)
+        if a != baseline and len(both) >= 2:
+            d = paired_difference([worst[s] for s in both], [base[s] for s in both])
+            row[diff_col] = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+            row["significant"] = "not judged"
+            if judged(d):
+                tests.setdefault(g, {})[len(out)] = d["p"]
+        out.append(row)
+    for g, family in tests.items():
+        kept = holm(family)
+        for i, p in family.items():
+            out[i]["significant"] = f"yes (p {p:.2g})" if i in kept else f"no (p {p:.2g})"
+    return out
+
+
 REGIME_NAMES = {"fast": "FGSM-RS", "free": "Free", "pgd": "PGD", "natural": "natural"}
 
 
@@ -675,11 +710,22 @@ def grid_table(paths, against=None):
     """The matrix as one row per activation and a column pair per regime, from one or more
     results.csv files of matrix_table (a cell in several: the last file's): the worst case (mean ±
     std, clean accuracy in brackets) and its paired difference to the baseline, in bold when it
-    survives Holm's correction of its own table.  ``against``: an earlier results.csv of the same
+    survives Holm's correction of its own table.  A per-seed file (results_seeds.csv, a ``seed``
+    column) is pooled with the other per-seed files (a run in several: the last one's) and its cells
+    computed from the pooled seeds, one Holm family per regime (pooled_cells): a regime re-run in
+    parts is judged as one table.  ``against``: an earlier results.csv of the same
     cells; each cell read from another file then also gives how far its mean worst case moved from
     that one's (so a matrix re-run in parts can be shown whole, the parts not yet re-run as they
     were).  Returns the markdown."""
-    rows = [dict(r, source=path) for path in paths for r in csv.DictReader(open(path))]
+    rows, per_seed = [], []
+    for i, path in enumerate(paths):
+        reader = csv.DictReader(open(path))
+        if "seed" in (reader.fieldnames or []):
+            per_seed += [dict(r, source=path, order=i) for r in reader]
+        else:
+            rows += [dict(r, source=path, order=i) for r in reader]
+    if per_seed:  # one row per cell from the pooled seeds, placed where its last file stands
+        rows = sorted(rows + pooled_cells(per_seed), key=lambda r: r["order"])
     before = {(r["regime"], r["activation"]): r for r in csv.DictReader(open(against))} if against else {}
     mean = lambda text: float(text.split(" ± ")[0])
     regimes = list(dict.fromkeys(r["regime"] for r in rows))

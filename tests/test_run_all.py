@@ -696,3 +696,37 @@ def test_the_paf_study_runs_dai_et_al_regime_and_spans_the_curvature_it_claims()
     assert curvature == {a: pytest.approx(a / 2, rel=0.01) for a in curvature}
     assert sorted(shifts) == [0, 0.1, 0.3, 0.5, 0.7] and set(shifts.values()) == {1.0}
     assert regs == {0, 0.1, 1, 10}  # 10: the default cell
+
+
+def test_grid_pools_per_seed_files_into_one_holm_family_per_regime(tmp_path, capsys):
+    """A regime re-run in parts: the per-seed CSVs are pooled (a run given twice: the later file's, a
+    failed run left out) and the regime's comparisons corrected as one family, so two p of about 0.044,
+    each significant alone, do not survive Holm over two."""
+    cols = ["regime", "activation", "seed", "clean", "worst case", "status"]
+    def write(path, rows):
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            w.writerows(rows)
+    relu = [60.0, 61.0, 62.0]
+    write(tmp_path / "a.csv", [("fast", "relu", s, 80.0, relu[s], "ok") for s in range(3)]
+          + [("fast", "kaf", s, 81.0, relu[s] + d, "ok") for s, d in enumerate([5.0, 2.0, 1.2])])
+    write(tmp_path / "b.csv", [("fast", "silu", s, 79.0, relu[s] + d, "ok") for s, d in enumerate([-1.0, -2.0, -1.2])]
+          + [("fast", "kaf", 0, 81.0, relu[0] + 1.0, "ok"), ("fast", "kwta", 0, 70.0, 5.0, "failed")])
+    with open(tmp_path / "wb.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["regime", "activation", "clean", "worst case", "worst - relu (95% CI)", "significant"])
+        w.writerow(["fast", "kaf", "81.00 ± 0.00", "70.00 ± 1.00", "+8.83 [+7.00, +10.00]", "yes (p 0.001)"])
+        w.writerow(["fast", "kwta", "70.00 ± 0.00", "30.00 ± 1.00", "-31.00 [-33.00, -29.00]", "yes (p 0.001)"])
+    assert tables.main(["--grid", str(tmp_path / "wb.csv"), str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
+                        "--against", str(tmp_path / "wb.csv")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:] == ["| kaf | 62.40 ± 1.22 (81.0; -7.6) | +1.40 [+0.09, +2.71] |",
+                         "| kwta | 30.00 ± 1.00 (70.0) | **-31.00 [-33.00, -29.00]** |",
+                         "| relu | 61.00 ± 1.00 (80.0) | - |",
+                         "| silu | 59.60 ± 1.04 (79.0) | -1.40 [-2.71, -0.09] |"]
+    # alone, a comparison is a family of one and survives
+    write(tmp_path / "c.csv", [("fast", "relu", s, 80.0, relu[s], "ok") for s in range(3)]
+          + [("fast", "silu", s, 79.0, relu[s] + d, "ok") for s, d in enumerate([-1.0, -2.0, -1.2])])
+    assert tables.main(["--grid", str(tmp_path / "c.csv")]) == 0
+    assert "| silu | 59.60 ± 1.04 (79.0) | **-1.40 [-2.71, -0.09]** |" in capsys.readouterr().out
