@@ -420,15 +420,26 @@ def curve_table(out, cells, seeds, share=0.95):
     return text
 
 
-def saf_feature_rows(out, cells, seeds):
-    """Zhao & Griffin's Figure 1 test per cell from the runs' analysis/features.json (analyze.py
-    --features), in %: the AUROC of the feature distance for noisy and for nonsense images against
-    clean ones, and the nonsense images' share beyond the clean 99th percentile, one value per seed
-    that has it.  [] when no run has been analysed."""
+def saf_features(out, cells, seeds):
+    """The runs' analysis/features.json (analyze.py --features), read once: {(regime, act, seed):
+    its content} for the runs that have one."""
+    found = {}
+    for g, a in cells:
+        for s in seeds:
+            path = os.path.join(out, "runs", f"{g}_{a}_s{s}", "analysis", "features.json")
+            if os.path.exists(path):
+                found[(g, a, s)] = json.load(open(path))
+    return found
+
+
+def saf_feature_rows(features, cells, seeds):
+    """Zhao & Griffin's Figure 1 test per cell from the runs' features (saf_features), in %: the
+    AUROC of the feature distance for noisy and for nonsense images against clean ones, and the
+    nonsense images' share beyond the clean 99th percentile, one value per seed that has it.  []
+    when no run has been analysed."""
     rows = []
     for g, a in cells:
-        found = [json.load(open(p)) for s in seeds
-                 if os.path.exists(p := os.path.join(out, "runs", f"{g}_{a}_s{s}", "analysis", "features.json"))]
+        found = [features[(g, a, s)] for s in seeds if (g, a, s) in features]
         if found:
             rows.append({"regime": g, "activation": a, "seeds": len(found),
                          "auroc noisy": [100 * f["noisy"]["auroc_vs_clean"] for f in found],
@@ -437,11 +448,12 @@ def saf_feature_rows(out, cells, seeds):
     return rows
 
 
-def write_saf_seeds(out, runs, betas):
+def write_saf_seeds(out, runs, betas, features):
     """saf_seeds.csv: one row per run that has the curves (``runs``: {(regime, act, seed): the
     eval.json's saf_curves}, as saf_table read them), in %: each curve at each beta ('nonsense beta
-    0.1') and, where the run was analysed, the feature test's three numbers, so that a family of
-    paired comparisons over seeds can be read back from the committed file (--compare ... --column)."""
+    0.1') and, where the run was analysed (``features``: saf_features), the feature test's three
+    numbers, so that a family of paired comparisons over seeds can be read back from the committed
+    file (--compare ... --column)."""
     cols = ["regime", "activation", "seed", "status", "score", "threshold"]
     cols += [f"{kind} beta {b}" for kind in SAF_METRICS for b in betas]
     cols += ["auroc noisy", "auroc nonsense", "nonsense beyond q99"]
@@ -451,9 +463,8 @@ def write_saf_seeds(out, runs, betas):
                "threshold": f"{curves['threshold']:.4g}"}
         for kind, (key, _) in SAF_METRICS.items():
             row.update({f"{kind} beta {b}": f"{100 * curves[kind][b][key]:.2f}" for b in betas if b in curves[kind]})
-        path = os.path.join(out, "runs", f"{g}_{a}_s{s}", "analysis", "features.json")
-        if os.path.exists(path):
-            f = json.load(open(path))
+        if (g, a, s) in features:
+            f = features[(g, a, s)]
             row.update({"auroc noisy": f"{100 * f['noisy']['auroc_vs_clean']:.2f}",
                         "auroc nonsense": f"{100 * f['nonsense']['auroc_vs_clean']:.2f}",
                         "nonsense beyond q99": f"{100 * f['nonsense']['share_beyond_clean_q99']:.2f}"})
@@ -498,8 +509,9 @@ def saf_table(out, cells, seeds):
             summary["cells"].append({"regime": g, "activation": a, "kind": kind, "metric": key, "seeds": len(found),
                                      "mean": {b: mean_std(v)[0] for b, v in values.items() if v},
                                      "std": {b: mean_std(v)[1] for b, v in values.items() if v}})
-    features = saf_feature_rows(out, cells, seeds)
-    write_saf_seeds(out, per_run, betas)
+    per_run_features = saf_features(out, cells, seeds)
+    features = saf_feature_rows(per_run_features, cells, seeds)
+    write_saf_seeds(out, per_run, betas, per_run_features)
     if features:
         text += ("\n**Penultimate features** (`analyze.py CKPT --features`: Mahalanobis distance to the clean "
                  "features' Gaussian; AUROC of that distance separating noisy / nonsense images from clean "
