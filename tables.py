@@ -25,10 +25,11 @@ table is read back from its committed per-seed CSV (paired over seeds, Holm over
 (another column than the worst case with --column, e.g. --column clean, or --column "nonsense beta
 0.1" in a saf_seeds.csv)
 and a matrix as one row per activation and a column pair per regime (--against: how far each cell
-moved from an earlier table of the same cells; per-seed CSVs are pooled, one Holm family per regime):
+moved from an earlier table of the same cells, † on those not re-run; per-seed CSVs are pooled, one
+Holm family per regime; --plot: their seeds as a figure):
 
     python tables.py --grid figures/quick-white-box/results.csv figures/quick-fast/results_seeds.csv \
-        --against figures/quick-white-box/results.csv
+        --against figures/quick-white-box/results.csv --plot figures/matrix.png
 """
 import csv
 import json
@@ -342,7 +343,7 @@ def matrix_figure(per_seed, path):
             if values:
                 ax.barh(i, mean_std(values)[0], color="0.8")
                 ax.plot(values, [i] * len(values), "k.", markersize=5)
-        ax.set(title=g, xlabel="worst-case accuracy (%)")
+        ax.set(title=REGIME_NAMES.get(g, g), xlabel="worst-case accuracy (%)")
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].set_yticks(range(len(acts)), acts, fontsize=8)
     axes[0][0].invert_yaxis()
@@ -681,15 +682,22 @@ def compare_table(per_seed_csv, base, cells, column="worst case"):
     return text
 
 
+def pooled_runs(per_seed):
+    """{(regime, act, seed): row} of the per-seed rows that finished with a worst case, a run given
+    twice counting once (the later row)."""
+    runs = {}
+    for r in per_seed:
+        if r.get("status") == "ok" and r.get("worst case") not in (None, "", "-"):
+            runs[(r["regime"], r["activation"], r["seed"])] = r
+    return runs
+
+
 def pooled_cells(per_seed, baseline="relu"):
     """Cells computed from per-seed rows (results_seeds.csv rows with ``source`` and ``order``; a run
     given twice counts once, the later row): worst case and clean as mean ± std over the finished
     seeds, the paired difference to ``baseline`` of the same regime over the seeds both finished,
     Holm's correction over each regime's judged comparisons.  Rows shaped like results.csv's."""
-    runs = {}
-    for r in per_seed:
-        if r.get("status") == "ok" and r.get("worst case") not in (None, "", "-"):
-            runs[(r["regime"], r["activation"], r["seed"])] = r
+    runs = pooled_runs(per_seed)
     cells = list(dict.fromkeys((g, a) for g, a, _ in runs))
     value = lambda g, a, col: {s: float(r[col]) for (g2, a2, s), r in runs.items() if (g2, a2) == (g, a)}
     diff_col, out, tests = f"worst - {baseline} (95% CI)", [], {}
@@ -718,6 +726,25 @@ def pooled_cells(per_seed, baseline="relu"):
 REGIME_NAMES = {"fast": "FGSM-RS", "free": "Free", "pgd": "PGD", "natural": "natural"}
 
 
+def read_per_seed(paths):
+    """The rows of the per-seed files (a ``seed`` column) among ``paths``, each with its ``source``
+    and ``order`` (the file's place), and the other files' rows the same way: (per_seed, other)."""
+    per_seed, other = [], []
+    for i, path in enumerate(paths):
+        reader = csv.DictReader(open(path))
+        rows = [dict(r, source=path, order=i) for r in reader]
+        (per_seed if "seed" in (reader.fieldnames or []) else other).extend(rows)
+    return per_seed, other
+
+
+def grid_figure(paths, path):
+    """The matrix figure (matrix_figure: a dot per seed, the mean as a bar, a panel per regime) of the
+    cells the per-seed files among ``paths`` give, pooled as --grid pools them.  Returns the path, or
+    None (no per-seed file, or no matplotlib)."""
+    runs = pooled_runs(read_per_seed(paths)[0])
+    return matrix_figure([dict(r, **{"worst case": float(r["worst case"])}) for r in runs.values()], path)
+
+
 def grid_table(paths, against=None):
     """The matrix as one row per activation and a column pair per regime, from one or more
     results.csv files of matrix_table (a cell in several: the last file's): the worst case (mean ±
@@ -725,17 +752,11 @@ def grid_table(paths, against=None):
     survives Holm's correction of its own table.  A per-seed file (results_seeds.csv, a ``seed``
     column) is pooled with the other per-seed files (a run in several: the last one's) and its cells
     computed from the pooled seeds, one Holm family per regime (pooled_cells): a regime re-run in
-    parts is judged as one table.  ``against``: an earlier results.csv of the same
-    cells; each cell read from another file then also gives how far its mean worst case moved from
-    that one's (so a matrix re-run in parts can be shown whole, the parts not yet re-run as they
-    were).  Returns the markdown."""
-    rows, per_seed = [], []
-    for i, path in enumerate(paths):
-        reader = csv.DictReader(open(path))
-        if "seed" in (reader.fieldnames or []):
-            per_seed += [dict(r, source=path, order=i) for r in reader]
-        else:
-            rows += [dict(r, source=path, order=i) for r in reader]
+    parts is judged as one table.  ``against``: an earlier results.csv of the same cells; each cell
+    read from another file then also gives how far its mean worst case moved from that one's, and
+    each cell still read from it is marked † (so a matrix re-run in parts can be shown whole, the
+    parts not yet re-run as they were).  Returns the markdown."""
+    per_seed, rows = read_per_seed(paths)
     if per_seed:  # one row per cell from the pooled seeds, placed where its last file stands
         rows = sorted(rows + pooled_cells(per_seed), key=lambda r: r["order"])
     before = {(r["regime"], r["activation"]): r for r in csv.DictReader(open(against))} if against else {}
@@ -753,12 +774,11 @@ def grid_table(paths, against=None):
             if r is None or r["worst case"] in ("", "-"):
                 parts += ["-", "-"]
                 continue
-            moved = ""
-            if (g, a) in before and before[(g, a)]["worst case"] not in ("", "-") and \
-                    os.path.abspath(r["source"]) != os.path.abspath(against):
+            moved, kept = "", against and os.path.abspath(r["source"]) == os.path.abspath(against)
+            if (g, a) in before and before[(g, a)]["worst case"] not in ("", "-") and not kept:
                 moved = f"; {mean(r['worst case']) - mean(before[(g, a)]['worst case']):+.1f}"
             d = r[diff_col]
-            parts += [f"{r['worst case']} ({mean(r['clean']):.1f}{moved})",
+            parts += [f"{r['worst case']} ({mean(r['clean']):.1f}{moved}){' †' if kept else ''}",
                       f"**{d}**" if r["significant"].startswith("yes") else d]
         text += f"| {a} | " + " | ".join(parts) + " |\n"
     return text
@@ -770,15 +790,20 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--grid":
         files = argv[1:]
-        against = None
-        if "--against" in files[:-1]:
-            i = files.index("--against")
-            against, files = files[i + 1], files[:i] + files[i + 2:]
-        if not files:
-            print("usage: python tables.py --grid results.csv [results.csv ...] [--against earlier/results.csv]", file=sys.stderr)
+        against = plot = None
+        for flag in ("--against", "--plot"):
+            if flag in files[:-1]:
+                i = files.index(flag)
+                value, files = files[i + 1], files[:i] + files[i + 2:]
+                against, plot = (value, plot) if flag == "--against" else (against, value)
+        if not files or files[-1] in ("--against", "--plot"):
+            print("usage: python tables.py --grid results.csv|results_seeds.csv [...] [--against earlier/results.csv] "
+                  "[--plot matrix.png]", file=sys.stderr)
             return 2
         try:
             print(grid_table(files, against), end="")
+            if plot:
+                print(f"-> {grid_figure(files, plot) or 'no figure (no per-seed file, or no matplotlib)'}")
         except (OSError, ValueError, KeyError, StopIteration) as err:
             print(f"tables.py: cannot read {' '.join(files)}: {err!r}", file=sys.stderr)
             return 2

@@ -506,7 +506,8 @@ def test_grid_puts_regimes_side_by_side_bolds_what_survives_holm_and_says_how_fa
     assert tables.main(["--grid", str(tmp_path / "before.csv"), str(tmp_path / "fast.csv"),
                         "--against", str(tmp_path / "before.csv")]) == 0
     kaf = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("| kaf "))
-    assert kaf == "| kaf | 60.00 ± 1.00 (83.8; -7.1) | **-6.17 [-8.00, -4.34]** | 62.17 ± 0.87 (85.1) | +8.40 [+6.77, +10.03] |"
+    # the cell still read from the earlier table is marked as not re-run
+    assert kaf == "| kaf | 60.00 ± 1.00 (83.8; -7.1) | **-6.17 [-8.00, -4.34]** | 62.17 ± 0.87 (85.1) † | +8.40 [+6.77, +10.03] |"
     assert tables.main(["--grid", str(tmp_path / "missing.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.csv" in err[0]
@@ -698,7 +699,7 @@ def test_the_paf_study_runs_dai_et_al_regime_and_spans_the_curvature_it_claims()
     assert regs == {0, 0.1, 1, 10}  # 10: the default cell
 
 
-def test_grid_pools_per_seed_files_into_one_holm_family_per_regime(tmp_path, capsys):
+def test_grid_pools_per_seed_files_into_one_holm_family_per_regime(tmp_path, capsys, monkeypatch):
     """A regime re-run in parts: the per-seed CSVs are pooled (a run given twice: the later file's, a
     failed run left out) and the regime's comparisons corrected as one family, so two p of about 0.044,
     each significant alone, do not survive Holm over two."""
@@ -722,7 +723,7 @@ def test_grid_pools_per_seed_files_into_one_holm_family_per_regime(tmp_path, cap
                         "--against", str(tmp_path / "wb.csv")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[2:] == ["| kaf | 62.40 ± 1.22 (81.0; -7.6) | +1.40 [+0.09, +2.71] |",
-                         "| kwta | 30.00 ± 1.00 (70.0) | **-31.00 [-33.00, -29.00]** |",
+                         "| kwta | 30.00 ± 1.00 (70.0) † | **-31.00 [-33.00, -29.00]** |",
                          "| relu | 61.00 ± 1.00 (80.0) | - |",
                          "| silu | 59.60 ± 1.04 (79.0) | -1.40 [-2.71, -0.09] |"]
     # alone, a comparison is a family of one and survives
@@ -730,3 +731,15 @@ def test_grid_pools_per_seed_files_into_one_holm_family_per_regime(tmp_path, cap
           + [("fast", "silu", s, 79.0, relu[s] + d, "ok") for s, d in enumerate([-1.0, -2.0, -1.2])])
     assert tables.main(["--grid", str(tmp_path / "c.csv")]) == 0
     assert "| silu | 59.60 ± 1.04 (79.0) | **-1.40 [-2.71, -0.09]** |" in capsys.readouterr().out
+    # --plot draws the pooled seeds (the figure needs matplotlib, which requirements-dev.txt installs)
+    pytest.importorskip("matplotlib")
+    assert tables.main(["--grid", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--plot", str(tmp_path / "m.png")]) == 0
+    assert capsys.readouterr().out.endswith(f"-> {tmp_path / 'm.png'}\n") and (tmp_path / "m.png").stat().st_size > 5000
+    drawn = []
+    monkeypatch.setattr(tables, "matrix_figure", lambda runs, path: drawn.extend(runs) or path)
+    tables.grid_figure([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")], str(tmp_path / "m2.png"))
+    assert sorted((r["activation"], r["seed"], r["worst case"]) for r in drawn if r["activation"] == "kaf") == \
+        [("kaf", "0", 61.0), ("kaf", "1", 63.0), ("kaf", "2", 63.2)]
+    assert {r["activation"] for r in drawn} == {"relu", "kaf", "silu"}  # the failed kwta run is left out
+    assert tables.main(["--grid", str(tmp_path / "a.csv"), "--plot"]) == 2
+    assert capsys.readouterr().err.startswith("usage: python tables.py --grid")
