@@ -776,7 +776,8 @@ def grid_table(paths, against=None):
                 continue
             moved, kept = "", against and os.path.abspath(r["source"]) == os.path.abspath(against)
             if (g, a) in before and before[(g, a)]["worst case"] not in ("", "-") and not kept:
-                moved = f"; {mean(r['worst case']) - mean(before[(g, a)]['worst case']):+.1f}"
+                shift = round(mean(r["worst case"]) - mean(before[(g, a)]["worst case"]), 1) + 0.0  # no "-0.0"
+                moved = f"; {shift:+.1f}"
             d = r[diff_col]
             parts += [f"{r['worst case']} ({mean(r['clean']):.1f}{moved}){' †' if kept else ''}",
                       f"**{d}**" if r["significant"].startswith("yes") else d]
