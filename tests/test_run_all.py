@@ -476,13 +476,16 @@ def test_compare_reads_a_family_from_the_per_seed_csv_pairs_by_seed_and_applies_
     assert len(err) == 1 and "no column 'clean'" in err[0]
 
 
+def _write_csv(path, cols, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        w.writerows(rows)
+
+
 def test_grid_puts_regimes_side_by_side_bolds_what_survives_holm_and_says_how_far_cells_moved(tmp_path, capsys):
-    cols = ["regime", "activation", "clean", "worst case", "worst - relu (95% CI)", "significant"]
-    def write(path, rows):
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(cols)
-            w.writerows(rows)
+    write = lambda path, rows: _write_csv(path, ["regime", "activation", "clean", "worst case", "worst - relu (95% CI)",
+                                                 "significant"], rows)
     write(tmp_path / "fast.csv", [("fast", "relu", "83.16 ± 0.10", "66.17 ± 0.81", "-", "-"),
                                   ("fast", "kaf", "83.78 ± 0.33", "60.00 ± 1.00", "-6.17 [-8.00, -4.34]", "yes (p 0.003)")])
     write(tmp_path / "free.csv", [("free", "relu", "85.71 ± 0.14", "53.77 ± 0.35", "-", "-"),
@@ -703,22 +706,15 @@ def test_grid_pools_per_seed_files_into_one_holm_family_per_regime(tmp_path, cap
     """A regime re-run in parts: the per-seed CSVs are pooled (a run given twice: the later file's, a
     failed run left out) and the regime's comparisons corrected as one family, so two p of about 0.044,
     each significant alone, do not survive Holm over two."""
-    cols = ["regime", "activation", "seed", "clean", "worst case", "status"]
-    def write(path, rows):
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(cols)
-            w.writerows(rows)
+    write = lambda path, rows: _write_csv(path, ["regime", "activation", "seed", "clean", "worst case", "status"], rows)
     relu = [60.0, 61.0, 62.0]
     write(tmp_path / "a.csv", [("fast", "relu", s, 80.0, relu[s], "ok") for s in range(3)]
           + [("fast", "kaf", s, 81.0, relu[s] + d, "ok") for s, d in enumerate([5.0, 2.0, 1.2])])
     write(tmp_path / "b.csv", [("fast", "silu", s, 79.0, relu[s] + d, "ok") for s, d in enumerate([-1.0, -2.0, -1.2])]
           + [("fast", "kaf", 0, 81.0, relu[0] + 1.0, "ok"), ("fast", "kwta", 0, 70.0, 5.0, "failed")])
-    with open(tmp_path / "wb.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["regime", "activation", "clean", "worst case", "worst - relu (95% CI)", "significant"])
-        w.writerow(["fast", "kaf", "81.00 ± 0.00", "70.00 ± 1.00", "+8.83 [+7.00, +10.00]", "yes (p 0.001)"])
-        w.writerow(["fast", "kwta", "70.00 ± 0.00", "30.00 ± 1.00", "-31.00 [-33.00, -29.00]", "yes (p 0.001)"])
+    _write_csv(tmp_path / "wb.csv", ["regime", "activation", "clean", "worst case", "worst - relu (95% CI)", "significant"],
+               [("fast", "kaf", "81.00 ± 0.00", "70.00 ± 1.00", "+8.83 [+7.00, +10.00]", "yes (p 0.001)"),
+                ("fast", "kwta", "70.00 ± 0.00", "30.00 ± 1.00", "-31.00 [-33.00, -29.00]", "yes (p 0.001)")])
     assert tables.main(["--grid", str(tmp_path / "wb.csv"), str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
                         "--against", str(tmp_path / "wb.csv")]) == 0
     lines = capsys.readouterr().out.splitlines()
