@@ -646,39 +646,47 @@ def fastat_effects(runs, cells, seeds):
     return effects
 
 
+def paired_family(values, base, cells):
+    """A family of paired comparisons: ``values`` {cell: {seed: value}}; each of ``cells`` against
+    ``base`` over the seeds both have (paired_difference), with "holm": yes / no / not judged, Holm's
+    correction over the family's judged comparisons.  One dict per cell, in order."""
+    rows = []
+    for cell in cells:
+        both = sorted(set(values[cell]) & set(values[base]), key=int)
+        rows.append(paired_difference([values[cell][s] for s in both], [values[base][s] for s in both]))
+    kept = holm({i: r["p"] for i, r in enumerate(rows) if judged(r)})
+    for i, r in enumerate(rows):
+        r["holm"] = "yes" if i in kept else "no" if judged(r) else "not judged"
+    return rows
+
+
 def compare_table(per_seed_csv, base, cells, column="worst case"):
     """A family of paired comparisons read from a results_seeds.csv: each of ``cells`` ('regime:act')
     against ``base`` in ``column`` over the seeds both finished (status ok), with its 95% t-interval,
     the uncorrected p and whether it survives Holm's correction over these cells (5% family-wise;
     a cell with fewer than 3 paired seeds, or the same difference in every seed, is not judged).
     Returns the markdown table."""
-    value, reader = {}, csv.DictReader(open(per_seed_csv))
+    value, reader = {}, csv.DictReader(open(per_seed_csv))  # {cell: {seed: value}}
     if column not in (reader.fieldnames or []):
         raise ValueError(f"no column '{column}' in {per_seed_csv} (it has: {', '.join(reader.fieldnames or [])})")
     for r in reader:
         if r.get("status") == "ok" and r.get(column) not in (None, ""):
-            value[(f"{r['regime']}:{r['activation']}", r["seed"])] = float(r[column])
-    seeds = lambda cell: {s for c, s in value if c == cell}
-    missing = [c for c in [base, *cells] if not seeds(c)]
+            value.setdefault(f"{r['regime']}:{r['activation']}", {})[r["seed"]] = float(r[column])
+    missing = [c for c in [base, *cells] if c not in value]
     if missing:
         raise ValueError(f"no finished run of {', '.join(missing)} in {per_seed_csv}")
-    rows = []
-    for cell in cells:
-        both = sorted(seeds(cell) & seeds(base), key=int)
-        d = paired_difference([value[(cell, s)] for s in both], [value[(base, s)] for s in both])
-        rows.append({"cell": cell, "values": [value[(cell, s)] for s in sorted(seeds(cell), key=int)], **d})
-    kept = holm({i: r["p"] for i, r in enumerate(rows) if judged(r)})
+    in_order = lambda cell: [value[cell][s] for s in sorted(value[cell], key=int)]
+    rows = [{"cell": cell, "values": in_order(cell), **d} for cell, d in zip(cells, paired_family(value, base, cells))]
     family = sum(judged(r) for r in rows)
     text = f"| cell | {column} | - {base} [95% CI] | p | Holm (over {family}) | same sign |\n|---|---|---|---|---|---|\n"
-    text += f"| {base} | {_pm([value[(base, s)] for s in sorted(seeds(base), key=int)])} | - | - | - | - |\n"
-    for i, r in enumerate(rows):
+    text += f"| {base} | {_pm(in_order(base))} | - | - | - | - |\n"
+    for r in rows:
         ci = f" [{r['low']:+.2f}, {r['high']:+.2f}]" if r["half_width"] is not None else ""
         p = "-" if r["p"] is None else f"{r['p']:.2g}"
         same = f"{r['n']}/{r['n']}" if r["same_sign"] else "no"
         if r["n"] >= 3 and not judged(r):
             p = "- (equal in every seed)"
-        verdict = "yes" if i in kept else "no" if judged(r) else "not judged"
-        text += f"| {r['cell']} | {_pm(r['values'])} | {r['mean']:+.2f}{ci} (n={r['n']}) | {p} | {verdict} | {same} |\n"
+        text += f"| {r['cell']} | {_pm(r['values'])} | {r['mean']:+.2f}{ci} (n={r['n']}) | {p} | {r['holm']} | {same} |\n"
     return text
 
 
@@ -697,30 +705,25 @@ def pooled_cells(per_seed, baseline="relu"):
     given twice counts once, the later row): worst case and clean as mean ± std over the finished
     seeds, the paired difference to ``baseline`` of the same regime over the seeds both finished,
     Holm's correction over each regime's judged comparisons.  Rows shaped like results.csv's."""
-    runs = pooled_runs(per_seed)
-    cells = list(dict.fromkeys((g, a) for g, a, _ in runs))
-    value = lambda g, a, col: {s: float(r[col]) for (g2, a2, s), r in runs.items() if (g2, a2) == (g, a)}
-    diff_col, out, tests = f"worst - {baseline} (95% CI)", [], {}
-    for g, a in cells:
-        worst, clean = value(g, a, "worst case"), value(g, a, "clean")
-        last = max((r for (g2, a2, _), r in runs.items() if (g2, a2) == (g, a)), key=lambda r: r["order"])
-        row = {"regime": g, "activation": a, "worst case": _pm(list(worst.values())),
-               "clean": _pm(list(clean.values())), diff_col: "-", "significant": "-",
-               "source": last["source"], "order": last["order"]}
-        base = value(g, baseline, "worst case") if (g, baseline) in cells else {}
-        both = sorted(set(worst) & set(base), key=int)
-        if a != baseline and len(both) >= 2:
-            d = paired_difference([worst[s] for s in both], [base[s] for s in both])
-            row[diff_col] = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
-            row["significant"] = "not judged"
-            if judged(d):
-                tests.setdefault(g, {})[len(out)] = d["p"]
-        out.append(row)
-    for g, family in tests.items():
-        kept = holm(family)
-        for i, p in family.items():
-            out[i]["significant"] = f"yes (p {p:.2g})" if i in kept else f"no (p {p:.2g})"
-    return out
+    by_cell = {}  # {(regime, act): {seed: row}}
+    for (g, a, s), r in pooled_runs(per_seed).items():
+        by_cell.setdefault((g, a), {})[s] = r
+    diff_col, rows = f"worst - {baseline} (95% CI)", {}
+    for (g, a), seeds in by_cell.items():
+        last = max(seeds.values(), key=lambda r: r["order"])
+        rows[(g, a)] = {"regime": g, "activation": a, "worst case": _pm([float(r["worst case"]) for r in seeds.values()]),
+                        "clean": _pm([float(r["clean"]) for r in seeds.values()]), diff_col: "-", "significant": "-",
+                        "source": last["source"], "order": last["order"]}
+    worst = {cell: {s: float(r["worst case"]) for s, r in seeds.items()} for cell, seeds in by_cell.items()}
+    for g in dict.fromkeys(g for g, _ in by_cell):
+        base = (g, baseline)
+        # the regime's family: every other cell with two seeds shared with the baseline
+        family = [c for c in by_cell if c[0] == g and c != base and base in by_cell
+                  and len(set(worst[c]) & set(worst[base])) >= 2]
+        for c, d in zip(family, paired_family(worst, base, family)):
+            rows[c][diff_col] = f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+            rows[c]["significant"] = "not judged" if d["holm"] == "not judged" else f"{d['holm']} (p {d['p']:.2g})"
+    return list(rows.values())
 
 
 REGIME_NAMES = {"fast": "FGSM-RS", "free": "Free", "pgd": "PGD", "natural": "natural"}
@@ -774,12 +777,12 @@ def grid_table(paths, against=None):
             if r is None or r["worst case"] in ("", "-"):
                 parts += ["-", "-"]
                 continue
-            moved, kept = "", against and os.path.abspath(r["source"]) == os.path.abspath(against)
-            if (g, a) in before and before[(g, a)]["worst case"] not in ("", "-") and not kept:
+            moved, not_rerun = "", against and os.path.abspath(r["source"]) == os.path.abspath(against)
+            if (g, a) in before and before[(g, a)]["worst case"] not in ("", "-") and not not_rerun:
                 shift = round(mean(r["worst case"]) - mean(before[(g, a)]["worst case"]), 1) + 0.0  # no "-0.0"
                 moved = f"; {shift:+.1f}"
             d = r[diff_col]
-            parts += [f"{r['worst case']} ({mean(r['clean']):.1f}{moved}){' †' if kept else ''}",
+            parts += [f"{r['worst case']} ({mean(r['clean']):.1f}{moved}){' †' if not_rerun else ''}",
                       f"**{d}**" if r["significant"].startswith("yes") else d]
         text += f"| {a} | " + " | ".join(parts) + " |\n"
     return text
@@ -791,13 +794,13 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--grid":
         files = argv[1:]
-        against = plot = None
-        for flag in ("--against", "--plot"):
+        option = {"--against": None, "--plot": None}
+        for flag in option:
             if flag in files[:-1]:
                 i = files.index(flag)
-                value, files = files[i + 1], files[:i] + files[i + 2:]
-                against, plot = (value, plot) if flag == "--against" else (against, value)
-        if not files or files[-1] in ("--against", "--plot"):
+                option[flag], files = files[i + 1], files[:i] + files[i + 2:]
+        against, plot = option["--against"], option["--plot"]
+        if not files or files[-1] in option:
             print("usage: python tables.py --grid results.csv|results_seeds.csv [...] [--against earlier/results.csv] "
                   "[--plot matrix.png]", file=sys.stderr)
             return 2
