@@ -740,26 +740,25 @@ def read_per_seed(paths):
     return per_seed, other
 
 
-def grid_figure(paths, path):
+def grid_figure(per_seed, path):
     """The matrix figure (matrix_figure: a dot per seed, the mean as a bar, a panel per regime) of the
-    cells the per-seed files among ``paths`` give, pooled as --grid pools them.  Returns the path, or
-    None (no per-seed file, or no matplotlib)."""
-    runs = pooled_runs(read_per_seed(paths)[0])
+    per-seed rows (read_per_seed's first part), pooled as --grid pools them.  Returns the path, or
+    None (no per-seed row, or no matplotlib)."""
+    runs = pooled_runs(per_seed)
     return matrix_figure([dict(r, **{"worst case": float(r["worst case"])}) for r in runs.values()], path)
 
 
-def grid_table(paths, against=None):
-    """The matrix as one row per activation and a column pair per regime, from one or more
-    results.csv files of matrix_table (a cell in several: the last file's): the worst case (mean ±
-    std, clean accuracy in brackets) and its paired difference to the baseline, in bold when it
-    survives Holm's correction of its own table.  A per-seed file (results_seeds.csv, a ``seed``
+def grid_table(per_seed, rows, against=None):
+    """The matrix as one row per activation and a column pair per regime, from the rows of one or
+    more files as read_per_seed splits them (results.csv files of matrix_table; a cell in several:
+    the last file's): the worst case (mean ± std, clean accuracy in brackets) and its paired
+    difference to the baseline, in bold when it survives Holm's correction of its own table.  A per-seed file (results_seeds.csv, a ``seed``
     column) is pooled with the other per-seed files (a run in several: the last one's) and its cells
     computed from the pooled seeds, one Holm family per regime (pooled_cells): a regime re-run in
     parts is judged as one table.  ``against``: an earlier results.csv of the same cells; each cell
     read from another file then also gives how far its mean worst case moved from that one's, and
     each cell still read from it is marked † (so a matrix re-run in parts can be shown whole, the
     parts not yet re-run as they were).  Returns the markdown."""
-    per_seed, rows = read_per_seed(paths)
     if per_seed:  # one row per cell from the pooled seeds, placed where its last file stands
         rows = sorted(rows + pooled_cells(per_seed), key=lambda r: r["order"])
     before = {(r["regime"], r["activation"]): r for r in csv.DictReader(open(against))} if against else {}
@@ -805,9 +804,10 @@ def main(argv=None):
                   "[--plot matrix.png]", file=sys.stderr)
             return 2
         try:
-            print(grid_table(files, against), end="")
+            per_seed, other = read_per_seed(files)  # read once, for the table and the figure
+            print(grid_table(per_seed, other, against), end="")
             if plot:
-                print(f"-> {grid_figure(files, plot) or 'no figure (no per-seed file, or no matplotlib)'}")
+                print(f"-> {grid_figure(per_seed, plot) or 'no figure (no per-seed file, or no matplotlib)'}")
         except (OSError, ValueError, KeyError, StopIteration) as err:
             print(f"tables.py: cannot read {' '.join(files)}: {err!r}", file=sys.stderr)
             return 2

@@ -733,7 +733,7 @@ def test_grid_pools_per_seed_files_into_one_holm_family_per_regime(tmp_path, cap
     assert capsys.readouterr().out.endswith(f"-> {tmp_path / 'm.png'}\n") and (tmp_path / "m.png").stat().st_size > 5000
     drawn = []
     monkeypatch.setattr(tables, "matrix_figure", lambda runs, path: drawn.extend(runs) or path)
-    tables.grid_figure([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")], str(tmp_path / "m2.png"))
+    tables.grid_figure(tables.read_per_seed([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])[0], str(tmp_path / "m2.png"))
     assert sorted((r["activation"], r["seed"], r["worst case"]) for r in drawn if r["activation"] == "kaf") == \
         [("kaf", "0", 61.0), ("kaf", "1", 63.0), ("kaf", "2", 63.2)]
     assert {r["activation"] for r in drawn} == {"relu", "kaf", "silu"}  # the failed kwta run is left out
