@@ -10,7 +10,7 @@ Imports only torch and activations.py.
 """
 import os
 import pickle
-import re
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -229,15 +229,14 @@ def read_checkpoint(path, map_location="cpu"):
     """The dict saved in checkpoint ``path``, loaded as data (``weights_only=True``: tensors and plain
     values only, never arbitrary pickled objects, so loading cannot run code).  Problems are
     CheckpointErrors with a one-line message."""
+    if os.path.isfile(path) and os.path.getsize(path) > 0 and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"cannot read checkpoint {path}: not a zip archive as torch.save writes "
+                              f"(truncated, or another kind of file)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
-    except pickle.UnpicklingError as e:  # weights_only refuses a pickled object, or cannot parse the file
-        if "Unsupported global" not in str(e):  # not a pickle weights_only can read at all (a .npy, ...)
-            why = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
-            raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint file"
-                                  f"{f' ({why.group(1).strip()})' if why else ''}") from None
+    except pickle.UnpicklingError:  # what weights_only refuses: anything but tensors and plain values
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain values, whose "
                               f"loading could run code (a checkpoint of an older version of this project, or one "
                               f"changed by someone)") from None

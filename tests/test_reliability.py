@@ -209,11 +209,13 @@ def test_a_checkpoint_holding_code_is_refused_everywhere_in_one_line(tmp_path):
     with pytest.raises(models.CheckpointError, match="refusing to load"):
         models.load_checkpoint(str(good / "checkpoint.pt"))
     assert not marker.exists()
-    # a file that is no pickle at all is not called one holding objects
+    # files of another kind are said to be that, not called ones holding objects
     np.save(tmp_path / "array.npy", np.zeros(3))
-    with pytest.raises(models.CheckpointError, match="not a torch checkpoint file") as err:
-        models.read_checkpoint(str(tmp_path / "array.npy"))
-    assert "\n" not in str(err.value) and "objects other than tensors" not in str(err.value)
+    (tmp_path / "notes.txt").write_text("hello")
+    for name in ("array.npy", "notes.txt"):
+        with pytest.raises(models.CheckpointError, match="not a zip archive as torch.save writes") as err:
+            models.read_checkpoint(str(tmp_path / name))
+        assert "\n" not in str(err.value) and "objects other than tensors" not in str(err.value)
 
 
 def test_resume_refuses_changed_training_flags_and_names_them(tmp_path):
