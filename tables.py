@@ -752,10 +752,10 @@ def grid_table(per_seed, rows, against=None):
     """The matrix as one row per activation and a column pair per regime, from the rows of one or
     more files as read_per_seed splits them (results.csv files of matrix_table; a cell in several:
     the last file's): the worst case (mean ± std, clean accuracy in brackets) and its paired
-    difference to the baseline, in bold when it survives Holm's correction of its own table.  A per-seed file (results_seeds.csv, a ``seed``
-    column) is pooled with the other per-seed files (a run in several: the last one's) and its cells
-    computed from the pooled seeds, one Holm family per regime (pooled_cells): a regime re-run in
-    parts is judged as one table.  ``against``: an earlier results.csv of the same cells; each cell
+    difference to the baseline, in bold when it survives Holm's correction of its own table.  A
+    per-seed file (results_seeds.csv, a ``seed`` column) is pooled with the other per-seed files (a
+    run in several: the last one's) and its cells computed from the pooled seeds, one Holm family
+    per regime (pooled_cells): a regime re-run in parts is judged as one table.  ``against``: an earlier results.csv of the same cells; each cell
     read from another file then also gives how far its mean worst case moved from that one's, and
     each cell still read from it is marked † (so a matrix re-run in parts can be shown whole, the
     parts not yet re-run as they were).  Returns the markdown."""
