@@ -46,6 +46,18 @@ def write_json(obj, path):
     os.replace(tmp, path)
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_csv(path):
+    """(rows as dicts, column names) of a CSV file."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader), reader.fieldnames or []
+
+
 def pyplot():
     """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is not
     installed."""
@@ -141,8 +153,17 @@ def matrix_run(folder, eval_flags=None):
     markers): accuracies in %, the worst case, checks, time, and what went wrong, if anything.  With
     ``eval_flags`` (run_all.sh's EVAL_FLAGS) an evaluation made with other flags (eval_config.txt)
     does not count: run_all.sh redoes it when it runs again."""
-    load = lambda name: json.load(open(os.path.join(folder, name))) if os.path.exists(os.path.join(folder, name)) else {}
-    mark = lambda name: open(os.path.join(folder, name)).read().strip() if os.path.exists(os.path.join(folder, name)) else None
+    def load(name):
+        path = os.path.join(folder, name)
+        return read_json(path) if os.path.exists(path) else {}
+
+    def mark(name):
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return f.read().strip()
+
     s, e = load("summary.json"), load("eval.json")
     acc = dict(e.get("accuracy", {}))
     if "clean_full" in e:  # clean accuracy on the whole test set, the attacks on --n-eval images
@@ -369,7 +390,7 @@ def curve_table(out, cells, seeds, share=0.95):
         per_seed = {}
         for s in seeds:
             path = os.path.join(out, "runs", f"{g}_{a}_s{s}", "summary.json")
-            if os.path.exists(path) and (c := json.load(open(path)).get("curve")):
+            if os.path.exists(path) and (c := read_json(path).get("curve")):
                 per_seed[s] = c
         if per_seed:
             found[(g, a)] = per_seed
@@ -429,7 +450,7 @@ def saf_features(out, cells, seeds):
         for s in seeds:
             path = os.path.join(out, "runs", f"{g}_{a}_s{s}", "analysis", "features.json")
             if os.path.exists(path):
-                found[(g, a, s)] = json.load(open(path))
+                found[(g, a, s)] = read_json(path)
     return found
 
 
@@ -486,7 +507,7 @@ def saf_table(out, cells, seeds):
         found = []
         for s in seeds:
             path = os.path.join(out, "runs", f"{g}_{a}_s{s}", "eval.json")
-            if os.path.exists(path) and "saf_curves" in (e := json.load(open(path))):
+            if os.path.exists(path) and "saf_curves" in (e := read_json(path)):
                 found.append(e["saf_curves"])
                 per_run[(g, a, s)] = e["saf_curves"]
         if found:
@@ -666,10 +687,10 @@ def compare_table(per_seed_csv, base, cells, column="worst case"):
     the uncorrected p and whether it survives Holm's correction over these cells (5% family-wise;
     a cell with fewer than 3 paired seeds, or the same difference in every seed, is not judged).
     Returns the markdown table."""
-    value, reader = {}, csv.DictReader(open(per_seed_csv))  # {cell: {seed: value}}
-    if column not in (reader.fieldnames or []):
-        raise ValueError(f"no column '{column}' in {per_seed_csv} (it has: {', '.join(reader.fieldnames or [])})")
-    for r in reader:
+    value, (table, columns) = {}, read_csv(per_seed_csv)  # {cell: {seed: value}}
+    if column not in columns:
+        raise ValueError(f"no column '{column}' in {per_seed_csv} (it has: {', '.join(columns)})")
+    for r in table:
         if r.get("status") == "ok" and r.get(column) not in (None, ""):
             value.setdefault(f"{r['regime']}:{r['activation']}", {})[r["seed"]] = float(r[column])
     missing = [c for c in [base, *cells] if c not in value]
@@ -734,9 +755,9 @@ def read_per_seed(paths):
     and ``order`` (the file's place), and the other files' rows the same way: (per_seed, other)."""
     per_seed, other = [], []
     for i, path in enumerate(paths):
-        reader = csv.DictReader(open(path))
-        rows = [dict(r, source=path, order=i) for r in reader]
-        (per_seed if "seed" in (reader.fieldnames or []) else other).extend(rows)
+        table, columns = read_csv(path)
+        rows = [dict(r, source=path, order=i) for r in table]
+        (per_seed if "seed" in columns else other).extend(rows)
     return per_seed, other
 
 
@@ -761,7 +782,7 @@ def grid_table(per_seed, rows, against=None):
     parts not yet re-run as they were).  Returns the markdown."""
     if per_seed:  # one row per cell from the pooled seeds, placed where its last file stands
         rows = sorted(rows + pooled_cells(per_seed), key=lambda r: r["order"])
-    before = {(r["regime"], r["activation"]): r for r in csv.DictReader(open(against))} if against else {}
+    before = {(r["regime"], r["activation"]): r for r in read_csv(against)[0]} if against else {}
     mean = lambda text: float(text.split(" ± ")[0])
     regimes = list(dict.fromkeys(r["regime"] for r in rows))
     acts = list(dict.fromkeys(r["activation"] for r in rows))
