@@ -104,13 +104,14 @@ class UserError(Exception):
 
 
 class Diverged(Exception):
-    """Training produced a non-finite loss or gradient: the run stops (one-line error, exit code
+    """Training produced a non-finite loss or gradient (in batch ``batch``), or an epoch ended with
+    non-finite weights (``batch`` 0, ``what`` names them): the run stops (one-line error, exit code
     1)."""
 
-    def __init__(self, epoch, batch, batches, label="epoch", note=""):
-        self.epoch, self.batch, self.batches, self.label = epoch, batch, batches, label
-        super().__init__(f"training diverged: non-finite loss or gradient in {label} {epoch}, "
-                         f"batch {batch} of {batches}{note}")
+    def __init__(self, epoch, batch, batches, label="epoch", note="", what="loss or gradient"):
+        self.epoch, self.batch, self.batches, self.label, self.what = epoch, batch, batches, label, what
+        where = f"in {label} {epoch}, batch {batch} of {batches}" if batch else f"at the end of {label} {epoch}"
+        super().__init__(f"training diverged: non-finite {what} {where}{note}")
 
 
 class Terminated(KeyboardInterrupt):
@@ -858,6 +859,20 @@ def sync_buffers(run):
             torch.distributed.broadcast(b, 0)
 
 
+def check_weights_finite(run, epoch, label="epoch"):
+    """Raise Diverged when a weight or buffer is NaN or inf at the end of an epoch.  The batch loop
+    sees only the loss (and the gradient norm with --grad-clip): a BatchNorm's running variance can
+    overflow while its train-mode output, normalised by the batch's own statistics, keeps the loss
+    finite (a KAF resnet20 from random coefficients does, RESULTS.md), and the evaluation would then
+    score a model whose every output is NaN.  One host sync per epoch."""
+    tensors = [(k, t) for k, t in run.model.state_dict().items() if t.is_floating_point()]
+    if torch.stack([torch.isfinite(t).all() for _, t in tensors]).all().item():
+        return
+    bad = [k for k, t in tensors if not torch.isfinite(t).all()]
+    raise Diverged(epoch, 0, len(run.batches), label,
+                   what=f"weights (NaN or inf in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+
+
 def held_out_pgd(run, eps):
     """PGD-10 accuracy on the fixed held-out training images (the catastrophic-overfitting probe),
     rank 0's value on every rank so that all take the same decision."""
@@ -985,6 +1000,7 @@ def end_epoch(run, args, state, train_loss, train_acc, lr, seconds, label="epoch
     weights and the checkpoint.  Returns True when the guard stopped the run."""
     state["train_time_s"] += seconds
     sync_buffers(run)
+    check_weights_finite(run, state["epoch"] + 1, label)
     held = held_out_pgd(run, args.epsilon)
     clean = fgsm = None
     if args.co_guard > 0 and args.co_fgsm_margin >= 0:
@@ -1290,4 +1306,5 @@ def record_stop(run, args, stop, summary, state, label="epoch"):
         return stop
     return Diverged(stop.epoch, stop.batch, stop.batches, stop.label,
                     (f"; checkpoint.pt keeps {label} {epochs_done}" if epochs_done
-                     else "; no epoch completed, no checkpoint") + f", reason in {run.out_dir}/summary.json")
+                     else "; no epoch completed, no checkpoint") + f", reason in {run.out_dir}/summary.json",
+                    stop.what)

@@ -522,6 +522,29 @@ def test_setup_gives_each_rank_its_own_shard_of_the_global_batch(tmp_path, monke
     assert (run.rank, run.world, run.batches.rank, run.batches.world, run.batches.batch_size) == (1, 2, 1, 2, 32)
 
 
+@pytest.mark.parametrize("script,extra", [(train_fast, []), (train_free, ["--replays", 2]), (train_pgd, ["--attack-iters", 2])])
+def test_weights_that_turn_non_finite_in_an_epoch_stop_the_run_as_diverged(tmp_path, monkeypatch, script, extra):
+    # the loss can stay finite while a weight or a BatchNorm statistic overflows: the epoch's end
+    # must catch it before the evaluation scores a NaN model
+    calls = []
+
+    def overflow_in_epoch_2(run):
+        name, weight = next(run.model.named_parameters())
+        calls.append(name)
+        if len(calls) == 2:
+            with torch.no_grad():
+                weight.view(-1)[0] = float("inf")
+
+    monkeypatch.setattr(utils, "sync_buffers", overflow_in_epoch_2)
+    with pytest.raises(utils.Diverged) as stop:
+        script.main(tiny(tmp_path, "--epochs", 2 * (script is train_free) + 2, "--co-guard", 0, *extra))
+    name = calls[-1]
+    assert "non-finite weights" in str(stop.value) and name in str(stop.value), stop.value
+    assert "end of" in str(stop.value) and "keeps" in str(stop.value)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["evaluated"] is False and summary["epochs_completed"] == 1 and name in summary["diverged"]
+
+
 @pytest.mark.parametrize("script,extra,steps", [(train_fast, ["--epochs", 2], 8), (train_free, ["--epochs", 4, "--replays", 2], 16)])
 def test_eval_every_records_a_curve_without_changing_the_training(tmp_path, script, extra, steps):
     plain = script.main(tiny(tmp_path / "plain", "--co-guard", 0, *extra))
