@@ -110,7 +110,8 @@ class Diverged(Exception):
 
     def __init__(self, epoch, batch, batches, label="epoch", note="", what="loss or gradient"):
         self.epoch, self.batch, self.batches, self.label, self.what = epoch, batch, batches, label, what
-        where = f"in {label} {epoch}, batch {batch} of {batches}" if batch else f"at the end of {label} {epoch}"
+        where = (f"in {label} {epoch}, batch {batch} of {batches}" if batch
+                 else f"at the end of {label} {epoch}")
         super().__init__(f"training diverged: non-finite {what} {where}{note}")
 
 
