@@ -254,6 +254,15 @@ def read_checkpoint(path, map_location="cpu"):
 CHECKPOINT_TYPES = {"model_config": dict, "model_state": dict, "args": dict, "dataset": dict, "script": str}
 
 
+def non_finite_tensors(state):
+    """Names of the floating-point tensors of ``state`` (a state dict) that hold NaN or inf, in
+    order; one host sync when all are finite."""
+    floats = [(k, t) for k, t in state.items() if torch.is_tensor(t) and t.is_floating_point()]
+    if not floats or torch.stack([torch.isfinite(t).all() for _, t in floats]).all().item():
+        return []
+    return [k for k, t in floats if not torch.isfinite(t).all()]
+
+
 def check_checkpoint(ckpt, path):
     """Refuse (:class:`CheckpointError`, one line) a checkpoint whose entries have the wrong type or
     whose weights are not finite: it would evaluate to a number that means nothing."""
@@ -261,12 +270,13 @@ def check_checkpoint(ckpt, path):
         if key in ckpt and not isinstance(ckpt[key], kind):
             raise CheckpointError(f"{path} is not a checkpoint of this project: its {key} is a "
                                   f"{type(ckpt[key]).__name__}, not a {kind.__name__}")
-    for name, t in (ckpt.get("model_state") or {}).items():
+    state = ckpt.get("model_state") or {}
+    for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{path}: model_state[{name!r}] is not a tensor")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise CheckpointError(f"{path} holds non-finite weights (NaN or inf) in {name}: a diverged "
-                                  f"or damaged model")
+    if bad := non_finite_tensors(state):
+        raise CheckpointError(f"{path} holds non-finite weights (NaN or inf) in {bad[0]}: a diverged "
+                              f"or damaged model")
 
 
 def load_checkpoint(path, map_location="cpu"):

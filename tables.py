@@ -776,10 +776,11 @@ def grid_table(per_seed, rows, against=None):
     difference to the baseline, in bold when it survives Holm's correction of its own table.  A
     per-seed file (results_seeds.csv, a ``seed`` column) is pooled with the other per-seed files (a
     run in several: the last one's) and its cells computed from the pooled seeds, one Holm family
-    per regime (pooled_cells): a regime re-run in parts is judged as one table.  ``against``: an earlier results.csv of the same cells; each cell
-    read from another file then also gives how far its mean worst case moved from that one's, and
-    each cell still read from it is marked † (so a matrix re-run in parts can be shown whole, the
-    parts not yet re-run as they were).  Returns the markdown."""
+    per regime (pooled_cells): a regime re-run in parts is judged as one table.  ``against``: an
+    earlier results.csv of the same cells; each cell read from another file then also gives how far
+    its mean worst case moved from that one's, and each cell still read from it is marked † (so a
+    matrix re-run in parts can be shown whole, the parts not yet re-run as they were).  Returns the
+    markdown."""
     if per_seed:  # one row per cell from the pooled seeds, placed where its last file stands
         rows = sorted(rows + pooled_cells(per_seed), key=lambda r: r["order"])
     before = {(r["regime"], r["activation"]): r for r in read_csv(against)[0]} if against else {}

@@ -866,10 +866,8 @@ def check_weights_finite(run, epoch, label="epoch"):
     overflow while its train-mode output, normalised by the batch's own statistics, keeps the loss
     finite (a KAF resnet20 from random coefficients does, RESULTS.md), and the evaluation would then
     score a model whose every output is NaN.  One host sync per epoch."""
-    tensors = [(k, t) for k, t in run.model.state_dict().items() if t.is_floating_point()]
-    if torch.stack([torch.isfinite(t).all() for _, t in tensors]).all().item():
+    if not (bad := models.non_finite_tensors(run.model.state_dict())):
         return
-    bad = [k for k, t in tensors if not torch.isfinite(t).all()]
     raise Diverged(epoch, 0, len(run.batches), label,
                    what=f"weights (NaN or inf in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
 
