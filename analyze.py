@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import activations
 import attacks
 import models
+import tables
 import utils
 from utils import tqdm
 
@@ -273,7 +274,7 @@ def plot_shapes(result, path, plt):
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.axvline(0, color="grey", linewidth=0.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tables.save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -394,7 +395,7 @@ def plot_preacts(result, path, plt):
     axes[0].legend(fontsize=7)
     fig.suptitle(f"pre-activations, clean vs PGD (eps {result['eps']:.4g})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tables.save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -601,7 +602,7 @@ def plot_lipschitz(result, path, plt):
     ax2.set(xscale="log", xlabel="||J(x)||_2", ylabel="images", title="local Lipschitz estimates vs bounds")
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tables.save_figure(fig, path)
     plt.close(fig)
     return path
 

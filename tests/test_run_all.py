@@ -730,7 +730,7 @@ def test_grid_pools_per_seed_files_into_one_holm_family_per_regime(tmp_path, cap
     # --plot draws the pooled seeds (the figure needs matplotlib, which requirements-dev.txt installs)
     pytest.importorskip("matplotlib")
     assert tables.main(["--grid", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--plot", str(tmp_path / "m.png")]) == 0
-    assert capsys.readouterr().out.endswith(f"-> {tmp_path / 'm.png'}\n") and (tmp_path / "m.png").stat().st_size > 5000
+    assert capsys.readouterr().out.endswith(f"-> {tmp_path / 'm.png'}\n") and (tmp_path / "m.png").stat().st_size > 2000
     drawn = []
     monkeypatch.setattr(tables, "matrix_figure", lambda runs, path: drawn.extend(runs) or path)
     tables.grid_figure(tables.read_per_seed([str(tmp_path / "a.csv"), str(tmp_path / "b.csv")])[0], str(tmp_path / "m2.png"))
@@ -739,3 +739,21 @@ def test_grid_pools_per_seed_files_into_one_holm_family_per_regime(tmp_path, cap
     assert {r["activation"] for r in drawn} == {"relu", "kaf", "silu"}  # the failed kwta run is left out
     assert tables.main(["--grid", str(tmp_path / "a.csv"), "--plot"]) == 2
     assert capsys.readouterr().err.startswith("usage: python tables.py --grid")
+
+
+def test_save_figure_writes_a_palette_png_smaller_than_matplotlibs_with_the_plot_colours_kept(tmp_path):
+    plt = tables.pyplot()
+    if plt is None:
+        pytest.skip("matplotlib not installed")
+    from PIL import Image
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i in range(12):  # more lines than the default colour cycle, antialiased
+        ax.plot(range(50), [((x * (i + 3)) % 17) + i for x in range(50)], "-o", markersize=3)
+    fig.savefig(tmp_path / "rgba.png", dpi=110)
+    assert tables.save_figure(fig, str(tmp_path / "palette.png")) == str(tmp_path / "palette.png")
+    plt.close(fig)
+    with Image.open(tmp_path / "rgba.png") as rgba, Image.open(tmp_path / "palette.png") as palette:
+        assert rgba.mode == "RGBA" and palette.mode == "P" and palette.size == rgba.size
+        kept = {c for _, c in palette.convert("RGB").getcolors(256)}
+        assert (31, 119, 180) in kept and (255, 127, 14) in kept  # tab:blue and tab:orange, exact
+    assert (tmp_path / "palette.png").stat().st_size < 0.6 * (tmp_path / "rgba.png").stat().st_size
