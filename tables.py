@@ -23,7 +23,11 @@ table is read back from its committed per-seed CSV (paired over seeds, Holm over
     python tables.py --compare figures/paf/results_seeds.csv pgd:relu pgd:prelu pgd:psilu ...
 
 (another column than the worst case with --column, e.g. --column clean, or --column "nonsense beta
-0.1" in a saf_seeds.csv)
+0.1" in a saf_seeds.csv); eval.py's presets against AutoAttack on the same images, a row per model folder
+(eval_autoattack.json beside eval_NAME.json; robust accuracy, time, images robust under one only):
+
+    python tables.py --autoattack figures/autoattack figures/autoattack/fast_relu_s0 ...
+
 and a matrix as one row per activation and a column pair per regime (--against: how far each cell
 moved from an earlier table of the same cells, † on those not re-run; per-seed CSVs are pooled, one
 Holm family per regime; --plot: their seeds as a figure):
@@ -762,6 +766,73 @@ def pooled_cells(per_seed, baseline="relu"):
     return list(rows.values())
 
 
+def autoattack_table(out, folders):
+    """eval.py's presets against AutoAttack on the same images, one row per model folder.  Each folder
+    holds eval_autoattack.json (``eval.py CKPT --attacks autoattack``) and, as eval_NAME.json, the
+    evaluations to compare (e.g. eval_quick.json, eval_standard.json), all on the same --n-eval images
+    and seed.  Per evaluation: robust accuracy in % (marked "escalated" when the masking escalation
+    ran), its time_s, and the images robust under it only / under AutoAttack only (from the per-image
+    robust_images).  Writes out/autoattack.md and .csv (+ autoattack.png with matplotlib: accuracy
+    and time per model).  Returns the markdown table."""
+    rows = []
+    for folder in folders:
+        reference = read_json(os.path.join(folder, "eval_autoattack.json"))
+        names = sorted(f[5:-5] for f in os.listdir(folder)
+                       if f.startswith("eval_") and f.endswith(".json") and f != "eval_autoattack.json")
+        for name in ["autoattack"] + names:
+            result = read_json(os.path.join(folder, f"eval_{name}.json"))
+            if result["n_eval"] != reference["n_eval"]:
+                raise ValueError(f"{folder}: eval_{name}.json has {result['n_eval']} images, "
+                                 f"eval_autoattack.json {reference['n_eval']}")
+            ours, theirs = set(result["robust_images"]), set(reference["robust_images"])
+            rows.append({"model": os.path.basename(os.path.normpath(folder)), "evaluation": name,
+                         "n": result["n_eval"], "robust": round(100 * result["robust_accuracy"], 2),
+                         "time_s": result["time_s"], "escalated": bool(result.get("escalation")),
+                         "only_this": len(ours - theirs), "only_autoattack": len(theirs - ours)})
+    names = list(dict.fromkeys(r["evaluation"] for r in rows if r["evaluation"] != "autoattack"))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    get = {(r["model"], r["evaluation"]): r for r in rows}
+    cols = ["model", "AutoAttack (time s)"]
+    for name in names:
+        cols += [f"{name} (time s)", f"{name} only / AutoAttack only"]
+    text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    for m in models:
+        aa = get[(m, "autoattack")]
+        cells = [m, f"{aa['robust']:.2f} ({aa['time_s']:.0f})"]
+        for name in names:
+            r = get.get((m, name))
+            cells += ["-", "-"] if r is None else [
+                f"{r['robust']:.2f}{' escalated' if r['escalated'] else ''} ({r['time_s']:.0f})",
+                f"{r['only_this']} / {r['only_autoattack']}"]
+        text += "| " + " | ".join(cells) + " |\n"
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "autoattack.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "autoattack.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plt = pyplot()
+    if plt is not None:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 * len(models) * (len(names) + 1) / 2 + 1.5), sharey=True)
+        height = 0.8 / (len(names) + 1)
+        for k, name in enumerate(["autoattack"] + names):
+            ys = [i + (k - len(names) / 2) * height for i in range(len(models))]
+            for ax, key in zip(axes, ("robust", "time_s")):
+                ax.barh(ys, [get[(m, name)][key] if (m, name) in get else 0 for m in models], height,
+                        label="AutoAttack" if name == "autoattack" else name)
+        axes[0].set(xlabel=f"robust accuracy (%), {rows[0]['n']} images", title="robust accuracy")
+        axes[1].set(xlabel="seconds", title="evaluation time")
+        axes[0].set_yticks(range(len(models)), models, fontsize=8)
+        axes[0].invert_yaxis()
+        for ax in axes:
+            ax.grid(axis="x", alpha=0.3)
+        axes[1].legend(fontsize=8)
+        save_figure(fig, os.path.join(out, "autoattack.png"), dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    return text
+
+
 REGIME_NAMES = {"fast": "FGSM-RS", "free": "Free", "pgd": "PGD", "natural": "natural"}
 
 
@@ -826,7 +897,8 @@ def grid_table(per_seed, rows, against=None):
 
 def main(argv=None):
     """Write every table run_all.sh shows and print them (the matrix, then the curves that
-    exist); or, with --compare, print one family of paired comparisons from a per-seed CSV."""
+    exist); or, with --compare, print one family of paired comparisons from a per-seed CSV; --grid,
+    a matrix from per-seed CSVs; --autoattack, eval.py's presets against AutoAttack."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--grid":
         files = argv[1:]
@@ -848,6 +920,18 @@ def main(argv=None):
         except (OSError, ValueError, KeyError, StopIteration) as err:
             print(f"tables.py: cannot read {' '.join(files)}: {err!r}", file=sys.stderr)
             return 2
+        return 0
+    if argv and argv[0] == "--autoattack":
+        if len(argv) < 3:
+            print("usage: python tables.py --autoattack OUT FOLDER [FOLDER ...]  (each with eval_autoattack.json "
+                  "and eval_NAME.json)", file=sys.stderr)
+            return 2
+        try:
+            print(autoattack_table(argv[1], argv[2:]), end="")
+        except (OSError, ValueError, KeyError) as err:
+            print(f"tables.py: {err}", file=sys.stderr)
+            return 2
+        print(f"-> {argv[1]}/autoattack.md, autoattack.csv (+ autoattack.png with matplotlib)")
         return 0
     if argv and argv[0] == "--compare":
         column = "worst case"

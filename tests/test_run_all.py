@@ -757,3 +757,32 @@ def test_save_figure_writes_a_palette_png_smaller_than_matplotlibs_with_the_plot
         kept = {c for _, c in palette.convert("RGB").getcolors(256)}
         assert (31, 119, 180) in kept and (255, 127, 14) in kept  # tab:blue and tab:orange, exact
     assert (tmp_path / "palette.png").stat().st_size < 0.6 * (tmp_path / "rgba.png").stat().st_size
+
+
+def test_autoattack_table_compares_each_evaluation_with_autoattack_image_by_image(tmp_path, capsys):
+    def evaluation(folder, name, robust, time_s, escalated=False, n=10):
+        folder.mkdir(exist_ok=True)
+        tables.write_json({"n_eval": n, "robust_accuracy": len(robust) / n, "robust_images": robust, "time_s": time_s,
+                           "escalation": {"reasons": ["masked"]} if escalated else None},
+                          str(folder / f"eval_{name}.json"))
+    relu, kwta = tmp_path / "fast_relu_s0", tmp_path / "fast_kwta_s0"
+    evaluation(relu, "autoattack", [0, 1, 2, 3, 4, 5], 100.0)
+    evaluation(relu, "quick", [0, 1, 2, 3, 4, 9], 20.0)  # image 9 robust for quick only, 5 for AutoAttack only
+    evaluation(relu, "standard", [0, 1, 2, 3, 4, 5], 90.0)
+    evaluation(kwta, "autoattack", [0, 1, 2], 50.0)
+    evaluation(kwta, "quick", [0], 40.0, escalated=True)
+    assert tables.main(["--autoattack", str(tmp_path / "out"), str(relu), str(kwta)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| model | AutoAttack (time s) | quick (time s) | quick only / AutoAttack only | standard (time s) | "
+                        "standard only / AutoAttack only |")
+    assert lines[2] == "| fast_relu_s0 | 60.00 (100) | 60.00 (20) | 1 / 1 | 60.00 (90) | 0 / 0 |"
+    assert lines[3] == "| fast_kwta_s0 | 30.00 (50) | 10.00 escalated (40) | 0 / 2 | - | - |"
+    rows, _ = tables.read_csv(str(tmp_path / "out" / "autoattack.csv"))
+    assert [(r["model"], r["evaluation"], r["only_this"], r["only_autoattack"]) for r in rows][:2] == \
+        [("fast_relu_s0", "autoattack", "0", "0"), ("fast_relu_s0", "quick", "1", "1")]
+    assert (tmp_path / "out" / "autoattack.png").exists() == (tables.pyplot() is not None)
+    # evaluations on other images are not compared
+    evaluation(kwta, "standard", [0], 40.0, n=20)
+    assert tables.main(["--autoattack", str(tmp_path / "out"), str(relu), str(kwta)]) == 2
+    assert "eval_standard.json has 20 images, eval_autoattack.json 10" in capsys.readouterr().err
+    assert tables.main(["--autoattack", str(tmp_path / "out")]) == 2
