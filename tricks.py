@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import tables
 import utils
 
 
@@ -316,7 +317,7 @@ def lr_range_test(run, args, train_minibatch, beta=0.9, diverge=4.0):
         ax.set(xscale="log", xlabel="learning rate", ylabel="training loss",
                title=f"{run.script} LR range test")
         ax.legend()
-        fig.savefig(os.path.join(run.out_dir, "lr_find.png"), dpi=120, bbox_inches="tight")
+        tables.save_figure(fig, os.path.join(run.out_dir, "lr_find.png"), dpi=120, bbox_inches="tight")
         plt.close(fig)
     print(f"LR range test: {len(rows)} minibatches{', stopped: ' + stopped if stopped else ''}; "
           f"loss minimum at lr {min_lr:.3g}; "
