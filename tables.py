@@ -777,10 +777,10 @@ def autoattack_table(out, folders):
     rows = []
     for folder in folders:
         reference = read_json(os.path.join(folder, "eval_autoattack.json"))
-        names = sorted(f[5:-5] for f in os.listdir(folder)
-                       if f.startswith("eval_") and f.endswith(".json") and f != "eval_autoattack.json")
-        for name in ["autoattack"] + names:
-            result = read_json(os.path.join(folder, f"eval_{name}.json"))
+        compared = sorted(f[5:-5] for f in os.listdir(folder)
+                          if f.startswith("eval_") and f.endswith(".json") and f != "eval_autoattack.json")
+        for name in ["autoattack"] + compared:
+            result = reference if name == "autoattack" else read_json(os.path.join(folder, f"eval_{name}.json"))
             if result["n_eval"] != reference["n_eval"]:
                 raise ValueError(f"{folder}: eval_{name}.json has {result['n_eval']} images, "
                                  f"eval_autoattack.json {reference['n_eval']}")
