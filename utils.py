@@ -454,6 +454,9 @@ def add_shared_flags(p, **defaults):
     g.add_argument("--co-guard", type=float, default=0.2,
                    help="catastrophic-overfitting guard: stop and restore the best weights when "
                         "held-out PGD accuracy drops by more than this (0 = off)")
+    g.add_argument("--co-probe-images", type=int, default=512, metavar="N",
+                   help="fixed training images of the guard's PGD-10 probe at each epoch's end "
+                        "(default 512; a tiny run spends most of its time there)")
     g.add_argument("--co-guard-relative", type=float, default=0.0, metavar="F",
                    help="the guard also fires when held-out PGD accuracy falls below F x the best "
                         "epoch's (0 = off)")
@@ -518,8 +521,8 @@ def parse_args(parser, argv=None, checks=()):
         problems.append("--nesterov needs --momentum > 0")
     if args.eval_pgd_alpha is not None and args.eval_pgd_alpha <= 0:  # a step of 0 fakes robustness
         problems.append(f"--eval-pgd-alpha must be > 0, got {args.eval_pgd_alpha}")
-    if args.co_max_recoveries < 0:
-        problems.append("--co-max-recoveries must be >= 0")
+    if args.co_max_recoveries < 0 or args.co_probe_images < 1:
+        problems.append("--co-max-recoveries must be >= 0 and --co-probe-images >= 1")
     if not 0 <= args.label_smoothing < 1 or not 0 <= args.ema < 1:
         problems.append("--label-smoothing and --ema must be in [0, 1)")
     if not 0 <= args.co_guard_relative < 1:
@@ -737,7 +740,8 @@ def setup(args, script, arrays=None):
     batches              the training minibatches (:class:`Batches`: uint8 data on the device, this
                          rank's shard)
     x_test, y_test       the test set (the first --n-eval images) as floats in [0, 1] on the device
-    x_held, y_held       512 fixed training images: the catastrophic-overfitting guard's PGD probe
+    x_held, y_held       --co-probe-images (512) fixed training images: the catastrophic-overfitting
+                         guard's PGD probe
     model                models.build's model (normalises inside, takes [0, 1] images)
     forward              what the training loss calls: the model, its DDP wrapper under torchrun,
                          compiled with --compile
@@ -786,7 +790,7 @@ def setup(args, script, arrays=None):
     batches = data.Batches(x_train.to(device), y_train.to(device), args.batch_size // world, shuffle=True,
                            augment=augment, channels_last=channels_last, rank=rank, world=world)
     held = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed + 1))
-    held = held[:min(512, len(x_train))]
+    held = held[:min(args.co_probe_images, len(x_train))]
     # ---- model; attacks need input gradients only: the bare model; the training loss: the DDP one
     model = models.build(args.model, args.act, classes, channels, size, mean, std, args.act_scope,
                          act_options(args), args.saf_insert).to(device)

@@ -246,8 +246,9 @@ def test_square_finds_adversarials_and_is_no_stronger_than_apgd(trained_lenet):
 
 
 # --------------------------------------------------------------------------------- sanity checks
+# no escalation (its own test covers it): Square 5000 would take most of the test's time
 CHECK_ARGS = ["--attacks", "fgsm", "pgd10", "pgd10x3", "apgd-ce", "square", "--apgd-iters", "20",
-              "--square-queries", "300", "--large-eps", "0.5", "--curve-steps", "10"]
+              "--square-queries", "300", "--square-escalate", "0", "--large-eps", "0.5", "--curve-steps", "10"]
 
 
 def test_sanity_checks_pass_on_trained_model_and_fail_on_masked_one(trained_lenet, capsys):
@@ -284,7 +285,7 @@ def test_sharper_checks_fail_on_a_partly_masked_model(trained_lenet):
     x, y = x[:64], y[:64]
     masked = PartlyBlind(model, x.mean((1, 2, 3)).quantile(0.8).item()).eval()
     torch.manual_seed(0)
-    args = eval_args(*CHECK_ARGS, "--square-queries", "1000")
+    args = eval_args(*CHECK_ARGS, "--square-queries", "1000", "--square-escalate", "5000")  # as eval.py's default
     result = eval_script.evaluate(masked, x, y, args, EPS, progress=False)
     checks, acc = result["sanity_checks"], result["accuracy"]
     assert 0.1 < result["input_gradients"]["zero_grad_share"] < 0.5  # the old check 5 passed ...

@@ -257,6 +257,17 @@ def test_lr_find_writes_csv_and_a_positive_suggestion(tmp_path, script):
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "summary.json").exists()  # no training
 
 
+def test_the_guard_probe_is_co_probe_images_fixed_training_images(tmp_path):
+    runs = [utils.setup(train_fast.get_args(tiny(tmp_path / name, "--n-train", 200, *flags)), "train_fast")
+            for name, flags in (("a", ["--co-probe-images", 64]), ("b", ["--co-probe-images", 64]), ("c", []))]
+    assert len(runs[0].y_held) == 64 and len(runs[2].y_held) == 200  # the default 512, capped by the data
+    assert torch.equal(runs[0].x_held, runs[1].x_held)  # the same images in every run of a seed
+    train = runs[0].batches.x.float().div(255).flatten(1)
+    assert all((train == img.flatten()).all(1).any() for img in runs[0].x_held)  # training images
+    with pytest.raises(SystemExit):
+        train_fast.get_args(tiny(tmp_path, "--co-probe-images", 0))
+
+
 def test_lr_find_suggests_the_steepest_descent_and_stops_at_divergence(tmp_path):
     """A made-up loss of the LR: steepest descent at lr 1e-2, minimum near 1, divergence past 2."""
     args = train_fast.get_args(tiny(tmp_path, "--n-train", 64, "--lr-find", "--lr-find-steps", 101))

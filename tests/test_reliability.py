@@ -16,7 +16,7 @@ import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dataset", "synthetic", "--model", "lenet", "--n-train", "1024", "--n-eval", "64", "--batch-size", "64",
-        "--epsilon", "0.1", "--eval-pgd-steps", "2", "--device", "cpu", "--seed", "3"]
+        "--epsilon", "0.1", "--eval-pgd-steps", "2", "--device", "cpu", "--seed", "3", "--co-probe-images", "128"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # the same thread count in every run: bit-identical float sums
 ENV.pop("TRITON_INTERPRET", None)  # the scripts as a user runs them (conftest sets it for the kernel tests)
 
@@ -27,6 +27,25 @@ def _cmd(script, *args):
 
 def _run(script, *args, timeout=300):
     return subprocess.run(_cmd(script, *args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def _run_here(script, *args):
+    """``script``'s main(args) in this process, wrapped as its command line wraps it
+    (utils.main_guard): exit code, stdout and stderr as a CompletedProcess, without the seconds a new
+    interpreter takes to import torch.  Only for runs that stop at an error: what the command line
+    itself prints is checked by the tests that keep _run."""
+    import contextlib
+    import io
+    import utils
+    module = importlib.import_module(script[:-len(".py")])
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            utils.main_guard(lambda: module.main([str(a) for a in args]))
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
 def _weights(path):
@@ -382,7 +401,7 @@ def _one_line_error(r, *words):
 
 
 def test_a_step_of_zero_and_non_finite_numbers_are_refused_where_they_are_parsed(a_checkpoint, tmp_path):
-    _one_line_error(_run("eval.py", str(a_checkpoint), "--attacks", "pgd", "--pgd-alpha", "0", "--no-plot",
+    _one_line_error(_run_here("eval.py", str(a_checkpoint), "--attacks", "pgd", "--pgd-alpha", "0", "--no-plot",
                          "--out", str(tmp_path / "e.json")), "--pgd-alpha must be > 0")
     for script, flags, words in (("train_fast.py", ["--eval-pgd-alpha", "0"], "--eval-pgd-alpha must be > 0"),
                                  ("train_fast.py", ["--co-guard", "nan"], "--co-guard must be a finite number"),
@@ -390,9 +409,9 @@ def test_a_step_of_zero_and_non_finite_numbers_are_refused_where_they_are_parsed
                                  ("train_fast.py", ["--seed", "-1"], "--seed must be in"),
                                  ("train_fast.py", ["--device", "tpu"], "'tpu' is not a device"),
                                  ("train_fast.py", ["--act", "kwta", "--kwta-gamma", "2"], "kwta gamma must be in (0, 1]")):
-        _one_line_error(_run(script, *TINY, *flags, "--out-dir", str(tmp_path / "never")), words)
+        _one_line_error(_run_here(script, *TINY, *flags, "--out-dir", str(tmp_path / "never")), words)
     assert not (tmp_path / "never" / "checkpoint.pt").exists()
-    _one_line_error(_run("analyze.py", str(a_checkpoint), "--eps", "5", "--out", str(tmp_path / "an")), "--eps must be in (0, 1]")
+    _one_line_error(_run_here("analyze.py", str(a_checkpoint), "--eps", "5", "--out", str(tmp_path / "an")), "--eps must be in (0, 1]")
 
 
 def test_a_kaf_size_beyond_the_limit_is_refused_before_any_allocation(tmp_path):
@@ -419,11 +438,11 @@ def test_bad_checkpoints_are_one_line_errors_in_eval_analyze_and_resume(a_checkp
             path.write_bytes(b"")
         else:
             torch.save(ckpt, path)
-        _one_line_error(_run("eval.py", str(path), "--no-plot", "--out", str(tmp_path / f"{name}.json")), messages[name])
+        _one_line_error(_run_here("eval.py", str(path), "--no-plot", "--out", str(tmp_path / f"{name}.json")), messages[name])
         assert not (tmp_path / f"{name}.json").exists()
         if name != "eps_50":  # analyze.py has its own --eps; --resume checks flags, not the stored radius
-            _one_line_error(_run("analyze.py", str(path), "--out", str(tmp_path / f"an_{name}")), messages[name])
-            _one_line_error(_run("train_fast.py", *TINY, "--epochs", "1", "--n-train", "256", "--out-dir",
+            _one_line_error(_run_here("analyze.py", str(path), "--out", str(tmp_path / f"an_{name}")), messages[name])
+            _one_line_error(_run_here("train_fast.py", *TINY, "--epochs", "1", "--n-train", "256", "--out-dir",
                                  str(path.parent), "--resume"), messages[name])
 
 
@@ -433,7 +452,7 @@ def test_the_checkpoints_data_folder_is_never_created_or_downloaded_into(a_check
     ckpt["args"] = dict(ckpt["args"], dataset="fashionmnist", data_dir=str(elsewhere))
     ckpt["dataset"] = dict(ckpt["dataset"], name="fashionmnist")
     torch.save(ckpt, tmp_path / "moved.pt")
-    _one_line_error(_run("eval.py", str(tmp_path / "moved.pt"), "--no-plot", "--out", str(tmp_path / "e.json")),
+    _one_line_error(_run_here("eval.py", str(tmp_path / "moved.pt"), "--no-plot", "--out", str(tmp_path / "e.json")),
                     "is not on this machine", "--data-dir")
     assert not (tmp_path / "no").exists()
 
@@ -442,22 +461,22 @@ def test_the_memory_bounds_of_extra_data_and_mean_training(tmp_path):
     import numpy as np
     extra = tmp_path / "extra.npz"
     np.savez(extra, x=np.zeros((4, 1, 28, 28), dtype=np.uint8), y=np.zeros(4, dtype=np.int64))
-    _one_line_error(_run("train_fast.py", *TINY, "--extra-data", str(extra), "--extra-fraction", "0.999",
+    _one_line_error(_run_here("train_fast.py", *TINY, "--extra-data", str(extra), "--extra-fraction", "0.999",
                          "--out-dir", str(tmp_path / "a")), "--extra-fraction must be in (0, 0.9]")
-    _one_line_error(_run("train_fast.py", *TINY, "--mean-training", "100000", "--out-dir", str(tmp_path / "b")),
+    _one_line_error(_run_here("train_fast.py", *TINY, "--mean-training", "100000", "--out-dir", str(tmp_path / "b")),
                     "--mean-training 100000 copies per step")
     np.savez(tmp_path / "nan.npz", x=np.full((4, 1, 28, 28), np.nan, dtype=np.float32), y=np.zeros(4, dtype=np.int64))
-    _one_line_error(_run("train_fast.py", *TINY, "--extra-data", str(tmp_path / "nan.npz"), "--out-dir", str(tmp_path / "c")),
+    _one_line_error(_run_here("train_fast.py", *TINY, "--extra-data", str(tmp_path / "nan.npz"), "--out-dir", str(tmp_path / "c")),
                     "pixels are NaN or inf")
 
 
 def test_out_dir_traps_are_refused_before_the_run(tmp_path):
     (tmp_path / "run" / "summary.json").mkdir(parents=True)
-    _one_line_error(_run("train_fast.py", *TINY, "--out-dir", str(tmp_path / "run")), "summary.json there is a folder")
+    _one_line_error(_run_here("train_fast.py", *TINY, "--out-dir", str(tmp_path / "run")), "summary.json there is a folder")
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
-    _one_line_error(_run("train_fast.py", *TINY, "--out-dir", str(tmp_path / "dangling")), "which does not exist")
-    _one_line_error(_run("train_fast.py", *TINY, "--n-train", "1", "--out-dir", str(tmp_path / "one")), "at least 2")
+    _one_line_error(_run_here("train_fast.py", *TINY, "--out-dir", str(tmp_path / "dangling")), "which does not exist")
+    _one_line_error(_run_here("train_fast.py", *TINY, "--n-train", "1", "--out-dir", str(tmp_path / "one")), "at least 2")
     out = tmp_path / "two"
     assert _run("train_fast.py", *TINY, "--epochs", "2", "--n-train", "128", "--out-dir", str(out)).returncode == 0
-    _one_line_error(_run("train_fast.py", *TINY, "--epochs", "1", "--n-train", "128", "--out-dir", str(out), "--resume"),
+    _one_line_error(_run_here("train_fast.py", *TINY, "--epochs", "1", "--n-train", "128", "--out-dir", str(out), "--resume"),
                     "it has done 2 epochs, more than the 1 asked for")

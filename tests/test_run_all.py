@@ -16,7 +16,7 @@ import pytest
 import tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = "--epochs 1 --n-train 256 --batch-size 64 --eval-pgd-steps 2 --n-eval 64"
+TINY = "--epochs 1 --n-train 256 --batch-size 64 --eval-pgd-steps 2 --n-eval 64 --co-probe-images 128"
 
 
 def _env(tmp_path, **changes):
