@@ -32,8 +32,8 @@ def _run(script, *args, timeout=300):
 def _run_here(script, *args):
     """``script``'s main(args) in this process, wrapped as its command line wraps it
     (utils.main_guard): exit code, stdout and stderr as a CompletedProcess, without the seconds a new
-    interpreter takes to import torch.  Only for runs that stop at an error: what the command line
-    itself prints is checked by the tests that keep _run."""
+    interpreter takes to import torch.  For the runs whose process boundary is not what a test
+    checks; kill -9, signals, torchrun and the command line's own output keep _run."""
     import contextlib
     import io
     import utils
@@ -97,27 +97,27 @@ def test_kill_then_resume_gives_the_same_final_weights(tmp_path, script, extra, 
 
 def test_resume_of_a_finished_run_only_evaluates_and_resume_of_another_model_is_refused(tmp_path):
     out = tmp_path / "run"
-    assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
+    assert _run_here("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
     before = _weights(out / "checkpoint.pt")
-    r = _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out), "--resume")
+    r = _run_here("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out), "--resume")
     assert r.returncode == 0 and "(finished)" in r.stdout and "epoch   1" not in r.stdout, r.stdout
     after = _weights(out / "checkpoint.pt")
     assert all(torch.equal(before[k], after[k]) for k in before)
-    r = _run("train_fast.py", *TINY, "--act", "silu", "--epochs", "1", "--out-dir", str(out), "--resume")
+    r = _run_here("train_fast.py", *TINY, "--act", "silu", "--epochs", "1", "--out-dir", str(out), "--resume")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "cannot resume" in lines[0] and "act=relu" in lines[0], r.stderr
-    r = _run("train_free.py", *TINY, "--epochs", "1", "--out-dir", str(out), "--resume")
+    r = _run_here("train_free.py", *TINY, "--epochs", "1", "--out-dir", str(out), "--resume")
     assert r.returncode == 2 and "train_fast" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
+    assert _run_here("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # as if the run had an exploding LR from epoch 2 on
     ckpt["args"].update(lr_schedule="constant", lr_max=1e12, co_guard=0.0)
     torch.save(ckpt, out / "checkpoint.pt")
     good = (out / "checkpoint.pt").read_bytes()
-    r = _run("train_fast.py", *TINY, "--epochs", "3", "--out-dir", str(out), "--resume",
+    r = _run_here("train_fast.py", *TINY, "--epochs", "3", "--out-dir", str(out), "--resume",
              "--lr-schedule", "constant", "--lr-max", "1e12", "--co-guard", "0")
     errors = [l for l in r.stderr.splitlines() if "error" in l]  # (the rest of stderr is the progress bar)
     assert r.returncode == 1, r.stderr
@@ -126,7 +126,7 @@ def test_divergence_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluated"] is False and "epoch 2" in summary["diverged"] and summary["epochs_completed"] == 1
     fresh = tmp_path / "fresh"  # diverging in the first epoch: nothing to keep, and it says so
-    r = _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(fresh), "--lr-schedule", "constant", "--lr-max", "1e12")
+    r = _run_here("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(fresh), "--lr-schedule", "constant", "--lr-max", "1e12")
     assert r.returncode == 1 and "no epoch completed, no checkpoint" in r.stderr and not (fresh / "checkpoint.pt").exists()
 
 
@@ -193,7 +193,7 @@ def test_checkpoint_of_another_kind_gives_one_line_error(tmp_path):
     assert r.returncode == 2 and "not a checkpoint of this project" in r.stderr and "Traceback" not in r.stderr
     wrong = tmp_path / "wrong.pt"
     good = tmp_path / "run"
-    assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(good)).returncode == 0
+    assert _run_here("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(good)).returncode == 0
     ckpt = torch.load(good / "checkpoint.pt", weights_only=True)  # checkpoints are plain data
     ckpt["model_config"]["act"] = "kaf"  # the weights no longer fit the model it describes
     torch.save(ckpt, wrong)
@@ -213,7 +213,7 @@ class _Payload:
 
 def test_a_checkpoint_holding_code_is_refused_everywhere_in_one_line(tmp_path):
     good = tmp_path / "run"
-    assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(good)).returncode == 0
+    assert _run_here("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(good)).returncode == 0
     ckpt = torch.load(good / "checkpoint.pt", weights_only=True)
     marker = tmp_path / "pwned"
     ckpt["note"] = _Payload(str(marker))
@@ -239,8 +239,8 @@ def test_a_checkpoint_holding_code_is_refused_everywhere_in_one_line(tmp_path):
 
 def test_resume_refuses_changed_training_flags_and_names_them(tmp_path):
     out = tmp_path / "run"
-    assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
-    r = _run("train_fast.py", *TINY, "--epochs", "2", "--out-dir", str(out), "--resume", "--epsilon", "0.2", "--batch-size", "32")
+    assert _run_here("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
+    r = _run_here("train_fast.py", *TINY, "--epochs", "2", "--out-dir", str(out), "--resume", "--epsilon", "0.2", "--batch-size", "32")
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "--epsilon 0.1 -> 0.2" in lines[0] and "--batch-size 64 -> 32" in lines[0], r.stderr
     assert "epoch   2" not in r.stdout
@@ -248,12 +248,12 @@ def test_resume_refuses_changed_training_flags_and_names_them(tmp_path):
 
 def test_resume_of_a_run_the_guard_stopped_keeps_its_record(tmp_path):
     out = tmp_path / "run"
-    assert _run("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
+    assert _run_here("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     record = dict(epoch=1, held_pgd_acc=0.0, best_held_pgd_acc=0.5, restored_epoch=1)
     ckpt["guard"] = record  # as the guard leaves a run it stopped
     torch.save(ckpt, out / "checkpoint.pt")
-    r = _run("train_fast.py", *TINY, "--epochs", "3", "--out-dir", str(out), "--resume")
+    r = _run_here("train_fast.py", *TINY, "--epochs", "3", "--out-dir", str(out), "--resume")
     assert r.returncode == 0 and "stopped by the overfitting guard" in r.stdout and "epoch   2" not in r.stdout, r.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["catastrophic_overfitting"] == record and summary["epochs_completed"] == 1
@@ -389,7 +389,7 @@ def test_ctrl_c_in_the_final_evaluation_writes_a_partial_summary(tmp_path, capsy
 @pytest.fixture(scope="module")
 def a_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("hostile") / "run"
-    r = _run("train_fast.py", *TINY, "--n-train", "256", "--epochs", "1", "--out-dir", str(out))
+    r = _run_here("train_fast.py", *TINY, "--n-train", "256", "--epochs", "1", "--out-dir", str(out))
     assert r.returncode == 0, r.stderr
     return out / "checkpoint.pt"
 
