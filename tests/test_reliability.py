@@ -296,23 +296,21 @@ def _messages(stderr):
     return [l for l in lines if l.startswith(("error:", "interrupted", "warning:")) or ": error: " in l]
 
 
-def _main_error(argv, capsys):
-    """train_fast.main(argv) as the command line runs it: (exit code, its stderr's message lines)."""
-    import train_fast
-    import utils
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        utils.main_guard(lambda: train_fast.main(argv))
-    return e.value.code, _messages(capsys.readouterr().err)
+def _main_error(argv):
+    """train_fast.main(argv) as the command line runs it, ending in an error: (exit code, its
+    stderr's message lines)."""
+    r = _run_here("train_fast.py", *argv)
+    assert r.returncode != 0, r.stdout[-2000:]
+    return r.returncode, _messages(r.stderr)
 
 
-def test_a_folder_of_another_run_is_refused_without_resume_or_overwrite(tmp_path, capsys):
+def test_a_folder_of_another_run_is_refused_without_resume_or_overwrite(tmp_path):
     import train_fast
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"another run")
     (out / "eval.json").write_text("{}")
-    code, err = _main_error([*QUICK, "--out-dir", str(out)], capsys)
+    code, err = _main_error([*QUICK, "--out-dir", str(out)])
     assert code == 2 and len(err) == 1 and "holds another run's checkpoint.pt" in err[0] and "--overwrite" in err[0], err
     assert (out / "checkpoint.pt").read_bytes() == b"another run" and not (out / "summary.json").exists()
     summary = train_fast.main([*QUICK, "--out-dir", str(out), "--overwrite"])  # replaced, old results deleted
@@ -320,13 +318,13 @@ def test_a_folder_of_another_run_is_refused_without_resume_or_overwrite(tmp_path
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
-def test_a_lock_keeps_a_second_process_out_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+def test_a_lock_keeps_a_second_process_out_and_a_stale_lock_is_taken_over(tmp_path):
     import socket
     import train_fast
     out = tmp_path / "run"
     out.mkdir()
     (out / ".lock").write_text(f"{os.getppid()} {socket.gethostname()}\n")  # a live process (pytest's parent)
-    code, err = _main_error([*QUICK, "--out-dir", str(out)], capsys)
+    code, err = _main_error([*QUICK, "--out-dir", str(out)])
     assert code == 2 and len(err) == 1 and f"in use by process {os.getppid()}" in err[0], err
     assert not (out / "summary.json").exists()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -336,10 +334,10 @@ def test_a_lock_keeps_a_second_process_out_and_a_stale_lock_is_taken_over(tmp_pa
     assert not (out / ".lock").exists()
 
 
-def test_an_out_dir_that_is_a_file_or_cannot_be_created_is_one_line_up_front(tmp_path, capsys):
+def test_an_out_dir_that_is_a_file_or_cannot_be_created_is_one_line_up_front(tmp_path):
     (tmp_path / "file").write_text("")
     for out, message in ((tmp_path / "file", "is a file, not a folder"), (tmp_path / "file" / "sub", "cannot create --out-dir")):
-        code, err = _main_error([*QUICK, "--out-dir", str(out)], capsys)
+        code, err = _main_error([*QUICK, "--out-dir", str(out)])
         assert code == 2 and len(err) == 1 and message in err[0], err
 
 
@@ -355,26 +353,26 @@ def test_a_last_batch_of_one_image_is_dropped_and_lenet_trains(tmp_path):
     assert summary["evaluated"] and summary["counts"]["optimizer_steps"] == 1
 
 
-def test_ctrl_c_in_the_first_held_out_check_names_no_missing_checkpoint(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_in_the_first_held_out_check_names_no_missing_checkpoint(tmp_path, monkeypatch):
     import utils
     out = tmp_path / "run"
     def interrupt(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(utils, "held_out_pgd", interrupt)
-    code, err = _main_error([*QUICK, "--out-dir", str(out)], capsys)
+    code, err = _main_error([*QUICK, "--out-dir", str(out)])
     assert code == 130 and "no epoch completed, so no checkpoint.pt yet" in err[0] and "holds epoch" not in err[0], err
     assert not (out / "checkpoint.pt").exists() and (out / "interrupted.pt").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_early"] == "interrupted in epoch 1" and summary["epochs_completed"] == 0
 
 
-def test_ctrl_c_in_the_final_evaluation_writes_a_partial_summary(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_in_the_final_evaluation_writes_a_partial_summary(tmp_path, monkeypatch):
     import utils
     out = tmp_path / "run"
     def interrupt(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(utils, "evaluate", interrupt)
-    code, err = _main_error([*QUICK, "--out-dir", str(out)], capsys)
+    code, err = _main_error([*QUICK, "--out-dir", str(out)])
     assert code == 130 and "interrupted in the final evaluation" in err[0], err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["evaluated"] is False and summary["epochs_completed"] == 1
