@@ -24,7 +24,8 @@ images, or the first Square run breaking more than --square-only-max of them -- 
 standing get APGD-T again with --escalate-restarts random starts (5) towards the --escalate-targets
 (3) classes MALT ranks nearest and then, unless Square already ran with as many, Square with
 --square-escalate queries (5000, the standard budget); the JSON's 'escalation' says why.  No table
-cell is a white-box-only upper bound.
+cell is a white-box-only upper bound.  A model at chance level (clean accuracy at most 1.25 /
+classes) is named in the headline and the JSON's 'at_chance'; tables.py flags its cell.
 APGD-T is in both presets because untargeted attacks can be led to the runner-up class and stop there
 while another class is within reach: without it, the standard worst case sat 2-3 points above
 AutoAttack's on small lenets, and quick's more than twice too high on an rbf-insert lenet.
@@ -89,6 +90,7 @@ DEFAULT_SIGMAS = [0.02, 0.05, 0.1, 0.2, 0.3]
 CURVE_MULTIPLES = [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
 CHECKS = ["large_eps", "more_iterations", "iterative_vs_single_step", "black_box_vs_white_box", "input_gradients"]
 AUTOATTACK_MISSING = "autoattack: not installed (pip install pyautoattack); skipped"
+AT_CHANCE = 1.25  # clean accuracy at most this x 1/classes: the model is at chance level
 
 
 def get_args(argv=None):
@@ -375,6 +377,12 @@ def evaluate(model, x, y, args, eps, progress=True):
                                                                   progress=bar("clean"))
     result["time_per_attack_s"]["clean"] = round(time.time() - t0, 2)
     print(f"{'clean':>12s}  {result['accuracy']['clean']:.4f}   clean", flush=True)
+    # a model at chance level (never learned, or exploded with finite weights, as RESULTS.md's KAF
+    # resnet20 from random coefficients) makes every robust accuracy below meaningless: said loudly
+    with torch.no_grad():
+        classes = model(x[:1].to(device)).shape[-1]
+    result["chance"] = 1 / classes
+    result["at_chance"] = result["accuracy"]["clean"] <= AT_CHANCE / classes
     grad_stats = attacks.input_gradient_stats(model, x, y, batch_size=args.batch_size)
     result["input_gradients"] = grad_stats
     cascade = []
@@ -511,6 +519,9 @@ def evaluate(model, x, y, args, eps, progress=True):
     result["warnings"] = attack_gap_warnings(result["accuracy"], result["robust_accuracy"], args.gap_warn)
     for w in result["warnings"]:
         print(f"  WARN  {w}")
+    if result["at_chance"]:
+        print(f"  WARN  clean accuracy {result['accuracy']['clean']:.4f} is at chance level (1/{classes}): "
+              "the model has not learned, and its robust accuracy says nothing")
     result["time_s"] = round(time.time() - start, 2)
     print("gradient-masking sanity checks:")
     for k, v in checks.items():
@@ -533,6 +544,8 @@ def headline(result):
     over = ", ".join(k for k in result["accuracy"] if k != "clean") or "no attack"
     text = f"robust acc {result['robust_accuracy']:.4f} (worst case over {over}; clean {result['accuracy']['clean']:.4f})"
     warned = [w.split()[0] for w in result.get("warnings", [])]
+    if result.get("at_chance"):
+        text += "  [WARNING: clean accuracy at chance level: the model has not learned]"
     if warned:
         text += f"  [WARNING: {', '.join(warned)} overstate{'s' if len(warned) == 1 else ''} robustness by > {100 * result['gap_warn']:.0f} points]"
     if failed:
@@ -659,7 +672,8 @@ def main(argv=None):
         result["robustbench"] = write_robustbench(result, args, train_args, model, out)
     print(header, sep, row, sep="\n")
     print(f"{len(y)} images, eps {eps:.4g}, {result['time_s']}s -> {out}" + (f", {result['plot']}" if result.get("plot") else ""))
-    print(("!! " if result["sanity_failed"] or result["warnings"] else "") + result["headline"], flush=True)
+    print(("!! " if result["sanity_failed"] or result["warnings"] or result["at_chance"] else "") + result["headline"],
+          flush=True)
     return result
 
 

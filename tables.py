@@ -201,6 +201,7 @@ def matrix_run(folder, eval_flags=None):
                f"{100 * fgsm:.1f}, worst case {100 * worst:.1f})"
                if collapsed else None,
                "diverged" if s.get("diverged") else None,
+               f"clean accuracy at chance ({100 * clean:.1f})" if e.get("at_chance") else None,
                s.get("stopped_early") if s.get("stopped_early") and not s.get("diverged")
                and not (s.get("catastrophic_overfitting") and "overfitting" in s["stopped_early"]) else None]
     run.update(eps=e.get("eps", s.get("flags", {}).get("epsilon")), n_eval=e.get("n_eval"),

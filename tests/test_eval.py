@@ -277,6 +277,30 @@ def test_sanity_checks_pass_on_trained_model_and_fail_on_masked_one(trained_lene
         assert all(result["robust_accuracy"] <= a for a in result["accuracy"].values())
 
 
+class Constant(nn.Module):
+    """Answers class ``k`` whatever the image: a model that has not learned."""
+
+    def __init__(self, k, classes=10):
+        super().__init__()
+        self.logits = nn.Parameter(F.one_hot(torch.tensor(k), classes).float())
+
+    def forward(self, x):
+        return self.logits + 0 * x.flatten(1).sum(1, keepdim=True)  # in the graph, as a real model's input
+
+
+def test_a_model_at_chance_level_is_named_in_the_headline_and_a_trained_one_is_not(trained_lenet, capsys):
+    model, x, y = trained_lenet
+    x, y = x[:64], y[:64]
+    rarest = int(torch.bincount(y, minlength=10).argmin())  # at most 1/10 of the labels
+    args = eval_args("--attacks", "fgsm", "pgd10")
+    at_chance = eval_script.evaluate(Constant(rarest).eval(), x, y, args, EPS, progress=False)
+    assert at_chance["at_chance"] and at_chance["chance"] == 0.1 and at_chance["accuracy"]["clean"] <= 0.1
+    assert "clean accuracy at chance level" in at_chance["headline"]
+    assert "is at chance level (1/10)" in capsys.readouterr().out
+    trained = eval_script.evaluate(model, x, y, args, EPS, progress=False)
+    assert not trained["at_chance"] and "chance" not in trained["headline"]
+
+
 def test_sharper_checks_fail_on_a_partly_masked_model(trained_lenet):
     """A fifth of the images has no input gradient: a share of all-zero gradients far below the half
     the old check 5 allowed, and images that only Square breaks, while Square's accuracy stays above
