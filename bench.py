@@ -25,7 +25,7 @@ Reported:
 
 ``--end-to-end`` instead times whole training runs (``train_<regime>.main``) on synthetic data of
 the real dataset's size (--n-train / --n-eval, defaults 50000 / 10000 for CIFAR shapes): wall time of
-main() (flag parsing, model set-up, the upload of the data, every epoch with its held-out PGD
+main() (flag parsing, model set-up, the upload of the data, every epoch with its guard
 probe and checkpoint, the final clean + PGD-20 evaluation; not importing torch, initialising CUDA
 or generating the synthetic data, which happen before), the
 training time the script reports, and the training images/s (passes over the data x images /

@@ -613,7 +613,7 @@ def fastat_table(out, cells, seeds, baseline):
     text = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
     text += "".join("| " + " | ".join(str(r[k]) for k in cols) + " |\n" for r in rows)
     text += ("\ncollapse detected: seeds whose training guard fired (stopped or recovered); guard silent: seeds "
-             f"whose guard did not fire though the held-out PGD probe fell below {RELATIVE_DROP:g} x its best "
+             f"whose guard did not fire though the guard's PGD probe fell below {RELATIVE_DROP:g} x its best "
              "epoch's (what --co-guard-relative would catch); collapsed at the end: seeds whose final model has "
              f"FGSM accuracy >= clean and > {100 * CO_GAP:.0f} points above its worst case; accuracies in % "
              "(mean ± std over seeds).\n")
@@ -641,7 +641,7 @@ def step_time(run):
 
 
 def relative_drop_epoch(history, fraction):
-    """The first epoch whose held-out PGD probe (a run's summary.json history) fell below ``fraction``
+    """The first epoch whose guard probe (a run's summary.json history) fell below ``fraction``
     x the best of the epochs before it, or None: the rule of utils.overfitting_rule's
     --co-guard-relative, applied afterwards (here, so that tables.py needs no torch)."""
     best = None

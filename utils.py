@@ -6,8 +6,8 @@ own loop and its own training step (nothing here runs inside a step).
 * Set-up: :func:`setup` -- device, data on it (data.py), model, SGD, the AMP context and scaler,
   DDP under torchrun, the run folder and its lock.
 * Epoch boundaries: :func:`new_state` (the loop's state, restored whole by --resume),
-  :func:`epoch_result`, :func:`end_epoch` (held-out PGD probe, the catastrophic-overfitting guard,
-  best weights, checkpoint), :func:`probe` (--eval-every).
+  :func:`epoch_result`, :func:`end_epoch` (the guard probe: PGD-10 on fixed training images, the
+  catastrophic-overfitting guard, best weights, checkpoint), :func:`probe` (--eval-every).
 * Checkpoints: :func:`save_checkpoint` / :func:`load_for_resume` (plain data, loaded with
   ``weights_only=True``); :func:`load_for_eval` and :func:`checkpoint_test_set` for eval.py and
   analyze.py.
@@ -453,15 +453,15 @@ def add_shared_flags(p, **defaults):
                    help="test images of the --eval-every probe")
     g.add_argument("--co-guard", type=float, default=0.2,
                    help="catastrophic-overfitting guard: stop and restore the best weights when "
-                        "held-out PGD accuracy drops by more than this (0 = off)")
+                        "the probe's PGD accuracy drops by more than this (0 = off)")
     g.add_argument("--co-probe-images", type=int, default=512, metavar="N",
                    help="fixed training images of the guard's PGD-10 probe at each epoch's end "
                         "(default 512; a tiny run spends most of its time there)")
     g.add_argument("--co-guard-relative", type=float, default=0.0, metavar="F",
-                   help="the guard also fires when held-out PGD accuracy falls below F x the best "
+                   help="the guard also fires when the probe's PGD accuracy falls below F x the best "
                         "epoch's (0 = off)")
     g.add_argument("--co-fgsm-margin", type=float, default=0.02,
-                   help="the guard also fires when held-out FGSM accuracy exceeds clean accuracy by more "
+                   help="the guard also fires when the probe's FGSM accuracy exceeds its clean one by more "
                         "than this (< 0: off)")
     g.add_argument("--co-action", default="stop", choices=["stop", "recover"],
                    help="when the guard fires: stop with the best weights, or roll back to them and go on "
@@ -877,7 +877,7 @@ def check_weights_finite(run, epoch, label="epoch"):
 
 
 def held_out_pgd(run, eps):
-    """PGD-10 accuracy on the fixed held-out training images (the catastrophic-overfitting probe),
+    """PGD-10 accuracy on the guard probe's fixed training images (--co-probe-images),
     rank 0's value on every rank so that all take the same decision."""
     attack = lambda m, x, y: attacks.pgd(m, x, y, eps, eps / 4, 10)
     acc = attacks.robust_accuracy(run.model, run.x_held, run.y_held, attack)[0]
@@ -889,7 +889,7 @@ def held_out_pgd(run, eps):
 
 
 def held_out_clean_fgsm(run, eps):
-    """(clean, FGSM) accuracy on the held-out training images: FGSM above clean is the classic sign of
+    """(clean, FGSM) accuracy on the guard probe's images: FGSM above clean is the classic sign of
     catastrophic overfitting (Wong et al. 2020; Kurakin et al.'s label leaking), one attack's cost.
     Rank 0's values on every rank."""
     clean = attacks.robust_accuracy(run.model, run.x_held, run.y_held)[0]
@@ -903,10 +903,10 @@ def held_out_clean_fgsm(run, eps):
 
 
 def overfitting_rule(held, clean, fgsm, best, args):
-    """Which sign of catastrophic overfitting the epoch shows, or None: 'pgd_drop' (held-out PGD
+    """Which sign of catastrophic overfitting the epoch shows, or None: 'pgd_drop' (the probe's PGD
     accuracy more than --co-guard below the best epoch's), 'pgd_relative_drop' (below
     --co-guard-relative times the best epoch's: at a best probe under --co-guard an absolute drop
-    cannot happen) or 'fgsm_above_clean' (held-out FGSM accuracy more than --co-fgsm-margin above
+    cannot happen) or 'fgsm_above_clean' (the probe's FGSM accuracy more than --co-fgsm-margin above
     clean accuracy, which a collapse shows even when the PGD probe was never high).  All only while
     the guard is on (--co-guard > 0)."""
     if args.co_guard <= 0:
@@ -968,7 +968,7 @@ def recover_from_overfitting(run, state, event):
 
 
 def collapsed(held, best, co_guard):
-    """The catastrophic-overfitting guard: held-out PGD accuracy fell by more than ``co_guard``
+    """The catastrophic-overfitting guard: the probe's PGD accuracy fell by more than ``co_guard``
     below the best epoch's (``best`` = {epoch, held_pgd_acc, model_state} or None)."""
     return co_guard > 0 and best is not None and held < best["held_pgd_acc"] - co_guard
 
@@ -998,7 +998,7 @@ def attack_step_scale(state):
 
 
 def end_epoch(run, args, state, train_loss, train_acc, lr, seconds, label="epoch"):
-    """The epoch-end block every regime shares: the held-out PGD probe, the history row and log
+    """The epoch-end block every regime shares: the guard probe, the history row and log
     line, the catastrophic-overfitting guard (back to the best epoch's weights, stop), the best
     weights and the checkpoint.  Returns True when the guard stopped the run."""
     state["train_time_s"] += seconds
@@ -1013,7 +1013,7 @@ def end_epoch(run, args, state, train_loss, train_acc, lr, seconds, label="epoch
                                  held_pgd_acc=held, held_clean_acc=clean, held_fgsm_acc=fgsm, lr=lr,
                                  time_s=round(state["train_time_s"], 2)))
     state["epoch"] = epoch
-    log(run, f"{label} {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  held-out PGD-10 acc "
+    log(run, f"{label} {epoch:3d}  loss {train_loss:.4f}  acc {train_acc:.4f}  probe PGD-10 acc "
              f"{held:.4f}  lr {lr:.4g}  time {state['train_time_s']:.1f}s")
     best = state["best"]
     rule = overfitting_rule(held, clean, fgsm, best, args)
@@ -1021,9 +1021,9 @@ def end_epoch(run, args, state, train_loss, train_acc, lr, seconds, label="epoch
         event = dict(epoch=epoch, rule=rule, held_pgd_acc=held, held_clean_acc=clean,
                      held_fgsm_acc=fgsm, best_held_pgd_acc=best and best["held_pgd_acc"],
                      restored_epoch=best and best["epoch"])
-        sign = (f"held-out PGD accuracy fell from {best['held_pgd_acc']:.3f} to {held:.3f}"
+        sign = (f"probe PGD accuracy fell from {best['held_pgd_acc']:.3f} to {held:.3f}"
                 if rule in ("pgd_drop", "pgd_relative_drop") else
-                f"held-out FGSM accuracy {fgsm:.3f} is above clean accuracy {clean:.3f}")
+                f"probe FGSM accuracy {fgsm:.3f} is above its clean accuracy {clean:.3f}")
         recover = args.co_action == "recover" and len(state["recoveries"]) < args.co_max_recoveries
         back = f"restoring the weights of {label} {best['epoch']}" if best else "no earlier weights"
         if best:

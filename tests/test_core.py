@@ -340,7 +340,7 @@ def test_attacks_restore_mode_and_leave_parameter_grads_alone(trained_lenet):
 
 def test_fgsm_and_pgd_break_the_undefended_model_by_a_margin(trained_lenet):
     """At eps 0.1 the naturally trained fixture is breakable: FGSM must cost it at least 8 points of
-    accuracy (it costs about 15 on the 256 held-out images) and PGD-10 at least 20 more than FGSM
+    accuracy (it costs about 15 on the 256 probe images) and PGD-10 at least 20 more than FGSM
     (about 43).  An attack that does not move, or moves down the loss (a flipped sign), leaves the
     accuracy at the clean one and fails."""
     model, x, y = trained_lenet

@@ -693,7 +693,7 @@ def test_ema_is_the_hand_computed_average_and_resume_keeps_it(tmp_path, monkeypa
 
 
 def _probe_sequence(monkeypatch, held, start=0):
-    """The guard's held-out PGD probe reads ``held`` from index ``start``; FGSM stays healthy."""
+    """The guard's PGD probe reads ``held`` from index ``start``; FGSM stays healthy."""
     values = iter(held[start:])
     monkeypatch.setattr(utils, "held_out_pgd", lambda run, eps: next(values))
     monkeypatch.setattr(utils, "held_out_clean_fgsm", lambda run, eps: (0.9, 0.7))

@@ -281,7 +281,7 @@ def test_torchrun_two_processes_gloo_keeps_parameters_identical(tmp_path, script
     assert rank1 == rank0 == saved
     # each rank trains on its own half of the data: 512 images / 2 ranks / 32 per rank = 8 batches
     assert s["counts"]["optimizer_steps"] == steps
-    assert r.stdout.count("held-out PGD-10") == s["epochs_completed"]  # rank 0 alone logs
+    assert r.stdout.count("probe PGD-10") == s["epochs_completed"]  # rank 0 alone logs
 
 
 # ---------------------------------------------------------------- the run folder, in-process (fast)
