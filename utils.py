@@ -1134,6 +1134,8 @@ def save_checkpoint(run, args, path, **state):
 # flags a resumed run may change: more epochs, where and how it runs, how it is finally evaluated
 RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "out_dir", "data_dir", "device", "compile",
                      "kaf_impl", "n_eval", "eval_pgd_steps", "eval_pgd_restarts", "eval_pgd_alpha"}
+# training flags newer than some checkpoints: a run saved without one trained as its default does
+FLAGS_ADDED_LATER = {"co_probe_images": 512}
 
 
 def load_for_resume(run, args, passes):
@@ -1156,8 +1158,9 @@ def load_for_resume(run, args, passes):
         ours = f"{run.script} {run.model.config.get('arch')} act={run.model.config.get('act')}"
         raise models.CheckpointError(f"cannot resume from {path}: it is a {theirs} run, not this one "
                                      f"({ours}); use another --out-dir")
-    changed = [f"--{k.replace('_', '-')} {ckpt['args'].get(k)!r} -> {v!r}" for k, v in vars(args).items()
-               if k not in RESUMABLE_CHANGES and ckpt["args"].get(k) != v]
+    theirs = {**FLAGS_ADDED_LATER, **ckpt["args"]}
+    changed = [f"--{k.replace('_', '-')} {theirs.get(k)!r} -> {v!r}" for k, v in vars(args).items()
+               if k not in RESUMABLE_CHANGES and theirs.get(k) != v]
     if changed:
         raise models.CheckpointError(f"cannot resume from {path}: training flags differ from the "
                                      f"run's ({', '.join(changed)}); "

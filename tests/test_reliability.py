@@ -246,6 +246,25 @@ def test_resume_refuses_changed_training_flags_and_names_them(tmp_path):
     assert "epoch   2" not in r.stdout
 
 
+def test_a_checkpoint_older_than_a_training_flag_resumes_as_that_flags_default(tmp_path):
+    import train_fast
+    import utils
+    out, argv = tmp_path / "run", [a for a in TINY if a not in ("--co-probe-images", "128")]
+    assert utils.FLAGS_ADDED_LATER == {"co_probe_images": train_fast.get_args([]).co_probe_images}
+
+    def forget_the_flag():  # as a checkpoint written before --co-probe-images existed
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        del ckpt["args"]["co_probe_images"]
+        torch.save(ckpt, out / "checkpoint.pt")
+    assert _run_here("train_fast.py", *argv, "--epochs", "1", "--out-dir", str(out)).returncode == 0
+    forget_the_flag()
+    r = _run_here("train_fast.py", *argv, "--epochs", "2", "--out-dir", str(out), "--resume")
+    assert r.returncode == 0 and "epoch   2" in r.stdout, r.stderr[-2000:]
+    forget_the_flag()
+    r = _run_here("train_fast.py", *argv, "--epochs", "3", "--out-dir", str(out), "--resume", "--co-probe-images", "64")
+    assert r.returncode == 2 and "--co-probe-images 512 -> 64" in r.stderr, r.stderr
+
+
 def test_resume_of_a_run_the_guard_stopped_keeps_its_record(tmp_path):
     out = tmp_path / "run"
     assert _run_here("train_fast.py", *TINY, "--epochs", "1", "--out-dir", str(out)).returncode == 0
