@@ -1134,7 +1134,8 @@ def save_checkpoint(run, args, path, **state):
 # flags a resumed run may change: more epochs, where and how it runs, how it is finally evaluated
 RESUMABLE_CHANGES = {"epochs", "resume", "overwrite", "out_dir", "data_dir", "device", "compile",
                      "kaf_impl", "n_eval", "eval_pgd_steps", "eval_pgd_restarts", "eval_pgd_alpha"}
-# training flags newer than some checkpoints: a run saved without one trained as its default does
+# training flags newer than some checkpoints, with the value that gives how a run saved before the
+# flag existed trained (the probe was 512 images before --co-probe-images)
 FLAGS_ADDED_LATER = {"co_probe_images": 512}
 
 
@@ -1158,9 +1159,9 @@ def load_for_resume(run, args, passes):
         ours = f"{run.script} {run.model.config.get('arch')} act={run.model.config.get('act')}"
         raise models.CheckpointError(f"cannot resume from {path}: it is a {theirs} run, not this one "
                                      f"({ours}); use another --out-dir")
-    theirs = {**FLAGS_ADDED_LATER, **ckpt["args"]}
-    changed = [f"--{k.replace('_', '-')} {theirs.get(k)!r} -> {v!r}" for k, v in vars(args).items()
-               if k not in RESUMABLE_CHANGES and theirs.get(k) != v]
+    saved_flags = {**FLAGS_ADDED_LATER, **ckpt["args"]}
+    changed = [f"--{k.replace('_', '-')} {saved_flags.get(k)!r} -> {v!r}" for k, v in vars(args).items()
+               if k not in RESUMABLE_CHANGES and saved_flags.get(k) != v]
     if changed:
         raise models.CheckpointError(f"cannot resume from {path}: training flags differ from the "
                                      f"run's ({', '.join(changed)}); "
